@@ -323,9 +323,10 @@ impl Group {
         let deadline = Instant::now() + group.net.connect_timeout;
         let next = &members[(rank + 1) % world];
         let (dialed, accepted) = tokio::try_join!(
-            dial(&group.endpoint, next, group.net.connections_per_peer, deadline),
+            dial(&group.endpoint, next, epoch, group.net.connections_per_peer, deadline),
             accept(
                 &group.endpoint,
+                epoch,
                 &group.names,
                 group.prev(),
                 group.net.connections_per_peer,
@@ -769,10 +770,10 @@ impl Group {
     /// The next frame of operation `op`: early arrivals first, then the inbox. Frames of the
     /// following operation are kept for it; anything else is a protocol error.
     async fn next_frame(&mut self, op: u64) -> Result<Frame, OpError> {
-        if let Some(pos) = self.early.iter().position(|f| f.header.op == op) {
-            if let Some(f) = self.early.remove(pos) {
-                return Ok(f);
-            }
+        if let Some(pos) = self.early.iter().position(|f| f.header.op == op)
+            && let Some(f) = self.early.remove(pos)
+        {
+            return Ok(f);
         }
         loop {
             let Some(event) = self.inbox.recv().await else {
@@ -1045,6 +1046,7 @@ async fn send_frame(
 async fn dial(
     endpoint: &Endpoint,
     peer: &Member,
+    epoch: u64,
     count: usize,
     deadline: Instant,
 ) -> Result<Vec<Connection>, JoinError> {
@@ -1057,7 +1059,15 @@ async fn dial(
         let timeout =
             |waited| JoinError::Timeout { peer: peer.name.clone(), waited, refusals: Vec::new() };
         match tokio::time::timeout_at(deadline.into(), connecting).await {
-            Ok(Ok(conn)) => conns.push(conn),
+            Ok(Ok(conn)) => {
+                match tokio::time::timeout_at(deadline.into(), admitted(&conn, epoch)).await {
+                    Ok(Ok(())) => conns.push(conn),
+                    Ok(Err(reason)) => {
+                        return Err(JoinError::Refused { peer: peer.name.clone(), reason });
+                    }
+                    Err(_) => return Err(timeout(started.elapsed())),
+                }
+            }
             Ok(Err(ConnectionError::TimedOut)) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -1073,6 +1083,23 @@ async fn dial(
     Ok(conns)
 }
 
+async fn admit(conn: &Connection, epoch: u64) {
+    // A failure here shows up on the dialer's side, which waits for this message.
+    if let Ok(mut s) = conn.open_uni().await {
+        let _ = s.write_all(&crate::wire::admission(epoch)).await;
+        let _ = s.finish();
+    }
+}
+
+/// Waits for the peer's admission message on a freshly dialed connection.
+async fn admitted(conn: &Connection, epoch: u64) -> Result<(), String> {
+    let mut stream =
+        conn.accept_uni().await.map_err(|e| format!("refused after the handshake: {e}"))?;
+    let mut m = [0u8; crate::wire::ADMISSION_LEN];
+    stream.read_exact(&mut m).await.map_err(|e| format!("no admission message: {e}"))?;
+    crate::wire::check_admission(&m, epoch)
+}
+
 fn is_transient(e: &ConnectionError) -> bool {
     matches!(e, ConnectionError::TimedOut | ConnectionError::Reset)
 }
@@ -1081,6 +1108,7 @@ fn is_transient(e: &ConnectionError) -> bool {
 /// until `deadline`.
 async fn accept(
     endpoint: &Endpoint,
+    epoch: u64,
     names: &[String],
     prev: usize,
     count: usize,
@@ -1117,7 +1145,10 @@ async fn accept(
             .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
             .and_then(|chain| chain.first().and_then(|c| tls::member_named_by(c, names)));
         match who {
-            Some(r) if r == prev => conns.push(conn),
+            Some(r) if r == prev => {
+                admit(&conn, epoch).await;
+                conns.push(conn);
+            }
             other => {
                 let name = other.map_or("an unknown member", |r| names[r].as_str());
                 let reason = format!("{remote}: {name} is not the previous rank {}", names[prev]);

@@ -188,9 +188,16 @@ impl ClientCertVerifier for MemberVerifier {
     }
 }
 
-#[derive(Debug, Error)]
+#[derive(Error)]
 #[error("certificate names no member of this epoch (members: {})", .0.join(", "))]
 struct NotAMember(Vec<String>);
+
+// rustls shows the `Debug` form of custom errors in its alerts and messages: make it readable.
+impl fmt::Debug for NotAMember {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
 
 /// TLS server configuration for a ring endpoint: TLS 1.3 only, client certificates required and
 /// restricted to `members`.

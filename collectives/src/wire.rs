@@ -191,6 +191,34 @@ impl Header {
     }
 }
 
+/// Length of the admission message.
+pub const ADMISSION_LEN: usize = 16;
+
+/// The admission message: `"longhaul"` and the epoch, sent on the first stream of a connection
+/// by the accepting side once it has verified the dialer. In TLS 1.3 the client finishes its
+/// handshake before the server has judged the client's certificate, so without it a refused
+/// dialer would learn of the refusal only later, from a closed connection.
+pub fn admission(epoch: u64) -> [u8; ADMISSION_LEN] {
+    let mut m = [0u8; ADMISSION_LEN];
+    m[..8].copy_from_slice(b"longhaul");
+    m[8..].copy_from_slice(&epoch.to_le_bytes());
+    m
+}
+
+/// Checks an admission message against this rank's epoch.
+pub fn check_admission(m: &[u8; ADMISSION_LEN], epoch: u64) -> Result<(), String> {
+    if m[..8] != *b"longhaul" {
+        return Err("peer is not a longhaul ring endpoint".into());
+    }
+    let mut e = [0u8; 8];
+    e.copy_from_slice(&m[8..]);
+    let theirs = u64::from_le_bytes(e);
+    if theirs != epoch {
+        return Err(format!("peer is in epoch {theirs}, this rank in epoch {epoch}"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -243,6 +271,15 @@ mod tests {
             Header::decode(&done.encode(), u32::MAX, 7),
             Err(FrameError::Oversized { len: 1, max: 0 })
         );
+    }
+
+    #[test]
+    fn admission_checks_epoch_and_magic() {
+        assert_eq!(check_admission(&admission(3), 3), Ok(()));
+        assert!(check_admission(&admission(3), 4).unwrap_err().contains("epoch 3"));
+        let mut m = admission(3);
+        m[0] = b'x';
+        assert!(check_admission(&m, 3).unwrap_err().contains("not a longhaul"));
     }
 
     proptest! {

@@ -1,6 +1,8 @@
 //! The ring over real QUIC on loopback: correctness of every operation and codec, bitwise
 //! agreement across ranks, and the failure semantics.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use collectives::testing::{LocalRing, RankParts};
