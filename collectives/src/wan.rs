@@ -776,10 +776,20 @@ fn derive_seed(seed: u64, addr: SocketAddr) -> u64 {
     mix64(h ^ u64::from(addr.port()))
 }
 
+/// Most bytes the pump puts in one GSO batch: the largest UDP payload one IPv4 datagram can
+/// carry (65535 − 20 − 8), which also fits IPv6. The kernel refuses larger batches.
+const MAX_BATCH_BYTES: usize = 65_507;
+
 /// Sends scheduled datagrams at their arrival times until the socket is closed and drained.
+///
+/// Due datagrams go out in due order. Runs of consecutive ones that the inner socket could
+/// have been handed as one GSO batch (see [`batch_len`]) are sent as one [`Transmit`], one
+/// syscall instead of one per datagram.
 async fn pump(shared: Arc<Shared>) {
     let mut poller = Arc::clone(&shared.inner).create_io_poller();
     let mut due = Vec::new();
+    // Reused for every batch's concatenated contents.
+    let mut batch = Vec::with_capacity(MAX_BATCH_BYTES);
     loop {
         let next_at = {
             let mut state = shared.lock();
@@ -792,9 +802,15 @@ async fn pump(shared: Arc<Shared>) {
             state.pending.peek().map(|Reverse(p)| p.at)
         };
         if !due.is_empty() {
-            for datagram in due.drain(..) {
-                send_one(&*shared.inner, &mut poller, &datagram).await;
+            // Read on every round: quinn-udp drops it to 1 when the kernel refuses GSO.
+            let max_segments = shared.inner.max_transmit_segments();
+            let mut rest = &due[..];
+            while !rest.is_empty() {
+                let (run, tail) = rest.split_at(batch_len(rest, max_segments));
+                send_batch(&*shared.inner, &mut poller, run, &mut batch).await;
+                rest = tail;
             }
+            due.clear();
             // Sending took time; look again before sleeping.
             continue;
         }
@@ -806,6 +822,82 @@ async fn pump(shared: Arc<Shared>) {
             None if shared.closed.load(AtomicOrdering::Acquire) => return,
             // `notify_one` stores a permit, so a wake between the check above and here is kept.
             None => shared.wake.notified().await,
+        }
+    }
+}
+
+/// How many datagrams from the front of `due` (at least 1 if it is not empty) can go out as one
+/// GSO batch: same destination, source address and ECN, every one but the last exactly as long
+/// as the first and the last no longer, none empty, at most `max_segments` of them and at most
+/// [`MAX_BATCH_BYTES`] in all.
+fn batch_len(due: &[Pending], max_segments: usize) -> usize {
+    let Some((first, rest)) = due.split_first() else {
+        return 0;
+    };
+    let segment = first.data.len();
+    let mut total = segment;
+    let mut n = 1;
+    if segment == 0 {
+        return n;
+    }
+    for next in rest {
+        let len = next.data.len();
+        let fits = n < max_segments
+            && next.destination == first.destination
+            && next.src_ip == first.src_ip
+            && next.ecn == first.ecn
+            && len > 0
+            && len <= segment
+            && total + len <= MAX_BATCH_BYTES;
+        if !fits {
+            break;
+        }
+        total += len;
+        n += 1;
+        if len < segment {
+            // A short segment can only be the last.
+            break;
+        }
+    }
+    n
+}
+
+/// Sends `run` (a non-empty result of [`batch_len`]) through `inner`: as one GSO transmit
+/// built in `buf` when it holds several datagrams. If the inner socket refuses the batch with
+/// anything but `WouldBlock`, its datagrams are retried one by one rather than lost together.
+async fn send_batch(
+    inner: &dyn AsyncUdpSocket,
+    poller: &mut Pin<Box<dyn UdpPoller>>,
+    run: &[Pending],
+    buf: &mut Vec<u8>,
+) {
+    let [first, more @ ..] = run else {
+        return;
+    };
+    if more.is_empty() {
+        send_one(inner, poller, first).await;
+        return;
+    }
+    buf.clear();
+    for datagram in run {
+        buf.extend_from_slice(&datagram.data);
+    }
+    let transmit = Transmit {
+        destination: first.destination,
+        ecn: first.ecn,
+        contents: buf,
+        segment_size: Some(first.data.len()),
+        src_ip: first.src_ip,
+    };
+    if let Err(e) = send_transmit(inner, poller, &transmit).await {
+        tracing::debug!(
+            dest = %first.destination,
+            segments = run.len(),
+            error = %e,
+            "wan: inner GSO send failed; sending the batch one datagram at a time"
+        );
+        for datagram in run {
+            send_one(inner, poller, datagram).await;
         }
     }
 }
@@ -822,20 +914,30 @@ async fn send_one(
         segment_size: None,
         src_ip: datagram.src_ip,
     };
+    if let Err(e) = send_transmit(inner, poller, &transmit).await {
+        // Like quinn itself: a failed send is a lost datagram, not a fatal error.
+        tracing::debug!(dest = %datagram.destination, error = %e, "wan: inner send failed; datagram dropped");
+    }
+}
+
+/// Hands `transmit` to `inner`, awaiting writability and retrying on `WouldBlock`. Returns the
+/// inner socket's error if it refused the transmit; if the socket cannot even be polled for
+/// writability the transmit is dropped (logged) and `Ok` returned, as retrying cannot help.
+async fn send_transmit(
+    inner: &dyn AsyncUdpSocket,
+    poller: &mut Pin<Box<dyn UdpPoller>>,
+    transmit: &Transmit<'_>,
+) -> io::Result<()> {
     loop {
-        match inner.try_send(&transmit) {
-            Ok(()) => return,
+        match inner.try_send(transmit) {
+            Ok(()) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if let Err(e) = std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)).await {
-                    tracing::debug!(dest = %datagram.destination, error = %e, "wan: inner socket not writable; datagram dropped");
-                    return;
+                    tracing::debug!(dest = %transmit.destination, error = %e, "wan: inner socket not writable; datagrams dropped");
+                    return Ok(());
                 }
             }
-            Err(e) => {
-                // Like quinn itself: a failed send is a lost datagram, not a fatal error.
-                tracing::debug!(dest = %datagram.destination, error = %e, "wan: inner send failed; datagram dropped");
-                return;
-            }
+            Err(e) => return Err(e),
         }
     }
 }
