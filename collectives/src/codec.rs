@@ -163,9 +163,24 @@ pub fn encoded_len(codec: Codec, n: usize) -> usize {
 pub fn encode(codec: Codec, values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(encoded_len(codec, values.len()));
     match codec {
-        Codec::Bytes | Codec::F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
-        Codec::Bf16 => values.iter().for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
-        Codec::F16 => values.iter().for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
+        Codec::Bytes | Codec::F32 => {
+            out.resize(4 * values.len(), 0);
+            for (o, v) in out.chunks_exact_mut(4).zip(values) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Codec::Bf16 => {
+            out.resize(2 * values.len(), 0);
+            for (o, v) in out.chunks_exact_mut(2).zip(values) {
+                o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+            }
+        }
+        Codec::F16 => {
+            out.resize(2 * values.len(), 0);
+            for (o, v) in out.chunks_exact_mut(2).zip(values) {
+                o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+            }
+        }
         Codec::Int8Block => {
             let blocks = values.chunks(INT8_BLOCK);
             let scales: Vec<f32> = blocks.clone().map(block_scale).collect();

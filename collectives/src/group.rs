@@ -952,13 +952,19 @@ async fn read_frame(
     let header = Header::decode(&head, limits.max_payload, limits.epoch)
         .map_err(|e| PeerError::Protocol(format!("rejected frame: {e}")))?;
     // `len` is bounded by `max_payload` before this allocation.
-    let mut payload = vec![0u8; header.len as usize];
-    stream.read_exact(&mut payload).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => {
-            PeerError::Protocol(format!("frame payload truncated: {n} of {} bytes", header.len))
+    let len = header.len as usize;
+    let mut payload = Vec::with_capacity(len);
+    while payload.len() < len {
+        match stream.read_chunk(len - payload.len(), true).await.map_err(read_error)? {
+            Some(chunk) => payload.extend_from_slice(&chunk.bytes),
+            None => {
+                return Err(PeerError::Protocol(format!(
+                    "frame payload truncated: {} of {len} bytes",
+                    payload.len()
+                )));
+            }
         }
-        quinn::ReadExactError::ReadError(e) => read_error(e),
-    })?;
+    }
     Ok((header, Bytes::from(payload)))
 }
 

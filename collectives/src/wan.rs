@@ -1262,4 +1262,166 @@ mod tests {
         let nothing = tokio::time::timeout(Duration::from_millis(30), recv_datagrams(&*b)).await;
         assert!(nothing.is_err(), "a lost datagram arrived");
     }
+
+    fn pending(destination: SocketAddr, len: usize) -> Pending {
+        Pending { at: t0(), seq: 0, destination, ecn: None, src_ip: None, data: vec![0; len] }
+    }
+
+    #[test]
+    fn batch_len_follows_the_gso_contract() {
+        let a: SocketAddr = "10.0.0.1:4433".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:4433".parse().unwrap();
+        let run = |lens: &[usize]| lens.iter().map(|&len| pending(a, len)).collect::<Vec<_>>();
+        assert_eq!(batch_len(&[], 64), 0);
+        // Equal segments, then a shorter one that must end the batch.
+        assert_eq!(batch_len(&run(&[1200, 1200, 1200, 500, 500]), 64), 4);
+        // A longer datagram cannot follow.
+        assert_eq!(batch_len(&run(&[1200, 1200, 1300]), 64), 2);
+        // Capped by the inner socket's segment limit (1 = no GSO at all).
+        assert_eq!(batch_len(&run(&[100; 10]), 4), 4);
+        assert_eq!(batch_len(&run(&[100; 10]), 1), 1);
+        assert_eq!(batch_len(&run(&[100; 10]), 0), 1);
+        // Capped by the largest UDP payload.
+        assert_eq!(batch_len(&run(&[1452; 64]), 64), MAX_BATCH_BYTES / 1452);
+        assert_eq!(batch_len(&run(&[30_000, 30_000, 30_000]), 64), 2);
+        // Empty datagrams are never batched.
+        assert_eq!(batch_len(&run(&[0, 0]), 64), 1);
+        assert_eq!(batch_len(&run(&[100, 0]), 64), 1);
+        // Another destination, ECN or source address ends the batch.
+        let mut mixed = run(&[100, 100, 100, 100]);
+        mixed[2].destination = b;
+        assert_eq!(batch_len(&mixed, 64), 2);
+        let mut mixed = run(&[100, 100, 100]);
+        mixed[1].ecn = Some(EcnCodepoint::Ect0);
+        assert_eq!(batch_len(&mixed, 64), 1);
+        let mut mixed = run(&[100, 100, 100]);
+        mixed[2].src_ip = Some("127.0.0.1".parse().unwrap());
+        assert_eq!(batch_len(&mixed, 64), 2);
+    }
+
+    /// Forwards to a real socket, recording every transmit it passes on as (length, segment
+    /// size). It can refuse the first few sends with `WouldBlock`, and every GSO send with an
+    /// error as a NIC without segmentation offload would.
+    #[derive(Debug)]
+    struct Recording {
+        inner: Arc<dyn AsyncUdpSocket>,
+        would_block: std::sync::atomic::AtomicUsize,
+        refuse_gso: bool,
+        sent: Mutex<Vec<(usize, Option<usize>)>>,
+    }
+
+    impl Recording {
+        fn new(inner: Arc<dyn AsyncUdpSocket>, would_block: usize, refuse_gso: bool) -> Arc<Self> {
+            Arc::new(Self {
+                inner,
+                would_block: would_block.into(),
+                refuse_gso,
+                sent: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn sent(&self) -> Vec<(usize, Option<usize>)> {
+            self.sent.lock().unwrap().clone()
+        }
+    }
+
+    impl AsyncUdpSocket for Recording {
+        fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+            Arc::clone(&self.inner).create_io_poller()
+        }
+
+        fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+            let blocked = self.would_block.fetch_update(
+                AtomicOrdering::Relaxed,
+                AtomicOrdering::Relaxed,
+                |n| n.checked_sub(1),
+            );
+            if blocked.is_ok() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            if self.refuse_gso && transmit.segment_size.is_some() {
+                return Err(io::Error::other("GSO refused"));
+            }
+            self.inner.try_send(transmit)?;
+            self.sent.lock().unwrap().push((transmit.contents.len(), transmit.segment_size));
+            Ok(())
+        }
+
+        fn poll_recv(
+            &self,
+            cx: &mut Context<'_>,
+            bufs: &mut [IoSliceMut<'_>],
+            meta: &mut [RecvMeta],
+        ) -> Poll<io::Result<usize>> {
+            self.inner.poll_recv(cx, bufs, meta)
+        }
+
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            self.inner.local_addr()
+        }
+
+        fn max_transmit_segments(&self) -> usize {
+            if self.refuse_gso { 64 } else { self.inner.max_transmit_segments() }
+        }
+    }
+
+    /// 50 datagrams of 1200 bytes and a 500-byte tail, each tagged with its index, sent as one
+    /// GSO transmit through a WanSocket so that all fall due at the same instant.
+    async fn send_burst_and_receive(inner: Arc<dyn AsyncUdpSocket>, receiver: &dyn AsyncUdpSocket) {
+        let wan =
+            WanSocket::new(inner, LinkCondition::none().with_delay(Duration::from_millis(5)), 1);
+        let expected: Vec<Vec<u8>> = (0..51u8)
+            .map(|i| {
+                let mut datagram = vec![i; if i == 50 { 500 } else { 1200 }];
+                datagram[0] = 0xA5;
+                datagram
+            })
+            .collect();
+        let contents = expected.concat();
+        let transmit = Transmit {
+            destination: receiver.local_addr().unwrap(),
+            ecn: None,
+            contents: &contents,
+            segment_size: Some(1200),
+            src_ip: None,
+        };
+        wan.try_send(&transmit).unwrap();
+        let mut got = Vec::new();
+        while got.len() < expected.len() {
+            let more = tokio::time::timeout(Duration::from_secs(2), recv_datagrams(receiver)).await;
+            got.extend(more.expect("burst incomplete"));
+        }
+        assert_eq!(got.len(), expected.len());
+        for (i, (got, want)) in got.iter().zip(&expected).enumerate() {
+            assert!(got == want, "datagram {i}: {} bytes, tag {}", got.len(), got[1]);
+        }
+        assert_eq!(wan.stats().delivered_packets, 51);
+    }
+
+    #[tokio::test]
+    async fn burst_is_coalesced_and_arrives_complete_in_order() {
+        let (a, b) = udp_pair();
+        let max_segments = a.max_transmit_segments();
+        // Two WouldBlocks first: the pump must wait and retry the same batch, not drop it.
+        let recording = Recording::new(a, 2, false);
+        send_burst_and_receive(Arc::clone(&recording) as _, &*b).await;
+        let sent = recording.sent();
+        assert_eq!(sent.iter().map(|(len, _)| len).sum::<usize>(), 50 * 1200 + 500);
+        if max_segments >= 51 {
+            assert_eq!(sent, vec![(50 * 1200 + 500, Some(1200))]);
+        } else {
+            // No (or little) GSO on this host: batches no larger than the socket allows.
+            assert_eq!(sent.len(), 51usize.div_ceil(max_segments.max(1)));
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_gso_batch_falls_back_to_single_datagrams() {
+        let (a, b) = udp_pair();
+        let recording = Recording::new(a, 0, true);
+        send_burst_and_receive(Arc::clone(&recording) as _, &*b).await;
+        let sent = recording.sent();
+        assert_eq!(sent.len(), 51);
+        assert!(sent.iter().all(|&(_, segment_size)| segment_size.is_none()), "{sent:?}");
+    }
 }
