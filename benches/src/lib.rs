@@ -1,2 +1,4 @@
-//! Benchmarks of longhaul's collectives: the measurement loop of `allreduce-perf` ([`perf`]).
+//! Benchmarks of longhaul's collectives: the measurement loop of `allreduce-perf` ([`perf`]) and
+//! the WAN lab ([`wanlab`]).
 pub mod perf;
+pub mod wanlab;
