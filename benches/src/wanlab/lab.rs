@@ -94,7 +94,7 @@ impl Lab {
             let ns = format!("{NS_PREFIX}{}-h{i}", lab.id);
             ip(&["netns", "add", &ns])?;
             lab.namespaces.push(ns.clone());
-            let dev_name = format!("lh{}h{i}", lab.id);
+            let dev_name = lab.interface(i);
             let mut cfg = tun::Configuration::default();
             cfg.tun_name(&dev_name).mtu(lab.topology.mtu);
             let dev = tun::create_as_async(&cfg).with_context(|| format!("creating TUN device {dev_name}"))?;
@@ -117,6 +117,11 @@ impl Lab {
 
     pub fn namespace(&self, host: usize) -> &str {
         &self.namespaces[host]
+    }
+
+    /// The name of host `host`'s lab interface (inside its namespace).
+    pub fn interface(&self, host: usize) -> String {
+        format!("lh{}h{host}", self.id)
     }
 
     pub fn addr(&self, host: usize) -> Ipv4Addr {

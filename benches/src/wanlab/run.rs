@@ -28,17 +28,20 @@ pub struct RunSpec {
 pub fn host_vars(lab: &Lab, rank: usize, port: u16) -> Vec<(String, String)> {
     let world = lab.topology.hosts;
     let peers: Vec<String> = (0..world).map(|i| format!("{}:{port}", lab.addr(i))).collect();
-    vec![
+    let mut vars: Vec<(String, String)> = vec![
         ("rank".into(), rank.to_string()),
         ("world".into(), world.to_string()),
         ("addr".into(), lab.addr(rank).to_string()),
         ("peers".into(), peers.join(",")),
         ("master".into(), lab.addr(0).to_string()),
         ("port".into(), port.to_string()),
-    ]
+    ];
+    vars.extend((0..world).map(|i| (format!("addr{i}"), lab.addr(i).to_string())));
+    vars
 }
 
-/// Replaces `{rank}`, `{world}`, `{addr}`, `{peers}`, `{master}`, `{port}`.
+/// Replaces `{rank}`, `{world}`, `{addr}`, `{peers}`, `{master}`, `{port}` and `{addr0}`,
+/// `{addr1}`, ... (every host's address).
 pub fn substitute(arg: &str, vars: &[(String, String)]) -> String {
     let mut s = arg.to_owned();
     for (k, v) in vars {
@@ -77,6 +80,9 @@ pub async fn run(lab: &Lab, spec: &RunSpec) -> Result<Vec<i32>> {
             .env("WORLD_SIZE", world.to_string())
             .env("MASTER_ADDR", lab.addr(0).to_string())
             .env("MASTER_PORT", (spec.port + 1000).to_string())
+            .env("LONGHAUL_IFNAME", lab.interface(rank))
+            // gloo otherwise resolves the machine's hostname, which no lab host can reach.
+            .env("GLOO_SOCKET_IFNAME", lab.interface(rank))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
