@@ -5,7 +5,13 @@
 //! ([`store`]), issues certificates ([`ca`]) and serves the gRPC API ([`server`]). The `longhaul`
 //! binary ([`cli`]) is a thin shell around it.
 
+pub mod ca;
 pub mod cli;
+pub mod client;
 pub mod cluster;
+pub mod metrics;
 pub mod runfile;
+pub mod server;
 pub mod shards;
+pub mod store;
+pub mod testing;

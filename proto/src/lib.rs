@@ -6,3 +6,11 @@
 pub mod domain;
 
 pub use domain::{Epoch, IdError, LeaseId, Liveness, RunId, RunState, WorkerId};
+
+/// Wire types and services generated from `proto/longhaul.proto`.
+#[allow(clippy::all, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
+pub mod pb {
+    tonic::include_proto!("longhaul.v1");
+}
+
+pub mod convert;

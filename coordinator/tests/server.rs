@@ -1,0 +1,214 @@
+#![allow(clippy::unwrap_used)]
+//! The real server on 127.0.0.1:0 with scripted agents over real gRPC and TLS.
+
+use std::path::Path;
+use std::time::Duration;
+
+use coordinator::client::ConnectConfig;
+use coordinator::cluster;
+use coordinator::server::{self, ServerConfig};
+use coordinator::testing::{self, ScriptedAgent};
+use proto::pb;
+use tonic::Code;
+
+struct Running {
+    url: String,
+    cfg: ConnectConfig,
+    admin: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(dir: &Path) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let mut config = ServerConfig::new(dir.to_owned());
+    config.cluster = cluster::Config {
+        suspect_after: 600,
+        dead_after: 1_500,
+        readmit_after: 0,
+        lease_ttl: 60_000,
+    };
+    config.tick = Duration::from_millis(50);
+    config.max_message_bytes = 1 << 20;
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        server::run(listener, config, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    // The CA and credentials exist once the server answers.
+    for _ in 0..100 {
+        if dir.join("admin.token").exists() && dir.join("ca.pem").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cfg = testing::connect_config(&url, dir).unwrap();
+    let admin = testing::admin_token(dir).unwrap();
+    Running { url, cfg, admin, stop: Some(stop), task }
+}
+
+const T: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_heartbeat_lease_complete_and_epoch_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path()).await;
+    let mut control = testing::control(&srv.cfg, &srv.admin).unwrap();
+    let manifest = testing::write_dataset(&dir.path().join("data"), 6).unwrap();
+    let run = control
+        .submit_run(pb::SubmitRunRequest {
+            run_toml: testing::run_file(&manifest, 2, 4, 1_000_000),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let token = control
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+
+    let mut a = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7001").await.unwrap();
+    let mut b = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7002").await.unwrap();
+    let beat_a = a.keep_beating(Duration::from_millis(100));
+    let beat_b = b.keep_beating(Duration::from_millis(100));
+    assert_ne!(a.id, b.id);
+    // Heartbeats are acknowledged.
+    a.expect(T, |m| matches!(m, pb::coordinator_message::Msg::HeartbeatAck(_)).then_some(()))
+        .await
+        .unwrap();
+
+    let e1 = a.expect_epoch(1, T).await.unwrap();
+    assert_eq!(e1.run_id, run);
+    assert_eq!(e1.members.len(), 2);
+    let names: Vec<_> = e1.members.iter().map(|m| m.name.clone()).collect();
+    assert!(
+        names.contains(&format!("worker-{}", a.id)) && names.contains(&format!("worker-{}", b.id))
+    );
+    assert!(e1.members.iter().any(|m| m.addr == "127.0.0.1:7001"));
+    assert!(e1.run_toml.contains("[sync]"));
+    assert_eq!(b.expect_epoch(1, T).await.unwrap().epoch, e1.epoch);
+
+    // Lease and complete; a second completion of the same lease is refused.
+    let lease = match a
+        .rpc
+        .lease_shard(pb::LeaseShardRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap()
+    {
+        pb::lease_shard_response::Result::Lease(l) => l,
+        other => panic!("no lease: {other:?}"),
+    };
+    assert_eq!(lease.run_id, run);
+    assert_eq!(lease.sha256.len(), 64);
+    a.rpc
+        .complete_shard(pb::CompleteShardRequest { lease_id: lease.lease_id, samples: 10 })
+        .await
+        .unwrap();
+    let err = a
+        .rpc
+        .complete_shard(pb::CompleteShardRequest { lease_id: lease.lease_id, samples: 10 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    // b cannot complete a's lease.
+    let l2 = match a
+        .rpc
+        .lease_shard(pb::LeaseShardRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap()
+    {
+        pb::lease_shard_response::Result::Lease(l) => l,
+        other => panic!("no lease: {other:?}"),
+    };
+    let err = b
+        .rpc
+        .complete_shard(pb::CompleteShardRequest { lease_id: l2.lease_id, samples: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // Progress through the session.
+    a.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
+        run_id: run,
+        epoch: e1.epoch,
+        step: 42,
+    }))
+    .await
+    .unwrap();
+    a.send(pb::agent_message::Msg::Metrics(pb::Metrics {
+        run_id: run,
+        step: 42,
+        loss: Some(2.5),
+        tokens_per_sec: 1000.0,
+        samples: 5,
+        bytes: 1 << 20,
+    }))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let info = control.get_run(pb::GetRunRequest { run_id: run }).await.unwrap().into_inner();
+    assert_eq!(info.committed_step, 42);
+    assert_eq!(info.loss, Some(2.5));
+    assert_eq!(info.state, pb::RunState::Running as i32);
+
+    // A third worker joins: epoch 2 for everyone.
+    let mut c = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7003").await.unwrap();
+    let beat_c = c.keep_beating(Duration::from_millis(100));
+    let e2 = a.expect_epoch(e1.epoch + 1, T).await.unwrap();
+    assert_eq!(e2.members.len(), 3);
+    assert_eq!(e2.committed_step, 42);
+    assert_eq!(c.expect_epoch(e2.epoch, T).await.unwrap().epoch, e2.epoch);
+
+    // c dies: the others get an abort of epoch 2 and then epoch 3.
+    beat_c.abort();
+    drop(c);
+    let aborted = a
+        .expect(T, |m| match m {
+            pb::coordinator_message::Msg::Abort(x) => Some(x.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(aborted.epoch, e2.epoch);
+    assert!(aborted.reason.contains("died"), "{}", aborted.reason);
+    let e3 = b.expect_epoch(e2.epoch + 1, T).await.unwrap();
+    assert_eq!(e3.members.len(), 2);
+
+    // Workers are listed with their ledger.
+    let workers =
+        control.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    assert_eq!(workers.len(), 3);
+    let wa = workers.iter().find(|w| w.worker_id == a.id).unwrap();
+    assert_eq!(wa.liveness, pb::Liveness::Alive as i32);
+    assert!(wa.samples >= 15 && wa.bytes == 1 << 20, "{wa:?}");
+
+    // Stop: members hear it.
+    control.stop_run(pb::StopRunRequest { run_id: run, reason: String::new() }).await.unwrap();
+    let stop = a
+        .expect(T, |m| match m {
+            pb::coordinator_message::Msg::Stop(s) => Some(s.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(stop.state, pb::RunState::Stopped as i32);
+    beat_a.abort();
+    beat_b.abort();
+    let _ = srv.url;
+    srv.stop.unwrap().send(()).unwrap();
+    tokio::time::timeout(T, srv.task).await.unwrap().unwrap();
+}
