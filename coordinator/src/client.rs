@@ -59,11 +59,18 @@ struct PinnedCa {
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-#[derive(Debug, Error)]
+#[derive(Error)]
 #[error("the coordinator's CA does not match the pin {expected} (its chain has {found})")]
 struct PinMismatch {
     expected: String,
     found: String,
+}
+
+// rustls shows the `Debug` form of custom errors: make it the readable one.
+impl std::fmt::Debug for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 impl ServerCertVerifier for PinnedCa {

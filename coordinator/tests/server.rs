@@ -212,3 +212,168 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
     srv.stop.unwrap().send(()).unwrap();
     tokio::time::timeout(T, srv.task).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path()).await;
+    let mut control = testing::control(&srv.cfg, &srv.admin).unwrap();
+
+    // A bad token.
+    let err = testing::join(&srv.cfg, "lh_join_nope", "127.0.0.1:1").await.unwrap_err();
+    let st = err.downcast_ref::<tonic::Status>().unwrap();
+    assert_eq!(st.code(), Code::Unauthenticated);
+    assert!(st.message().contains("not recognised"), "{st}");
+
+    // An expired token.
+    let t = control
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 1 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let err = testing::join(&srv.cfg, &t, "127.0.0.1:1").await.unwrap_err();
+    let st = err.downcast_ref::<tonic::Status>().unwrap();
+    assert_eq!(st.code(), Code::Unauthenticated);
+    assert!(st.message().contains("expired"), "{st}");
+
+    // A token longer-lived than allowed.
+    let st = control
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 365 * 86400 })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+
+    // A wrong CA pin: the TLS handshake fails, naming the pin.
+    let good = control
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut wrong = srv.cfg.clone();
+    wrong.ca_pin = format!("sha256:{}", "0".repeat(64));
+    let err = testing::join(&wrong, &good, "127.0.0.1:1").await.unwrap_err();
+    let msg = format!("{err:?}");
+    assert!(msg.contains("does not match the pin"), "{msg}");
+    // A malformed pin is refused before connecting.
+    wrong.ca_pin = "md5:abc".into();
+    assert!(
+        testing::join(&wrong, &good, "127.0.0.1:1")
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("sha256:")
+    );
+
+    // A missing or wrong admin credential.
+    let mut plain = proto::pb::control_client::ControlClient::new(
+        coordinator::client::channel(&srv.cfg, None).unwrap(),
+    );
+    let st = plain.list_runs(pb::ListRunsRequest {}).await.unwrap_err();
+    assert_eq!(st.code(), Code::Unauthenticated);
+    assert!(st.message().contains("admin credential"), "{st}");
+    let mut bad_admin = testing::control(&srv.cfg, "lh_admin_wrong").unwrap();
+    let st = bad_admin.list_runs(pb::ListRunsRequest {}).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied);
+
+    // An oversized message (the limit here is 1 MiB).
+    let huge = "#".repeat(2 << 20);
+    let st = control.submit_run(pb::SubmitRunRequest { run_toml: huge }).await.unwrap_err();
+    assert!(matches!(st.code(), Code::OutOfRange | Code::ResourceExhausted), "{st:?}");
+    // The server is fine afterwards.
+    control.list_runs(pb::ListRunsRequest {}).await.unwrap();
+
+    // Malformed run files, over the wire: the error names the field.
+    let manifest = testing::write_dataset(&dir.path().join("data"), 2).unwrap();
+    let ok = testing::run_file(&manifest, 1, 1, 10);
+    for (from, to, field) in [
+        ("inner_steps = 500", "inner_steps = -1", "sync.inner_steps"),
+        ("mode = \"diloco\"", "mode = \"gossip\"", "sync.mode"),
+        ("lr = 3e-4", "lr = \"fast\"", "optimizer.lr"),
+        ("[workers]", "[workerz]", "workerz"),
+    ] {
+        let st = control
+            .submit_run(pb::SubmitRunRequest { run_toml: ok.replacen(from, to, 1) })
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument);
+        assert!(st.message().contains(field), "{field}: {st}");
+    }
+    let st =
+        control.submit_run(pb::SubmitRunRequest { run_toml: "name = [".into() }).await.unwrap_err();
+    assert!(st.message().contains("not valid TOML"), "{st}");
+    let missing = ok.replace(&manifest.display().to_string(), "/nonexistent/manifest.json");
+    let st = control.submit_run(pb::SubmitRunRequest { run_toml: missing }).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    assert!(st.message().contains("dataset.uri"), "{st}");
+
+    // Agent calls need the worker's certificate, and it must be the worker's own.
+    let mut anon = proto::pb::agent_client::AgentClient::new(
+        coordinator::client::channel(&srv.cfg, None).unwrap(),
+    );
+    let st = anon.lease_shard(pb::LeaseShardRequest {}).await.unwrap_err();
+    assert_eq!(st.code(), Code::Unauthenticated, "{st}");
+    let (id, cert, key) = testing::join(&srv.cfg, &good, "127.0.0.1:2").await.unwrap();
+    let mut impostor = testing::agent_client(&srv.cfg, id + 1, &cert, &key).unwrap();
+    let st = impostor.lease_shard(pb::LeaseShardRequest {}).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st}");
+    // A bad CSR.
+    let st = proto::pb::agent_client::AgentClient::new(
+        coordinator::client::channel(&srv.cfg, None).unwrap(),
+    )
+    .join(pb::JoinRequest {
+        token: good.clone(),
+        csr_pem: "garbage".into(),
+        host: "h".into(),
+        ring_addr: "127.0.0.1:3".into(),
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    // A bad ring address.
+    let err = testing::join(&srv.cfg, &good, "not-an-address").await.unwrap_err();
+    assert!(err.to_string().contains("ring_addr"), "{err}");
+
+    srv.stop.unwrap().send(()).unwrap();
+    tokio::time::timeout(T, srv.task).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let maddr = metrics.local_addr().unwrap();
+    let config = ServerConfig::new(dir.path().to_owned());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task =
+        tokio::spawn(server::run_with_metrics(listener, Some(metrics), config, async move {
+            let _ = stopped.await;
+        }));
+    let get = |path: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for _ in 0..100 {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(maddr).await {
+                s.write_all(
+                    format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+                let mut body = String::new();
+                s.read_to_string(&mut body).await.unwrap();
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("metrics endpoint down");
+    };
+    assert!(get("/healthz").await.contains("ok"));
+    let m = get("/metrics").await;
+    assert!(m.contains("longhaul_runs{state=\"running\"} 0"), "{m}");
+    assert!(m.contains("longhaul_workers{liveness=\"alive\"} 0"), "{m}");
+    stop.send(()).unwrap();
+    tokio::time::timeout(T, task).await.unwrap().unwrap().unwrap();
+}
