@@ -1,1 +1,17 @@
-//! The gRPC control plane and the `longhaul` CLI. Filled by the coordinator issue (#4); empty until then.
+//! longhaul's control plane.
+//!
+//! The coordinator validates run files ([`runfile`]), keeps the cluster's state as a sans-IO state
+//! machine ([`cluster`]), hands out data shards ([`shards`]), persists everything that matters
+//! ([`store`]), issues certificates ([`ca`]) and serves the gRPC API ([`server`]). The `longhaul`
+//! binary ([`cli`]) is a thin shell around it.
+
+pub mod ca;
+pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod metrics;
+pub mod runfile;
+pub mod server;
+pub mod shards;
+pub mod store;
+pub mod testing;

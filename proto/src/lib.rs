@@ -1,1 +1,16 @@
-//! Wire types of the gRPC API (tonic + prost). Filled by the coordinator issue (#4); empty until then.
+//! longhaul's gRPC API.
+//!
+//! The wire types (generated from `proto/longhaul.proto` by prost/tonic) live in [`pb`]; they stop
+//! at the service layer. The rest of the code speaks the domain types of [`domain`].
+
+pub mod domain;
+
+pub use domain::{Epoch, IdError, LeaseId, Liveness, RunId, RunState, WorkerId};
+
+/// Wire types and services generated from `proto/longhaul.proto`.
+#[allow(clippy::all, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
+pub mod pb {
+    tonic::include_proto!("longhaul.v1");
+}
+
+pub mod convert;

@@ -1,0 +1,176 @@
+//! Heartbeat and lease RPC throughput and latency with N simulated workers (default 1,000) on
+//! this machine: a real coordinator on 127.0.0.1, every worker with its own TLS connection and
+//! certificate, closed loop (each worker waits for its answer before the next call).
+//!
+//! `cargo bench -p coordinator --bench rpc [-- WORKERS SECONDS]`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use coordinator::server::{self, ServerConfig};
+use coordinator::testing::{self, ScriptedAgent};
+use hdrhistogram::Histogram;
+use proto::pb;
+use tokio::sync::Mutex;
+
+fn report(name: &str, h: &Histogram<u64>, secs: f64) {
+    println!(
+        "{name:<10} {:>9} calls {:>10.0} /s   p50 {:>7.2} ms   p99 {:>7.2} ms   max {:>7.2} ms",
+        h.len(),
+        h.len() as f64 / secs,
+        h.value_at_quantile(0.5) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+        h.max() as f64 / 1000.0
+    );
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let workers: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(1000);
+    let secs: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(bench(workers, secs))
+}
+
+async fn bench(n: usize, secs: u64) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
+    let mut config = ServerConfig::new(dir.path().to_owned());
+    config.cluster.suspect_after = 60_000;
+    config.cluster.dead_after = 120_000;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    while !dir.path().join("admin.token").exists() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cfg = testing::connect_config(&url, dir.path())?;
+    let mut control = testing::control(&cfg, &testing::admin_token(dir.path())?)?;
+    let manifest = testing::write_dataset(&dir.path().join("data"), 20_000)?;
+    control
+        .submit_run(pb::SubmitRunRequest {
+            run_toml: testing::run_file(&manifest, 1, n as u32, 1 << 40),
+        })
+        .await?;
+    let token = control
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 3600 })
+        .await?
+        .into_inner()
+        .token;
+
+    println!(
+        "coordinator on {url}; {n} workers joining (each: CSR, Join, own TLS connection, session)"
+    );
+    let t = Instant::now();
+    let mut agents = Vec::with_capacity(n);
+    let mut joins = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (cfg, token) = (cfg.clone(), token.clone());
+        joins.spawn(async move {
+            ScriptedAgent::join(&cfg, &token, &format!("127.0.0.1:{}", 10_000 + i)).await
+        });
+        if joins.len() >= 32
+            && let Some(r) = joins.join_next().await
+        {
+            agents.push(r??);
+        }
+    }
+    while let Some(r) = joins.join_next().await {
+        agents.push(r??);
+    }
+    println!(
+        "joined {n} in {:.2} s ({:.0} joins/s)",
+        t.elapsed().as_secs_f64(),
+        n as f64 / t.elapsed().as_secs_f64()
+    );
+    // Wait until every worker is in the epoch.
+    for a in &mut agents {
+        a.expect_epoch(1, Duration::from_secs(60)).await?;
+    }
+
+    let dur = Duration::from_secs(secs);
+    let agents: Vec<Arc<Mutex<ScriptedAgent>>> =
+        agents.into_iter().map(|a| Arc::new(Mutex::new(a))).collect();
+
+    // Heartbeats over the sessions, each waiting for its acknowledgement.
+    let mut set = tokio::task::JoinSet::new();
+    for a in &agents {
+        let a = a.clone();
+        set.spawn(async move {
+            let mut h = Histogram::<u64>::new(3).expect("valid sigfigs");
+            let mut a = a.lock().await;
+            let end = Instant::now() + dur;
+            let mut seq = 0;
+            while Instant::now() < end {
+                seq += 1;
+                let t = Instant::now();
+                a.heartbeat(seq).await?;
+                a.expect(Duration::from_secs(30), |m| match m {
+                    pb::coordinator_message::Msg::HeartbeatAck(x) if x.seq == seq => Some(()),
+                    _ => None,
+                })
+                .await?;
+                h.record(t.elapsed().as_micros() as u64).ok();
+            }
+            anyhow::Ok(h)
+        });
+    }
+    let mut hb = Histogram::<u64>::new(3)?;
+    let t = Instant::now();
+    while let Some(r) = set.join_next().await {
+        hb.add(r??)?;
+    }
+    let hb_secs = t.elapsed().as_secs_f64();
+
+    // Lease then complete, closed loop.
+    let mut set = tokio::task::JoinSet::new();
+    for a in &agents {
+        let a = a.clone();
+        set.spawn(async move {
+            let mut lease_h = Histogram::<u64>::new(3).expect("valid sigfigs");
+            let mut done_h = Histogram::<u64>::new(3).expect("valid sigfigs");
+            let mut a = a.lock().await;
+            let end = Instant::now() + dur;
+            while Instant::now() < end {
+                let t = Instant::now();
+                let r = a.rpc.lease_shard(pb::LeaseShardRequest {}).await?.into_inner();
+                lease_h.record(t.elapsed().as_micros() as u64).ok();
+                if let Some(pb::lease_shard_response::Result::Lease(l)) = r.result {
+                    let t = Instant::now();
+                    a.rpc
+                        .complete_shard(pb::CompleteShardRequest {
+                            lease_id: l.lease_id,
+                            samples: 1,
+                        })
+                        .await?;
+                    done_h.record(t.elapsed().as_micros() as u64).ok();
+                }
+            }
+            anyhow::Ok((lease_h, done_h))
+        });
+    }
+    let mut lease = Histogram::<u64>::new(3)?;
+    let mut done = Histogram::<u64>::new(3)?;
+    let t = Instant::now();
+    while let Some(r) = set.join_next().await {
+        let (l, d) = r??;
+        lease.add(l)?;
+        done.add(d)?;
+    }
+    let lease_secs = t.elapsed().as_secs_f64();
+
+    println!(
+        "{n} workers, {secs} s per phase, {} cores, client and server in one process",
+        std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
+    );
+    report("heartbeat", &hb, hb_secs);
+    report("lease", &lease, lease_secs);
+    report("complete", &done, lease_secs);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    Ok(())
+}

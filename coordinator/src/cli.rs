@@ -1,0 +1,554 @@
+//! The `longhaul` command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use proto::pb;
+use proto::{RunId, RunState};
+
+use crate::ca::{ca_hash, read_ca_der};
+use crate::client::ConnectConfig;
+use crate::runfile::{self, RunSpec};
+use crate::server::{self, ServerConfig};
+use crate::testing::{Control, control};
+
+/// longhaul: train one model on GPUs scattered across the internet.
+#[derive(Debug, Parser)]
+#[command(name = "longhaul", version, about)]
+pub struct Cli {
+    /// State directory (CA, credentials, the state store). Default: ~/.longhaul.
+    #[arg(long, global = true, env = "LONGHAUL_HOME")]
+    home: Option<PathBuf>,
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct Conn {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        global = true,
+        env = "LONGHAUL_COORDINATOR",
+        default_value = "https://127.0.0.1:7070"
+    )]
+    coordinator: String,
+    /// The coordinator's CA pin (`longhaul ca-hash`). Default: from the state directory's ca.pem.
+    #[arg(long, global = true, env = "LONGHAUL_CA_HASH")]
+    ca_hash: Option<String>,
+    /// The admin credential. Default: the state directory's admin.token.
+    #[arg(long, global = true, env = "LONGHAUL_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Output of read commands.
+    #[arg(long, global = true, env = "LONGHAUL_OUTPUT", value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the coordinator.
+    Serve {
+        /// gRPC (TLS) listen address.
+        #[arg(long, env = "LONGHAUL_LISTEN", default_value = "0.0.0.0:7070")]
+        listen: SocketAddr,
+        /// Prometheus /metrics and /healthz listen address (plain HTTP).
+        #[arg(long, env = "LONGHAUL_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
+        metrics_listen: SocketAddr,
+        /// Extra names (DNS or IP) for the server certificate; localhost and loopback are always in.
+        #[arg(long = "name", env = "LONGHAUL_SERVER_NAMES", value_delimiter = ',')]
+        names: Vec<String>,
+        /// A worker silent this long is suspect.
+        #[arg(long, env = "LONGHAUL_SUSPECT_AFTER_MS", default_value_t = 3_000)]
+        suspect_after_ms: u64,
+        /// A worker silent this long is dead: its epoch is aborted and re-formed.
+        #[arg(long, env = "LONGHAUL_DEAD_AFTER_MS", default_value_t = 10_000)]
+        dead_after_ms: u64,
+        /// A worker that died must be healthy this long before it rejoins an epoch.
+        #[arg(long, env = "LONGHAUL_READMIT_AFTER_MS", default_value_t = 30_000)]
+        readmit_after_ms: u64,
+        /// Shard lease lifetime.
+        #[arg(long, env = "LONGHAUL_LEASE_TTL_MS", default_value_t = 300_000)]
+        lease_ttl_ms: u64,
+    },
+    /// Write an annotated example run file.
+    Init {
+        #[arg(default_value = "run.toml")]
+        path: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Submit a run file; with --follow, show progress and exit with the run's result.
+    Submit {
+        file: PathBuf,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// List runs.
+    Runs,
+    /// Show one run.
+    Status { run: RunId },
+    /// List workers and their contribution.
+    Workers,
+    /// Print a run's events; -f to follow until it ends.
+    Logs {
+        run: RunId,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Stop a run.
+    Stop {
+        run: RunId,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Join tokens for workers.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Print the CA pin workers pass as --ca-hash.
+    CaHash,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a join token.
+    Create {
+        /// Lifetime: 90s, 30m, 12h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|&n| n > 0)
+        .map(|n| Duration::from_secs(n * mult))
+        .ok_or_else(|| format!("{s:?} is not a duration such as 90s, 30m, 12h or 7d"))
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("LONGHAUL_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn home(cli_home: &Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(h) = cli_home {
+        return Ok(h.clone());
+    }
+    let base = std::env::var_os("HOME").context("neither --home, LONGHAUL_HOME nor HOME is set")?;
+    Ok(Path::new(&base).join(".longhaul"))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let home = home(&cli.home)?;
+    match cli.command {
+        Command::Init { path, force } => {
+            if path.exists() && !force {
+                bail!("{} exists (use --force to overwrite)", path.display());
+            }
+            std::fs::write(&path, runfile::EXAMPLE)
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "wrote {}; edit it, then `longhaul submit {}`",
+                path.display(),
+                path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CaHash => {
+            let der = read_ca_der(&home)
+                .context("reading the CA (start `longhaul serve` once to create it)")?;
+            println!("{}", ca_hash(&der));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve {
+            listen,
+            metrics_listen,
+            names,
+            suspect_after_ms,
+            dead_after_ms,
+            readmit_after_ms,
+            lease_ttl_ms,
+        } => {
+            let mut config = ServerConfig::new(home);
+            config.server_names.extend(names);
+            config.cluster = crate::cluster::Config {
+                suspect_after: suspect_after_ms,
+                dead_after: dead_after_ms.max(suspect_after_ms),
+                readmit_after: readmit_after_ms,
+                lease_ttl: lease_ttl_ms,
+            };
+            runtime()?.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding {listen}"))?;
+                let metrics = tokio::net::TcpListener::bind(metrics_listen)
+                    .await
+                    .with_context(|| format!("binding {metrics_listen}"))?;
+                eprintln!(
+                    "longhaul coordinator on {} (metrics on http://{})",
+                    listener.local_addr()?,
+                    metrics.local_addr()?
+                );
+                server::run_with_metrics(listener, Some(metrics), config, shutdown_signal())
+                    .await?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        command => {
+            let conn = cli.conn;
+            runtime()?.block_on(client_command(command, &conn, &home))
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn connect(conn: &Conn, home: &Path) -> Result<Control> {
+    let pin = match &conn.ca_hash {
+        Some(p) => p.clone(),
+        None => ca_hash(
+            &read_ca_der(home).context("no --ca-hash given and no CA in the state directory")?,
+        ),
+    };
+    let token = match &conn.admin_token {
+        Some(t) => t.clone(),
+        None => std::fs::read_to_string(home.join("admin.token"))
+            .with_context(|| format!("no --admin-token given and none in {}", home.display()))?
+            .trim()
+            .to_owned(),
+    };
+    let cfg = ConnectConfig {
+        url: conn.coordinator.clone(),
+        ca_pin: pin,
+        connect_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(30),
+    };
+    Ok(control(&cfg, &token)?)
+}
+
+fn rpc_err(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.message()).context(format!("coordinator refused ({:?})", e.code()))
+}
+
+async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<ExitCode> {
+    let json = conn.output == Output::Json;
+    match command {
+        Command::Submit { file, follow } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            // Check here first: the same validation the coordinator does, without a round trip.
+            RunSpec::parse(&text)
+                .with_context(|| format!("{} is not a valid run file", file.display()))?;
+            let mut c = connect(conn, home)?;
+            let id = c
+                .submit_run(pb::SubmitRunRequest { run_toml: text })
+                .await
+                .map_err(rpc_err)?
+                .into_inner()
+                .run_id;
+            if json {
+                println!("{}", serde_json::json!({ "run_id": id }));
+            } else {
+                eprintln!("submitted run {id}");
+            }
+            if follow { follow_run(&mut c, RunId(id), json).await } else { Ok(ExitCode::SUCCESS) }
+        }
+        Command::Runs => {
+            let mut c = connect(conn, home)?;
+            let runs =
+                c.list_runs(pb::ListRunsRequest {}).await.map_err(rpc_err)?.into_inner().runs;
+            if json {
+                println!("{}", serde_json::Value::Array(runs.iter().map(run_json).collect()));
+            } else {
+                println!(
+                    "{:<5} {:<24} {:<10} {:>6} {:>14} {:>8} {:>10}",
+                    "RUN", "NAME", "STATE", "EPOCH", "STEP", "WORKERS", "LOSS"
+                );
+                for r in &runs {
+                    println!(
+                        "{:<5} {:<24} {:<10} {:>6} {:>14} {:>8} {:>10}",
+                        r.run_id,
+                        r.name,
+                        state_name(r.state),
+                        r.epoch,
+                        format!("{}/{}", r.committed_step, r.total_steps),
+                        r.workers,
+                        r.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { run } => {
+            let mut c = connect(conn, home)?;
+            let r =
+                c.get_run(pb::GetRunRequest { run_id: run.0 }).await.map_err(rpc_err)?.into_inner();
+            if json {
+                println!("{}", run_json(&r));
+            } else {
+                println!("run {} ({})", r.run_id, r.name);
+                println!("  state      {}", state_name(r.state));
+                println!("  message    {}", r.message);
+                println!("  step       {}/{}", r.committed_step, r.total_steps);
+                println!(
+                    "  epoch      {} ({} workers, min {}, max {})",
+                    r.epoch, r.workers, r.min_workers, r.max_workers
+                );
+                println!(
+                    "  loss       {}",
+                    r.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into())
+                );
+                println!("  tokens/s   {:.0}", r.tokens_per_sec);
+                println!("  restarts   {}/{}", r.restarts, r.restart_budget);
+                println!("  data epoch {}", r.data_epoch);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Workers => {
+            let mut c = connect(conn, home)?;
+            let ws = c
+                .list_workers(pb::ListWorkersRequest {})
+                .await
+                .map_err(rpc_err)?
+                .into_inner()
+                .workers;
+            if json {
+                let v: Vec<_> = ws
+                    .iter()
+                    .map(|w| {
+                        serde_json::json!({
+                            "worker_id": w.worker_id, "name": w.name, "host": w.host, "ring_addr": w.ring_addr,
+                            "liveness": liveness_name(w.liveness), "run_id": w.run_id,
+                            "last_heartbeat_unix_ms": w.last_heartbeat_unix_ms, "samples": w.samples,
+                            "steps": w.steps, "bytes": w.bytes, "joined_unix_ms": w.joined_unix_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!(
+                    "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>8} {:>12}",
+                    "WORKER", "HOST", "RING ADDR", "STATE", "RUN", "SAMPLES", "STEPS", "BYTES"
+                );
+                for w in &ws {
+                    println!(
+                        "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>8} {:>12}",
+                        w.name,
+                        w.host,
+                        w.ring_addr,
+                        liveness_name(w.liveness),
+                        w.run_id.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                        w.samples,
+                        w.steps,
+                        w.bytes
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { run, follow } => {
+            let mut c = connect(conn, home)?;
+            if !follow {
+                let r = c
+                    .get_run(pb::GetRunRequest { run_id: run.0 })
+                    .await
+                    .map_err(rpc_err)?
+                    .into_inner();
+                print_event(&r, json);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut stream = c
+                .watch_run(pb::WatchRunRequest { run_id: run.0 })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            let mut last = None;
+            while let Some(ev) = stream.message().await.map_err(rpc_err)? {
+                if let Some(pb::run_event::Event::Status(r)) = ev.event {
+                    print_event(&r, json);
+                    last = Some(r.state);
+                }
+            }
+            Ok(exit_for(last))
+        }
+        Command::Stop { run, reason } => {
+            let mut c = connect(conn, home)?;
+            let r = c
+                .stop_run(pb::StopRunRequest { run_id: run.0, reason })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            eprintln!("run {} {}", r.run_id, state_name(r.state));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { command: TokenCommand::Create { ttl } } => {
+            let mut c = connect(conn, home)?;
+            let t = c
+                .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: ttl.as_secs() })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "token": t.token, "expires_unix_ms": t.expires_unix_ms })
+                );
+            } else {
+                println!("{}", t.token);
+                eprintln!("expires in {}s", ttl.as_secs());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { .. } | Command::Init { .. } | Command::CaHash => {
+            unreachable!("handled without a client")
+        }
+    }
+}
+
+fn state_name(s: i32) -> &'static str {
+    proto::convert::run_state(s).map(RunState::as_str).unwrap_or("unknown")
+}
+
+fn liveness_name(s: i32) -> &'static str {
+    proto::convert::liveness(s).map(|l| l.as_str()).unwrap_or("unknown")
+}
+
+fn run_json(r: &pb::RunInfo) -> serde_json::Value {
+    serde_json::json!({
+        "run_id": r.run_id, "name": r.name, "state": state_name(r.state), "epoch": r.epoch,
+        "committed_step": r.committed_step, "total_steps": r.total_steps, "workers": r.workers,
+        "min_workers": r.min_workers, "max_workers": r.max_workers, "loss": r.loss,
+        "tokens_per_sec": r.tokens_per_sec, "restarts": r.restarts, "restart_budget": r.restart_budget,
+        "message": r.message, "created_unix_ms": r.created_unix_ms, "updated_unix_ms": r.updated_unix_ms,
+        "data_epoch": r.data_epoch,
+    })
+}
+
+fn print_event(r: &pb::RunInfo, json: bool) {
+    if json {
+        println!("{}", run_json(r));
+    } else {
+        println!(
+            "{} run {} {} epoch {} step {}/{} workers {} loss {} | {}",
+            r.updated_unix_ms,
+            r.run_id,
+            state_name(r.state),
+            r.epoch,
+            r.committed_step,
+            r.total_steps,
+            r.workers,
+            r.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+            r.message
+        );
+    }
+}
+
+fn exit_for(state: Option<i32>) -> ExitCode {
+    match state.and_then(|s| proto::convert::run_state(s).ok()) {
+        Some(RunState::Completed) => ExitCode::SUCCESS,
+        Some(RunState::Stopped) => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// Live progress until the run ends; the exit code is the run's result.
+async fn follow_run(c: &mut Control, run: RunId, json: bool) -> Result<ExitCode> {
+    let mut stream =
+        c.watch_run(pb::WatchRunRequest { run_id: run.0 }).await.map_err(rpc_err)?.into_inner();
+    let bar = indicatif::ProgressBar::new(0);
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} run {prefix} [{bar:30}] step {pos}/{len} {msg} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(run.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let mut last: Option<pb::RunInfo> = None;
+    while let Some(ev) = stream.message().await.map_err(rpc_err)? {
+        let Some(pb::run_event::Event::Status(r)) = ev.event else { continue };
+        bar.set_length(r.total_steps);
+        bar.set_position(r.committed_step);
+        bar.set_message(format!(
+            "loss {} | {:.0} tok/s | {} workers | epoch {} | {}",
+            r.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+            r.tokens_per_sec,
+            r.workers,
+            r.epoch,
+            state_name(r.state)
+        ));
+        if json {
+            println!("{}", run_json(&r));
+        }
+        last = Some(r);
+    }
+    bar.finish();
+    let state = last.as_ref().map(|r| r.state);
+    if let Some(r) = &last {
+        eprintln!("run {} {}: {}", r.run_id, state_name(r.state), r.message);
+    }
+    Ok(exit_for(state))
+}

@@ -1,0 +1,223 @@
+//! Scripted agents and a coordinator on loopback, for tests, the benchmark and examples.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use proto::pb;
+use proto::pb::agent_client::AgentClient;
+use proto::pb::control_client::ControlClient;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::ca::{ca_hash, hex, new_csr, read_ca_der};
+use crate::client::{AdminAuth, ClientIdentity, ConnectConfig, ConnectError, WorkerAuth, channel};
+
+pub type Control = ControlClient<InterceptedService<Channel, AdminAuth>>;
+pub type AgentRpc = AgentClient<InterceptedService<Channel, WorkerAuth>>;
+
+/// Connection settings for a coordinator whose state directory is `dir`.
+pub fn connect_config(url: &str, dir: &Path) -> anyhow::Result<ConnectConfig> {
+    let ca = read_ca_der(dir)?;
+    Ok(ConnectConfig {
+        url: url.to_owned(),
+        ca_pin: ca_hash(&ca),
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+    })
+}
+
+/// An admin control client.
+pub fn control(cfg: &ConnectConfig, admin_token: &str) -> Result<Control, ConnectError> {
+    Ok(ControlClient::with_interceptor(channel(cfg, None)?, AdminAuth::new(admin_token)?))
+}
+
+/// Reads the admin token from a state directory.
+pub fn admin_token(dir: &Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(dir.join("admin.token"))?.trim().to_owned())
+}
+
+/// Writes a dataset manifest of `n` shards (and the shards) under `dir`, returning its path.
+pub fn write_dataset(dir: &Path, n: usize) -> anyhow::Result<PathBuf> {
+    use sha2::Digest;
+    std::fs::create_dir_all(dir)?;
+    let mut shards = Vec::new();
+    for i in 0..n {
+        let data = format!("shard {i}\n").repeat(100);
+        let path = dir.join(format!("shard-{i:05}.bin"));
+        std::fs::write(&path, &data)?;
+        shards.push(serde_json::json!({
+            "uri": format!("file://{}", path.display()),
+            "size": data.len(),
+            "sha256": hex(&sha2::Sha256::digest(data.as_bytes())),
+        }));
+    }
+    let manifest = dir.join("manifest.json");
+    std::fs::write(&manifest, serde_json::json!({ "shards": shards }).to_string())?;
+    Ok(manifest)
+}
+
+/// A run file for tests: the example with a dataset, worker bounds and a step budget.
+pub fn run_file(manifest: &Path, min: u32, max: u32, steps: u64) -> String {
+    crate::runfile::EXAMPLE
+        .replacen(
+            "file:///data/wikitext/manifest.json",
+            &format!("file://{}", manifest.display()),
+            1,
+        )
+        .replacen("min = 2", &format!("min = {min}"), 1)
+        .replacen("max = 16", &format!("max = {max}"), 1)
+        .replacen("steps = 10000", &format!("steps = {steps}"), 1)
+}
+
+/// A worker agent driven by a test: joined, with a session whose downstream messages arrive on
+/// `inbox`.
+#[derive(Debug)]
+pub struct ScriptedAgent {
+    pub id: u64,
+    pub rpc: AgentRpc,
+    pub inbox: mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>,
+    pub up: mpsc::Sender<pb::AgentMessage>,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Joins with `token`, returning the worker id, certificate and key.
+pub async fn join(
+    cfg: &ConnectConfig,
+    token: &str,
+    ring_addr: &str,
+) -> anyhow::Result<(u64, String, String)> {
+    let (csr, key) = new_csr()?;
+    let mut rpc = AgentClient::new(channel(cfg, None)?);
+    let resp = rpc
+        .join(pb::JoinRequest {
+            token: token.to_owned(),
+            csr_pem: csr,
+            host: "test".into(),
+            ring_addr: ring_addr.to_owned(),
+        })
+        .await?
+        .into_inner();
+    Ok((resp.worker_id, resp.cert_pem, key))
+}
+
+/// An agent client authenticated by its certificate.
+pub fn agent_client(
+    cfg: &ConnectConfig,
+    id: u64,
+    cert_pem: &str,
+    key_pem: &str,
+) -> anyhow::Result<AgentRpc> {
+    let chain =
+        CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let ch = channel(cfg, Some(ClientIdentity { chain, key }))?;
+    Ok(AgentClient::with_interceptor(ch, WorkerAuth(id)))
+}
+
+impl ScriptedAgent {
+    /// Joins and opens a session (sending `Hello`).
+    pub async fn join(cfg: &ConnectConfig, token: &str, ring_addr: &str) -> anyhow::Result<Self> {
+        let (id, cert_pem, key_pem) = join(cfg, token, ring_addr).await?;
+        Self::connect(cfg, id, cert_pem, key_pem, ring_addr).await
+    }
+
+    /// Opens a session with an existing identity.
+    pub async fn connect(
+        cfg: &ConnectConfig,
+        id: u64,
+        cert_pem: String,
+        key_pem: String,
+        ring_addr: &str,
+    ) -> anyhow::Result<Self> {
+        let mut rpc = agent_client(cfg, id, &cert_pem, &key_pem)?;
+        let (up, up_rx) = mpsc::channel(64);
+        up.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello { ring_addr: ring_addr.to_owned() })),
+        })
+        .await?;
+        let mut down = rpc.session(ReceiverStream::new(up_rx)).await?.into_inner();
+        let (tx, inbox) = mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                match down.message().await {
+                    Ok(Some(m)) => {
+                        if tx.send(Ok(m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Self { id, rpc, inbox, up, cert_pem, key_pem })
+    }
+
+    pub async fn heartbeat(&self, seq: u64) -> anyhow::Result<()> {
+        self.send(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { seq, rtts: vec![] })).await
+    }
+
+    pub async fn send(&self, msg: pb::agent_message::Msg) -> anyhow::Result<()> {
+        self.up.send(pb::AgentMessage { msg: Some(msg) }).await?;
+        Ok(())
+    }
+
+    /// Heartbeats every `every` in the background until the returned handle is aborted.
+    pub fn keep_beating(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let up = self.up.clone();
+        tokio::spawn(async move {
+            let mut seq = 0;
+            loop {
+                seq += 1;
+                let msg = pb::agent_message::Msg::Heartbeat(pb::Heartbeat { seq, rtts: vec![] });
+                if up.send(pb::AgentMessage { msg: Some(msg) }).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    }
+
+    /// Waits (up to `within`) for a downstream message matching `f`, skipping others.
+    pub async fn expect<T>(
+        &mut self,
+        within: Duration,
+        mut f: impl FnMut(&pb::coordinator_message::Msg) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.inbox.recv())
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("worker {}: nothing matching within {within:?}", self.id)
+                })?
+                .ok_or_else(|| anyhow::anyhow!("worker {}: session ended", self.id))??;
+            if let Some(msg) = &m.msg
+                && let Some(t) = f(msg)
+            {
+                return Ok(t);
+            }
+        }
+    }
+
+    /// Waits for an epoch announcement at least `min_epoch`.
+    pub async fn expect_epoch(
+        &mut self,
+        min_epoch: u64,
+        within: Duration,
+    ) -> anyhow::Result<pb::EpochChange> {
+        self.expect(within, |m| match m {
+            pb::coordinator_message::Msg::Epoch(e) if e.epoch >= min_epoch => Some(e.clone()),
+            _ => None,
+        })
+        .await
+    }
+}

@@ -1,0 +1,379 @@
+#![allow(clippy::unwrap_used)]
+//! The real server on 127.0.0.1:0 with scripted agents over real gRPC and TLS.
+
+use std::path::Path;
+use std::time::Duration;
+
+use coordinator::client::ConnectConfig;
+use coordinator::cluster;
+use coordinator::server::{self, ServerConfig};
+use coordinator::testing::{self, ScriptedAgent};
+use proto::pb;
+use tonic::Code;
+
+struct Running {
+    url: String,
+    cfg: ConnectConfig,
+    admin: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(dir: &Path) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let mut config = ServerConfig::new(dir.to_owned());
+    config.cluster = cluster::Config {
+        suspect_after: 600,
+        dead_after: 1_500,
+        readmit_after: 0,
+        lease_ttl: 60_000,
+    };
+    config.tick = Duration::from_millis(50);
+    config.max_message_bytes = 1 << 20;
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        server::run(listener, config, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    // The CA and credentials exist once the server answers.
+    for _ in 0..100 {
+        if dir.join("admin.token").exists() && dir.join("ca.pem").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cfg = testing::connect_config(&url, dir).unwrap();
+    let admin = testing::admin_token(dir).unwrap();
+    Running { url, cfg, admin, stop: Some(stop), task }
+}
+
+const T: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_heartbeat_lease_complete_and_epoch_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path()).await;
+    let mut control = testing::control(&srv.cfg, &srv.admin).unwrap();
+    let manifest = testing::write_dataset(&dir.path().join("data"), 6).unwrap();
+    let run = control
+        .submit_run(pb::SubmitRunRequest {
+            run_toml: testing::run_file(&manifest, 2, 4, 1_000_000),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let token = control
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+
+    let mut a = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7001").await.unwrap();
+    let mut b = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7002").await.unwrap();
+    let beat_a = a.keep_beating(Duration::from_millis(100));
+    let beat_b = b.keep_beating(Duration::from_millis(100));
+    assert_ne!(a.id, b.id);
+    // Heartbeats are acknowledged.
+    a.expect(T, |m| matches!(m, pb::coordinator_message::Msg::HeartbeatAck(_)).then_some(()))
+        .await
+        .unwrap();
+
+    let e1 = a.expect_epoch(1, T).await.unwrap();
+    assert_eq!(e1.run_id, run);
+    assert_eq!(e1.members.len(), 2);
+    let names: Vec<_> = e1.members.iter().map(|m| m.name.clone()).collect();
+    assert!(
+        names.contains(&format!("worker-{}", a.id)) && names.contains(&format!("worker-{}", b.id))
+    );
+    assert!(e1.members.iter().any(|m| m.addr == "127.0.0.1:7001"));
+    assert!(e1.run_toml.contains("[sync]"));
+    assert_eq!(b.expect_epoch(1, T).await.unwrap().epoch, e1.epoch);
+
+    // Lease and complete; a second completion of the same lease is refused.
+    let lease = match a
+        .rpc
+        .lease_shard(pb::LeaseShardRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap()
+    {
+        pb::lease_shard_response::Result::Lease(l) => l,
+        other => panic!("no lease: {other:?}"),
+    };
+    assert_eq!(lease.run_id, run);
+    assert_eq!(lease.sha256.len(), 64);
+    a.rpc
+        .complete_shard(pb::CompleteShardRequest { lease_id: lease.lease_id, samples: 10 })
+        .await
+        .unwrap();
+    let err = a
+        .rpc
+        .complete_shard(pb::CompleteShardRequest { lease_id: lease.lease_id, samples: 10 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    // b cannot complete a's lease.
+    let l2 = match a
+        .rpc
+        .lease_shard(pb::LeaseShardRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap()
+    {
+        pb::lease_shard_response::Result::Lease(l) => l,
+        other => panic!("no lease: {other:?}"),
+    };
+    let err = b
+        .rpc
+        .complete_shard(pb::CompleteShardRequest { lease_id: l2.lease_id, samples: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // Progress through the session.
+    a.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
+        run_id: run,
+        epoch: e1.epoch,
+        step: 42,
+    }))
+    .await
+    .unwrap();
+    a.send(pb::agent_message::Msg::Metrics(pb::Metrics {
+        run_id: run,
+        step: 42,
+        loss: Some(2.5),
+        tokens_per_sec: 1000.0,
+        samples: 5,
+        bytes: 1 << 20,
+    }))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let info = control.get_run(pb::GetRunRequest { run_id: run }).await.unwrap().into_inner();
+    assert_eq!(info.committed_step, 42);
+    assert_eq!(info.loss, Some(2.5));
+    assert_eq!(info.state, pb::RunState::Running as i32);
+
+    // A third worker joins: epoch 2 for everyone.
+    let mut c = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7003").await.unwrap();
+    let beat_c = c.keep_beating(Duration::from_millis(100));
+    let e2 = a.expect_epoch(e1.epoch + 1, T).await.unwrap();
+    assert_eq!(e2.members.len(), 3);
+    assert_eq!(e2.committed_step, 42);
+    assert_eq!(c.expect_epoch(e2.epoch, T).await.unwrap().epoch, e2.epoch);
+
+    // c dies: the others get an abort of epoch 2 and then epoch 3.
+    beat_c.abort();
+    drop(c);
+    let aborted = a
+        .expect(T, |m| match m {
+            pb::coordinator_message::Msg::Abort(x) => Some(x.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(aborted.epoch, e2.epoch);
+    assert!(aborted.reason.contains("died"), "{}", aborted.reason);
+    let e3 = b.expect_epoch(e2.epoch + 1, T).await.unwrap();
+    assert_eq!(e3.members.len(), 2);
+
+    // Workers are listed with their ledger.
+    let workers =
+        control.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    assert_eq!(workers.len(), 3);
+    let wa = workers.iter().find(|w| w.worker_id == a.id).unwrap();
+    assert_eq!(wa.liveness, pb::Liveness::Alive as i32);
+    assert!(wa.samples >= 15 && wa.bytes == 1 << 20, "{wa:?}");
+
+    // Stop: members hear it.
+    control.stop_run(pb::StopRunRequest { run_id: run, reason: String::new() }).await.unwrap();
+    let stop = a
+        .expect(T, |m| match m {
+            pb::coordinator_message::Msg::Stop(s) => Some(s.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(stop.state, pb::RunState::Stopped as i32);
+    beat_a.abort();
+    beat_b.abort();
+    let _ = srv.url;
+    srv.stop.unwrap().send(()).unwrap();
+    tokio::time::timeout(T, srv.task).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path()).await;
+    let mut control = testing::control(&srv.cfg, &srv.admin).unwrap();
+
+    // A bad token.
+    let err = testing::join(&srv.cfg, "lh_join_nope", "127.0.0.1:1").await.unwrap_err();
+    let st = err.downcast_ref::<tonic::Status>().unwrap();
+    assert_eq!(st.code(), Code::Unauthenticated);
+    assert!(st.message().contains("not recognised"), "{st}");
+
+    // An expired token.
+    let t = control
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 1 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let err = testing::join(&srv.cfg, &t, "127.0.0.1:1").await.unwrap_err();
+    let st = err.downcast_ref::<tonic::Status>().unwrap();
+    assert_eq!(st.code(), Code::Unauthenticated);
+    assert!(st.message().contains("expired"), "{st}");
+
+    // A token longer-lived than allowed.
+    let st = control
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 365 * 86400 })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+
+    // A wrong CA pin: the TLS handshake fails, naming the pin.
+    let good = control
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut wrong = srv.cfg.clone();
+    wrong.ca_pin = format!("sha256:{}", "0".repeat(64));
+    let err = testing::join(&wrong, &good, "127.0.0.1:1").await.unwrap_err();
+    let msg = format!("{err:?}");
+    assert!(msg.contains("does not match the pin"), "{msg}");
+    // A malformed pin is refused before connecting.
+    wrong.ca_pin = "md5:abc".into();
+    assert!(
+        testing::join(&wrong, &good, "127.0.0.1:1")
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("sha256:")
+    );
+
+    // A missing or wrong admin credential.
+    let mut plain = proto::pb::control_client::ControlClient::new(
+        coordinator::client::channel(&srv.cfg, None).unwrap(),
+    );
+    let st = plain.list_runs(pb::ListRunsRequest {}).await.unwrap_err();
+    assert_eq!(st.code(), Code::Unauthenticated);
+    assert!(st.message().contains("admin credential"), "{st}");
+    let mut bad_admin = testing::control(&srv.cfg, "lh_admin_wrong").unwrap();
+    let st = bad_admin.list_runs(pb::ListRunsRequest {}).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied);
+
+    // An oversized message (the limit here is 1 MiB).
+    let huge = "#".repeat(2 << 20);
+    let st = control.submit_run(pb::SubmitRunRequest { run_toml: huge }).await.unwrap_err();
+    assert!(matches!(st.code(), Code::OutOfRange | Code::ResourceExhausted), "{st:?}");
+    // The server is fine afterwards.
+    control.list_runs(pb::ListRunsRequest {}).await.unwrap();
+
+    // Malformed run files, over the wire: the error names the field.
+    let manifest = testing::write_dataset(&dir.path().join("data"), 2).unwrap();
+    let ok = testing::run_file(&manifest, 1, 1, 10);
+    for (from, to, field) in [
+        ("inner_steps = 500", "inner_steps = -1", "sync.inner_steps"),
+        ("mode = \"diloco\"", "mode = \"gossip\"", "sync.mode"),
+        ("lr = 3e-4", "lr = \"fast\"", "optimizer.lr"),
+        ("[workers]", "[workerz]", "workerz"),
+    ] {
+        let st = control
+            .submit_run(pb::SubmitRunRequest { run_toml: ok.replacen(from, to, 1) })
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument);
+        assert!(st.message().contains(field), "{field}: {st}");
+    }
+    let st =
+        control.submit_run(pb::SubmitRunRequest { run_toml: "name = [".into() }).await.unwrap_err();
+    assert!(st.message().contains("not valid TOML"), "{st}");
+    let missing = ok.replace(&manifest.display().to_string(), "/nonexistent/manifest.json");
+    let st = control.submit_run(pb::SubmitRunRequest { run_toml: missing }).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    assert!(st.message().contains("dataset.uri"), "{st}");
+
+    // Agent calls need the worker's certificate, and it must be the worker's own.
+    let mut anon = proto::pb::agent_client::AgentClient::new(
+        coordinator::client::channel(&srv.cfg, None).unwrap(),
+    );
+    let st = anon.lease_shard(pb::LeaseShardRequest {}).await.unwrap_err();
+    assert_eq!(st.code(), Code::Unauthenticated, "{st}");
+    let (id, cert, key) = testing::join(&srv.cfg, &good, "127.0.0.1:2").await.unwrap();
+    let mut impostor = testing::agent_client(&srv.cfg, id + 1, &cert, &key).unwrap();
+    let st = impostor.lease_shard(pb::LeaseShardRequest {}).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st}");
+    // A bad CSR.
+    let st = proto::pb::agent_client::AgentClient::new(
+        coordinator::client::channel(&srv.cfg, None).unwrap(),
+    )
+    .join(pb::JoinRequest {
+        token: good.clone(),
+        csr_pem: "garbage".into(),
+        host: "h".into(),
+        ring_addr: "127.0.0.1:3".into(),
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    // A bad ring address.
+    let err = testing::join(&srv.cfg, &good, "not-an-address").await.unwrap_err();
+    assert!(err.to_string().contains("ring_addr"), "{err}");
+
+    srv.stop.unwrap().send(()).unwrap();
+    tokio::time::timeout(T, srv.task).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let maddr = metrics.local_addr().unwrap();
+    let config = ServerConfig::new(dir.path().to_owned());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task =
+        tokio::spawn(server::run_with_metrics(listener, Some(metrics), config, async move {
+            let _ = stopped.await;
+        }));
+    let get = |path: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for _ in 0..100 {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(maddr).await {
+                s.write_all(
+                    format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+                let mut body = String::new();
+                s.read_to_string(&mut body).await.unwrap();
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("metrics endpoint down");
+    };
+    assert!(get("/healthz").await.contains("ok"));
+    let m = get("/metrics").await;
+    assert!(m.contains("longhaul_runs{state=\"running\"} 0"), "{m}");
+    assert!(m.contains("longhaul_workers{liveness=\"alive\"} 0"), "{m}");
+    stop.send(()).unwrap();
+    tokio::time::timeout(T, task).await.unwrap().unwrap().unwrap();
+}
