@@ -144,13 +144,29 @@ pub fn svg(series: &[Series]) -> String {
         h / 2.0,
         h / 2.0
     );
+    // One colour per preset (the name's last part), one dash pattern per system.
+    let mut presets: Vec<&str> = Vec::new();
+    for ser in series {
+        let p = preset_of(&ser.name);
+        if !presets.contains(&p) {
+            presets.push(p);
+        }
+    }
     for (i, ser) in series.iter().enumerate() {
-        let c = COLOURS[i % COLOURS.len()];
+        let p = preset_of(&ser.name);
+        let c = COLOURS[presets.iter().position(|q| *q == p).unwrap_or(0) % COLOURS.len()];
+        let dash = if ser.name.starts_with("longhaul") {
+            ""
+        } else if ser.name.contains("tuned") {
+            " stroke-dasharray=\"2,3\""
+        } else {
+            " stroke-dasharray=\"7,4\""
+        };
         let path: Vec<String> =
             ser.points.iter().map(|(bb, v)| format!("{:.1},{:.1}", x(*bb as f64), y(*v))).collect();
         let _ = writeln!(
             s,
-            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>",
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
             path.join(" ")
         );
         for (bb, v) in &ser.points {
@@ -164,7 +180,7 @@ pub fn svg(series: &[Series]) -> String {
         let ly = top + 20.0 + 18.0 * i as f64;
         let _ = writeln!(
             s,
-            "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{c}\" stroke-width=\"3\"/>",
+            "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{c}\" stroke-width=\"3\"{dash}/>",
             w - right + 15.0,
             w - right + 40.0
         );
@@ -178,6 +194,11 @@ pub fn svg(series: &[Series]) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// `longhaul-transatlantic` → `transatlantic`; `gloo-tuned-lossy` → `lossy`.
+fn preset_of(name: &str) -> &str {
+    name.rsplit('-').next().unwrap_or(name)
 }
 
 fn xml_escape(s: &str) -> String {
