@@ -56,7 +56,7 @@ fn three_hosts_come_up_and_leave_nothing_behind() {
 fn ctrl_c_tears_the_lab_down() {
     let _s = serial();
     let before = lab_namespaces();
-    let mut lab = Command::new(BIN)
+    let lab = Command::new(BIN)
         .args(["run", "--hosts", "2", "--", "sleep", "601"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -123,8 +123,13 @@ fn delay_and_rate_are_calibrated() {
     println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let checks = v[0]["checks"].as_array().unwrap();
-    for metric in ["RTT", "TCP throughput (1 flow)", "UDP throughput (1 flow, offered 120 %)", "loss"] {
-        let c = checks.iter().find(|c| c["metric"] == metric).unwrap_or_else(|| panic!("{metric} missing"));
+    for metric in
+        ["RTT", "TCP throughput (1 flow)", "UDP throughput (1 flow, offered 120 %)", "loss"]
+    {
+        let c = checks
+            .iter()
+            .find(|c| c["metric"] == metric)
+            .unwrap_or_else(|| panic!("{metric} missing"));
         assert_eq!(c["within"], true, "{metric}: asked {} measured {}", c["asked"], c["measured"]);
     }
 }
@@ -137,7 +142,19 @@ fn partition_cuts_and_heals() {
                   else sleep 0.5; exec WANLAB tool reach --to {addr1}:7000 --every-ms 200 --secs 7.5; fi"
         .replace("WANLAB", BIN);
     let out = Command::new(BIN)
-        .args(["run", "--hosts", "2", "--link", "metro", "--fault", "3s:cut:0-1:2s", "--", "sh", "-c", &script])
+        .args([
+            "run",
+            "--hosts",
+            "2",
+            "--link",
+            "metro",
+            "--fault",
+            "3s:cut:0-1:2s",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -151,7 +168,8 @@ fn partition_cuts_and_heals() {
         .map(|(t, r)| (t.parse::<f64>().unwrap() + 0.5, r == "ok"))
         .collect();
     assert!(probes.len() > 20, "{probes:?}");
-    let at = |from: f64, to: f64| probes.iter().filter(move |(t, _)| *t >= from && *t < to).map(|p| p.1);
+    let at =
+        |from: f64, to: f64| probes.iter().filter(move |(t, _)| *t >= from && *t < to).map(|p| p.1);
     assert!(at(0.5, 2.7).all(|ok| ok), "before the cut: {probes:?}");
     assert!(at(3.2, 4.7).all(|ok| !ok), "during the cut: {probes:?}");
     assert!(at(3.2, 4.7).count() >= 3, "{probes:?}");

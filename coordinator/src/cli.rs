@@ -66,6 +66,14 @@ enum Command {
         /// Prometheus /metrics and /healthz listen address (plain HTTP).
         #[arg(long, env = "LONGHAUL_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
         metrics_listen: SocketAddr,
+        /// Serve shard bytes over HTTPS (mutual TLS) on this address, so workers need no shared
+        /// filesystem; lease responses then carry each shard's URL. Off unless given.
+        #[arg(long, env = "LONGHAUL_SHARDS_LISTEN")]
+        shards_listen: Option<SocketAddr>,
+        /// The base URL workers reach the shard listener at (default: https://<first --name, or
+        /// localhost>:<port>); its host must be one of the certificate's names.
+        #[arg(long, env = "LONGHAUL_SHARDS_URL")]
+        shards_url: Option<String>,
         /// Extra names (DNS or IP) for the server certificate; localhost and loopback are always in.
         #[arg(long = "name", env = "LONGHAUL_SERVER_NAMES", value_delimiter = ',')]
         names: Vec<String>,
@@ -199,6 +207,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve {
             listen,
             metrics_listen,
+            shards_listen,
+            shards_url,
             names,
             suspect_after_ms,
             dead_after_ms,
@@ -206,7 +216,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             lease_ttl_ms,
         } => {
             let mut config = ServerConfig::new(home);
-            config.server_names.extend(names);
+            // The first name given is the one the shard URLs use.
+            config.shards_url = shards_url.map(|u| u.trim_end_matches('/').to_owned());
+            config.server_names.splice(0..0, names);
+            config.server_names.dedup();
             config.cluster = crate::cluster::Config {
                 suspect_after: suspect_after_ms,
                 dead_after: dead_after_ms.max(suspect_after_ms),
@@ -220,13 +233,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let metrics = tokio::net::TcpListener::bind(metrics_listen)
                     .await
                     .with_context(|| format!("binding {metrics_listen}"))?;
+                let shards = match shards_listen {
+                    Some(a) => Some(
+                        tokio::net::TcpListener::bind(a)
+                            .await
+                            .with_context(|| format!("binding {a}"))?,
+                    ),
+                    None => None,
+                };
                 eprintln!(
-                    "longhaul coordinator on {} (metrics on http://{})",
+                    "longhaul coordinator on {} (metrics on http://{}{})",
                     listener.local_addr()?,
-                    metrics.local_addr()?
+                    metrics.local_addr()?,
+                    match &shards {
+                        Some(s) => format!(", shards over HTTPS on {}", s.local_addr()?),
+                        None => String::new(),
+                    }
                 );
-                server::run_with_metrics(listener, Some(metrics), config, shutdown_signal())
-                    .await?;
+                server::run_all(listener, Some(metrics), shards, config, shutdown_signal()).await?;
                 Ok(ExitCode::SUCCESS)
             })
         }

@@ -19,7 +19,11 @@ use collectives::LinkPreset;
 use collectives::wan::LinkCondition;
 
 #[derive(Parser, Debug)]
-#[command(name = "wanlab", version, about = "Hosts behind emulated WAN links (network namespaces + TUN + a userspace emulator)")]
+#[command(
+    name = "wanlab",
+    version,
+    about = "Hosts behind emulated WAN links (network namespaces + TUN + a userspace emulator)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -51,7 +55,8 @@ impl LabArgs {
     fn topology(&self) -> Result<Topology> {
         let mut t = match &self.topology {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
                 Topology::parse_toml(&text).with_context(|| format!("in {}", path.display()))?
             }
             None => {
@@ -198,7 +203,10 @@ enum ToolCmd {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LONGHAUL_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LONGHAUL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -257,7 +265,12 @@ async fn async_main(cmd: Cmd) -> Result<i32> {
         }
         Cmd::Calibrate { links, rate, secs, json } => {
             let presets = if links.is_empty() {
-                vec![LinkPreset::Lan, LinkPreset::Continental, LinkPreset::Transatlantic, LinkPreset::Lossy]
+                vec![
+                    LinkPreset::Lan,
+                    LinkPreset::Continental,
+                    LinkPreset::Transatlantic,
+                    LinkPreset::Lossy,
+                ]
             } else {
                 links
             };
@@ -267,7 +280,9 @@ async fn async_main(cmd: Cmd) -> Result<i32> {
                 let cond = p.condition();
                 let cond = if rate.is_some() { cond.with_rate_bps(rate) } else { cond };
                 let lab = lab::Lab::create(Topology::uniform(2, cond)?).await?;
-                let checks = calibrate::calibrate(&lab, secs).await.with_context(|| format!("calibrating {p}"))?;
+                let checks = calibrate::calibrate(&lab, secs)
+                    .await
+                    .with_context(|| format!("calibrating {p}"))?;
                 ok &= checks.iter().all(|c| c.within);
                 if !json {
                     calibrate::print(&p.to_string(), &checks);
@@ -300,9 +315,11 @@ fn run_tool(tool: ToolCmd) -> Result<()> {
         }
         ToolCmd::TcpSink { port, warmup } => print(&tools::tcp_sink(port, warmup)?),
         ToolCmd::TcpSend { to, secs, warmup } => print(&tools::tcp_send(to, secs, warmup)?),
-        ToolCmd::UdpSink { port, limit_secs } => {
-            print(&tools::udp_sink(port, Duration::from_secs(2), Duration::from_secs_f64(limit_secs))?)
-        }
+        ToolCmd::UdpSink { port, limit_secs } => print(&tools::udp_sink(
+            port,
+            Duration::from_secs(2),
+            Duration::from_secs_f64(limit_secs),
+        )?),
         ToolCmd::UdpSend { to, rate, secs, size } => print(&tools::udp_send(to, rate, secs, size)?),
         ToolCmd::Reach { to, every_ms, secs } => {
             tools::reach(to, Duration::from_millis(every_ms), Duration::from_secs_f64(secs))?

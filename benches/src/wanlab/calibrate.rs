@@ -45,7 +45,8 @@ fn json(out: Output) -> Result<serde_json::Value> {
     if !out.status.success() {
         bail!("tool failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
-    serde_json::from_slice(&out.stdout).with_context(|| format!("tool output {:?}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("tool output {:?}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn cpu_seconds() -> f64 {
@@ -60,7 +61,9 @@ fn cpu_seconds() -> f64 {
 fn sysctl_all(lab: &Lab, hosts: &[usize], settings: &[&str]) -> Result<()> {
     for &h in hosts {
         for s in settings {
-            let out = Command::new("ip").args(["netns", "exec", lab.namespace(h), "sysctl", "-qw", s]).output()?;
+            let out = Command::new("ip")
+                .args(["netns", "exec", lab.namespace(h), "sysctl", "-qw", s])
+                .output()?;
             if !out.status.success() {
                 bail!("sysctl {s}: {}", String::from_utf8_lossy(&out.stderr).trim());
             }
@@ -71,17 +74,34 @@ fn sysctl_all(lab: &Lab, hosts: &[usize], settings: &[&str]) -> Result<()> {
 
 /// Runs the calibration between hosts 0 and 1 of `lab` (whose link 0 -> 1 is `cond`).
 pub async fn calibrate(lab: &Lab, secs: f64) -> Result<Vec<Check>> {
-    let cond: LinkCondition = lab.topology.condition(0, 1).cloned().context("lab needs two hosts")?;
+    let cond: LinkCondition =
+        lab.topology.condition(0, 1).cloned().context("lab needs two hosts")?;
     let back = lab.topology.condition(1, 0).cloned().context("lab needs two hosts")?;
     let a1 = lab.addr(1);
     sysctl_all(lab, &[0, 1], &TUNED_TCP)?;
     let mut checks = Vec::new();
 
     // RTT.
-    let echo = spawn(tool(lab, 1, &["udp-echo".into(), "--port".into(), "9000".into(), "--secs".into(), "60".into()]))?;
+    let echo = spawn(tool(
+        lab,
+        1,
+        &["udp-echo".into(), "--port".into(), "9000".into(), "--secs".into(), "60".into()],
+    ))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let ping = tool(lab, 0, &["udp-ping".into(), "--to".into(), format!("{a1}:9000"), "--count".into(), "40".into(), "--interval-ms".into(), "25".into()])
-        .output()?;
+    let ping = tool(
+        lab,
+        0,
+        &[
+            "udp-ping".into(),
+            "--to".into(),
+            format!("{a1}:9000"),
+            "--count".into(),
+            "40".into(),
+            "--interval-ms".into(),
+            "25".into(),
+        ],
+    )
+    .output()?;
     let mut echo = echo;
     let _ = echo.kill();
     let ping = json(ping)?;
@@ -90,7 +110,11 @@ pub async fn calibrate(lab: &Lab, secs: f64) -> Result<Vec<Check>> {
     checks.push(Check {
         metric: "RTT".into(),
         asked: format!("{asked:.2} ms"),
-        measured: format!("{got:.2} ms (min {:.2}, max {:.2})", ping["rtt_ms_min"].as_f64().unwrap_or(f64::NAN), ping["rtt_ms_max"].as_f64().unwrap_or(f64::NAN)),
+        measured: format!(
+            "{got:.2} ms (min {:.2}, max {:.2})",
+            ping["rtt_ms_min"].as_f64().unwrap_or(f64::NAN),
+            ping["rtt_ms_max"].as_f64().unwrap_or(f64::NAN)
+        ),
         within: (got - asked).abs() <= (asked * 0.02).max(1.0),
         note: "±2 % or 1 ms".into(),
     });
@@ -98,14 +122,31 @@ pub async fn calibrate(lab: &Lab, secs: f64) -> Result<Vec<Check>> {
     let rate = cond.rate_bps;
     // One TCP flow.
     let warm = (secs / 3.0).max(1.0);
-    let sink = spawn(tool(lab, 1, &["tcp-sink".into(), "--port".into(), "9001".into(), "--warmup".into(), format!("{warm}")]))?;
+    let sink = spawn(tool(
+        lab,
+        1,
+        &["tcp-sink".into(), "--port".into(), "9001".into(), "--warmup".into(), format!("{warm}")],
+    ))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let fabric = lab.fabric();
     let before_stats = fabric.lock().map(|f| f.stats(0, 1).0).ok();
     let cpu0 = cpu_seconds();
     let fwd0 = lab.forwarded_bytes();
     let t0 = std::time::Instant::now();
-    let send = tool(lab, 0, &["tcp-send".into(), "--to".into(), format!("{a1}:9001"), "--secs".into(), format!("{secs}"), "--warmup".into(), format!("{warm}")]).output()?;
+    let send = tool(
+        lab,
+        0,
+        &[
+            "tcp-send".into(),
+            "--to".into(),
+            format!("{a1}:9001"),
+            "--secs".into(),
+            format!("{secs}"),
+            "--warmup".into(),
+            format!("{warm}"),
+        ],
+    )
+    .output()?;
     let cpu = cpu_seconds() - cpu0;
     let fwd_bits = (lab.forwarded_bytes() - fwd0) as f64 * 8.0;
     let wall = t0.elapsed().as_secs_f64();
@@ -129,7 +170,11 @@ pub async fn calibrate(lab: &Lab, secs: f64) -> Result<Vec<Check>> {
             (ip_rate / r as f64 - 1.0).abs() <= 0.03,
             "IP rate (goodput × 1500/1448) within ±3 %",
         ),
-        Some(r) => (format!("{:.1} Mbit/s", r as f64 / 1e6), true, "informative: TCP backs off under this loss"),
+        Some(r) => (
+            format!("{:.1} Mbit/s", r as f64 / 1e6),
+            true,
+            "informative: TCP backs off under this loss",
+        ),
         None => ("unlimited".into(), true, "informative"),
     };
     checks.push(Check {
@@ -147,17 +192,46 @@ pub async fn calibrate(lab: &Lab, secs: f64) -> Result<Vec<Check>> {
     checks.push(Check {
         metric: "emulator CPU".into(),
         asked: "-".into(),
-        measured: format!("{:.2} CPU-s per Gbit forwarded ({cpu:.2} CPU-s for {:.2} Gbit)", cpu / (fwd_bits / 1e9).max(1e-9), fwd_bits / 1e9),
+        measured: format!(
+            "{:.2} CPU-s per Gbit forwarded ({cpu:.2} CPU-s for {:.2} Gbit)",
+            cpu / (fwd_bits / 1e9).max(1e-9),
+            fwd_bits / 1e9
+        ),
         within: true,
         note: "user + system time of wanlab".into(),
     });
 
     // One UDP flow offered at 120 % of the link rate: what comes out is the link rate.
     if let Some(r) = rate {
-        let usink = spawn(tool(lab, 1, &["udp-sink".into(), "--port".into(), "9002".into(), "--limit-secs".into(), format!("{}", secs + 10.0)]))?;
+        let usink = spawn(tool(
+            lab,
+            1,
+            &[
+                "udp-sink".into(),
+                "--port".into(),
+                "9002".into(),
+                "--limit-secs".into(),
+                format!("{}", secs + 10.0),
+            ],
+        ))?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let offered = (r as f64 * 1.2) as u64;
-        let sent = json(tool(lab, 0, &["udp-send".into(), "--to".into(), format!("{a1}:9002"), "--rate".into(), offered.to_string(), "--secs".into(), format!("{}", secs.min(5.0))]).output()?)?;
+        let sent = json(
+            tool(
+                lab,
+                0,
+                &[
+                    "udp-send".into(),
+                    "--to".into(),
+                    format!("{a1}:9002"),
+                    "--rate".into(),
+                    offered.to_string(),
+                    "--secs".into(),
+                    format!("{}", secs.min(5.0)),
+                ],
+            )
+            .output()?,
+        )?;
         let rep = json(usink.wait_with_output()?)?;
         let got = rep["bits_per_second"].as_f64().unwrap_or(0.0);
         let sent_rate = sent["bits_per_second"].as_f64().unwrap_or(0.0);
@@ -167,7 +241,11 @@ pub async fn calibrate(lab: &Lab, secs: f64) -> Result<Vec<Check>> {
         checks.push(Check {
             metric: "UDP throughput (1 flow, offered 120 %)".into(),
             asked: format!("{:.1} Mbit/s", r as f64 / 1e6),
-            measured: format!("{:.1} Mbit/s IP (sender reached {:.1} Mbit/s)", ip(got) / 1e6, ip(sent_rate) / 1e6),
+            measured: format!(
+                "{:.1} Mbit/s IP (sender reached {:.1} Mbit/s)",
+                ip(got) / 1e6,
+                ip(sent_rate) / 1e6
+            ),
             within: (ip(got) / expect - 1.0).abs() <= 0.03,
             note: "IP rate within ±3 % of min(link, what the sender offered)".into(),
         });
@@ -176,9 +254,34 @@ pub async fn calibrate(lab: &Lab, secs: f64) -> Result<Vec<Check>> {
     // Loss: a UDP flow at half the link rate (no queueing), counted by sequence number.
     let asked_loss = cond.loss.mean_loss();
     let loss_rate = rate.map_or(200_000_000, |r| r / 2);
-    let usink = spawn(tool(lab, 1, &["udp-sink".into(), "--port".into(), "9003".into(), "--limit-secs".into(), format!("{}", secs + 10.0)]))?;
+    let usink = spawn(tool(
+        lab,
+        1,
+        &[
+            "udp-sink".into(),
+            "--port".into(),
+            "9003".into(),
+            "--limit-secs".into(),
+            format!("{}", secs + 10.0),
+        ],
+    ))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let sent_out = json(tool(lab, 0, &["udp-send".into(), "--to".into(), format!("{a1}:9003"), "--rate".into(), loss_rate.to_string(), "--secs".into(), format!("{secs}")]).output()?)?;
+    let sent_out = json(
+        tool(
+            lab,
+            0,
+            &[
+                "udp-send".into(),
+                "--to".into(),
+                format!("{a1}:9003"),
+                "--rate".into(),
+                loss_rate.to_string(),
+                "--secs".into(),
+                format!("{secs}"),
+            ],
+        )
+        .output()?,
+    )?;
     let sent = sent_out["sent"].as_f64().unwrap_or(0.0);
     let rep = json(usink.wait_with_output()?)?;
     let received = rep["received"].as_f64().unwrap_or(0.0);
@@ -197,7 +300,10 @@ pub async fn calibrate(lab: &Lab, secs: f64) -> Result<Vec<Check>> {
         asked: format!("{:.4} %", asked_loss * 100.0),
         measured: format!("{:.4} % ({lost:.0} of {sent:.0} packets)", measured_loss * 100.0),
         within,
-        note: format!("±10 % relative, or within the 95 % binomial interval (expected {expected:.0} ± {:.0})", 1.96 * sd),
+        note: format!(
+            "±10 % relative, or within the 95 % binomial interval (expected {expected:.0} ± {:.0})",
+            1.96 * sd
+        ),
     });
     Ok(checks)
 }
@@ -205,9 +311,15 @@ pub async fn calibrate(lab: &Lab, secs: f64) -> Result<Vec<Check>> {
 /// Prints the checks as a table.
 pub fn print(preset: &str, checks: &[Check]) {
     println!("# wanlab calibrate: {preset}");
-    println!("{:<40} {:>14}  {:<70} {}", "metric", "asked", "measured", "ok");
+    println!("{:<40} {:>14}  {:<70} ok", "metric", "asked", "measured");
     for c in checks {
-        println!("{:<40} {:>14}  {:<70} {}  ({})", c.metric, c.asked, c.measured, if c.within { "yes" } else { "NO" }, c.note);
+        println!(
+            "{:<40} {:>14}  {:<70} {}  ({})",
+            c.metric,
+            c.asked,
+            c.measured,
+            if c.within { "yes" } else { "NO" },
+            c.note
+        );
     }
 }
-

@@ -74,9 +74,15 @@ impl Fabric {
         let mut links = Vec::with_capacity(n * n);
         for from in 0..n {
             for to in 0..n {
-                let cond = topology.condition(from, to).cloned().unwrap_or_else(LinkCondition::none);
-                let seed = topology.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ((from * n + to) as u64);
-                links.push(Link { model: LinkModel::new(cond, seed), cut_until: None, cut_drops: 0 });
+                let cond =
+                    topology.condition(from, to).cloned().unwrap_or_else(LinkCondition::none);
+                let seed =
+                    topology.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ((from * n + to) as u64);
+                links.push(Link {
+                    model: LinkModel::new(cond, seed),
+                    cut_until: None,
+                    cut_drops: 0,
+                });
             }
         }
         Self { hosts: n, addressing, links, unroutable: 0 }
@@ -88,7 +94,8 @@ impl Fabric {
 
     /// A packet read from host `from`'s interface at `now`.
     pub fn route(&mut self, now: Instant, from: usize, packet: &[u8]) -> Decision {
-        let Some(to) = destination(packet).and_then(|d| self.addressing.host_of(d, self.hosts)) else {
+        let Some(to) = destination(packet).and_then(|d| self.addressing.host_of(d, self.hosts))
+        else {
             self.unroutable += 1;
             return Decision::Drop(Dropped::Unroutable);
         };
@@ -179,7 +186,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(f.route(now, 0, &packet(Ipv4Addr::new(8, 8, 8, 8), 100)), Decision::Drop(Dropped::Unroutable));
+        assert_eq!(
+            f.route(now, 0, &packet(Ipv4Addr::new(8, 8, 8, 8), 100)),
+            Decision::Drop(Dropped::Unroutable)
+        );
         assert_eq!(f.route(now, 0, &packet(a.host(0), 100)), Decision::Drop(Dropped::Unroutable));
         assert_eq!(f.route(now, 0, &[0x60; 40]), Decision::Drop(Dropped::Unroutable));
         assert_eq!(f.route(now, 0, &[0x45; 5]), Decision::Drop(Dropped::Unroutable));

@@ -32,7 +32,8 @@ const NS_PREFIX: &str = "lhlab-";
 
 /// Runs `ip` with `args`; an error carries ip's own message.
 pub fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().context("running `ip` (is iproute2 installed?)")?;
+    let out =
+        Command::new("ip").args(args).output().context("running `ip` (is iproute2 installed?)")?;
     if !out.status.success() {
         bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -43,7 +44,11 @@ pub fn ip(args: &[&str]) -> Result<String> {
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -62,7 +67,10 @@ pub struct Lab {
 
 impl std::fmt::Debug for Lab {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lab").field("id", &self.id).field("namespaces", &self.namespaces).finish_non_exhaustive()
+        f.debug_struct("Lab")
+            .field("id", &self.id)
+            .field("namespaces", &self.namespaces)
+            .finish_non_exhaustive()
     }
 }
 
@@ -97,12 +105,25 @@ impl Lab {
             let dev_name = lab.interface(i);
             let mut cfg = tun::Configuration::default();
             cfg.tun_name(&dev_name).mtu(lab.topology.mtu);
-            let dev = tun::create_as_async(&cfg).with_context(|| format!("creating TUN device {dev_name}"))?;
+            let dev = tun::create_as_async(&cfg)
+                .with_context(|| format!("creating TUN device {dev_name}"))?;
             ip(&["link", "set", "dev", &dev_name, "netns", &ns])?;
             let addr = format!("{}/24", addressing.host(i));
             ip(&["-n", &ns, "addr", "add", &addr, "dev", &dev_name])?;
             // A long transmit queue: the emulator, not the kernel, decides what is dropped.
-            ip(&["-n", &ns, "link", "set", "dev", &dev_name, "mtu", &lab.topology.mtu.to_string(), "txqueuelen", "10000", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "link",
+                "set",
+                "dev",
+                &dev_name,
+                "mtu",
+                &lab.topology.mtu.to_string(),
+                "txqueuelen",
+                "10000",
+                "up",
+            ])?;
             ip(&["-n", &ns, "link", "set", "dev", "lo", "up"])?;
             // IPv6 would only add router solicitations and the like to the lab's traffic.
             let _ = Command::new("ip")
@@ -270,7 +291,10 @@ async fn deliver_loop(
 }
 
 fn now_nanos() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 /// A /24 in 198.18.0.0/15 that no interface of this machine (root namespace) uses.

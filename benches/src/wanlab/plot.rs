@@ -17,12 +17,15 @@ pub struct Series {
 }
 
 pub fn load(path: &Path) -> Result<Series> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     // The JSON document may follow log lines (a runner's prefix): start at the first '{'.
     let start = text.find('{').with_context(|| format!("{}: no JSON object", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text[start..]).with_context(|| format!("parsing {}", path.display()))?;
-    let rows = v["results"].as_array().with_context(|| format!("{}: no \"results\" array", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text[start..])
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let rows = v["results"]
+        .as_array()
+        .with_context(|| format!("{}: no \"results\" array", path.display()))?;
     let points = rows
         .iter()
         .filter_map(|r| Some((r["bytes"].as_u64()?, r["busbw_gbps"].as_f64()? * 8.0)))
@@ -77,7 +80,8 @@ pub fn markdown(series: &[Series]) -> String {
     md
 }
 
-const COLOURS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+const COLOURS: [&str; 8] =
+    ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
 pub fn svg(series: &[Series]) -> String {
     let (w, h, left, right, top, bottom) = (820.0, 480.0, 70.0, 250.0, 30.0, 60.0);
@@ -91,33 +95,86 @@ pub fn svg(series: &[Series]) -> String {
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
     );
-    let _ = writeln!(s, "<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">all-reduce busbw against size</text>", (w - right + left) / 2.0);
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">all-reduce busbw against size</text>",
+        (w - right + left) / 2.0
+    );
     // Axes and grid.
     for i in 0..=5 {
         let v = ymax * f64::from(i) / 5.0;
         let yy = y(v);
-        let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{yy:.1}\" x2=\"{:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/>", w - right);
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v:.2}</text>", left - 6.0, yy + 4.0);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{left}\" y1=\"{yy:.1}\" x2=\"{:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/>",
+            w - right
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v:.2}</text>",
+            left - 6.0,
+            yy + 4.0
+        );
     }
     let mut b = xmin;
     while b <= xmax * 1.01 {
         let xx = x(b);
-        let _ = writeln!(s, "<line x1=\"{xx:.1}\" y1=\"{top}\" x2=\"{xx:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>", h - bottom);
-        let _ = writeln!(s, "<text x=\"{xx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", h - bottom + 16.0, human(b as u64));
+        let _ = writeln!(
+            s,
+            "<line x1=\"{xx:.1}\" y1=\"{top}\" x2=\"{xx:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>",
+            h - bottom
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{xx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            h - bottom + 16.0,
+            human(b as u64)
+        );
         b *= 2.0;
     }
-    let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">message size</text>", (w - right + left) / 2.0, h - 18.0);
-    let _ = writeln!(s, "<text x=\"16\" y=\"{:.1}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {:.1})\">busbw (Gbit/s)</text>", h / 2.0, h / 2.0);
+    let _ = writeln!(
+        s,
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">message size</text>",
+        (w - right + left) / 2.0,
+        h - 18.0
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"16\" y=\"{:.1}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {:.1})\">busbw (Gbit/s)</text>",
+        h / 2.0,
+        h / 2.0
+    );
     for (i, ser) in series.iter().enumerate() {
         let c = COLOURS[i % COLOURS.len()];
-        let path: Vec<String> = ser.points.iter().map(|(bb, v)| format!("{:.1},{:.1}", x(*bb as f64), y(*v))).collect();
-        let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>", path.join(" "));
+        let path: Vec<String> =
+            ser.points.iter().map(|(bb, v)| format!("{:.1},{:.1}", x(*bb as f64), y(*v))).collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>",
+            path.join(" ")
+        );
         for (bb, v) in &ser.points {
-            let _ = writeln!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{c}\"/>", x(*bb as f64), y(*v));
+            let _ = writeln!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{c}\"/>",
+                x(*bb as f64),
+                y(*v)
+            );
         }
         let ly = top + 20.0 + 18.0 * i as f64;
-        let _ = writeln!(s, "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{c}\" stroke-width=\"3\"/>", w - right + 15.0, w - right + 40.0);
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\">{}</text>", w - right + 46.0, ly + 4.0, xml_escape(&ser.name));
+        let _ = writeln!(
+            s,
+            "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{c}\" stroke-width=\"3\"/>",
+            w - right + 15.0,
+            w - right + 40.0
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+            w - right + 46.0,
+            ly + 4.0,
+            xml_escape(&ser.name)
+        );
     }
     s.push_str("</svg>\n");
     s
@@ -148,7 +205,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lh-plot-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("gloo-lan.json");
-        std::fs::write(&f, "[h0] noise\n{\"results\": [{\"bytes\": 1024, \"busbw_gbps\": 0.25}]}").unwrap();
+        std::fs::write(&f, "[h0] noise\n{\"results\": [{\"bytes\": 1024, \"busbw_gbps\": 0.25}]}")
+            .unwrap();
         let s = load(&f).unwrap();
         assert_eq!(s.name, "gloo-lan");
         assert_eq!(s.points, vec![(1024, 2.0)]);

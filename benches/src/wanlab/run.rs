@@ -59,9 +59,14 @@ pub async fn run(lab: &Lab, spec: &RunSpec) -> Result<Vec<i32>> {
     }
     for ns in (0..world).map(|i| lab.namespace(i)) {
         for s in &spec.sysctls {
-            let out = std::process::Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", s]).output()?;
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", ns, "sysctl", "-qw", s])
+                .output()?;
             if !out.status.success() {
-                anyhow::bail!("sysctl {s} in {ns}: {}", String::from_utf8_lossy(&out.stderr).trim());
+                anyhow::bail!(
+                    "sysctl {s} in {ns}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
         }
     }
@@ -87,7 +92,8 @@ pub async fn run(lab: &Lab, spec: &RunSpec) -> Result<Vec<i32>> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().with_context(|| format!("starting {:?} in host {rank}", args))?;
+        let mut child =
+            cmd.spawn().with_context(|| format!("starting {:?} in host {rank}", args))?;
         let log = match &spec.logs {
             Some(dir) => Some(tokio::fs::File::create(dir.join(format!("h{rank}.log"))).await?),
             None => None,
@@ -112,7 +118,8 @@ pub async fn run(lab: &Lab, spec: &RunSpec) -> Result<Vec<i32>> {
             eprintln!("wanlab: t={at:?} kill host {host}");
             if let Some(Some(pid)) = pids.get(host) {
                 // `ip netns exec` execs the command, so this pid is the command itself.
-                let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                let _ =
+                    std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
             }
         }
     });
@@ -171,7 +178,13 @@ mod tests {
 
     #[test]
     fn placeholders_are_replaced() {
-        let vars = vec![("rank".to_string(), "2".to_string()), ("peers".to_string(), "a:1,b:1".to_string())];
-        assert_eq!(substitute("--rank={rank} --peers {peers} {other}", &vars), "--rank=2 --peers a:1,b:1 {other}");
+        let vars = vec![
+            ("rank".to_string(), "2".to_string()),
+            ("peers".to_string(), "a:1,b:1".to_string()),
+        ];
+        assert_eq!(
+            substitute("--rank={rank} --peers {peers} {other}", &vars),
+            "--rank=2 --peers a:1,b:1 {other}"
+        );
     }
 }

@@ -237,7 +237,9 @@ pub fn tcp_accept(port: u16, secs: f64) -> Result<()> {
     while Instant::now() < end {
         match listener.accept() {
             Ok((s, _)) => drop(s),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
             Err(e) => return Err(e.into()),
         }
     }

@@ -100,7 +100,8 @@ impl Topology {
 
     pub fn parse_toml(text: &str) -> Result<Self, TopologyError> {
         let raw: RawTopology = toml::from_str(text).map_err(|e| {
-            let field = e.span().map(|s| format!("at byte {}", s.start)).unwrap_or_else(|| "file".into());
+            let field =
+                e.span().map(|s| format!("at byte {}", s.start)).unwrap_or_else(|| "file".into());
             err(field, e.message().to_owned())
         })?;
         raw.validate()
@@ -111,13 +112,19 @@ impl Topology {
     pub fn add_fault_spec(&mut self, spec: &str) -> Result<(), TopologyError> {
         let field = format!("--fault {spec}");
         let parts: Vec<&str> = spec.split(':').collect();
-        let at = parse_duration(parts.first().copied().unwrap_or("")).map_err(|m| err(&field, m))?;
+        let at =
+            parse_duration(parts.first().copied().unwrap_or("")).map_err(|m| err(&field, m))?;
         let pair = |s: &str| -> Result<(usize, usize), TopologyError> {
-            let (a, b) = s.split_once('-').ok_or_else(|| err(&field, format!("{s:?}: expected A-B")))?;
-            let parse = |x: &str| x.parse::<usize>().map_err(|_| err(&field, format!("{x:?} is not a host number")));
+            let (a, b) =
+                s.split_once('-').ok_or_else(|| err(&field, format!("{s:?}: expected A-B")))?;
+            let parse = |x: &str| {
+                x.parse::<usize>().map_err(|_| err(&field, format!("{x:?} is not a host number")))
+            };
             Ok((parse(a)?, parse(b)?))
         };
-        let host = |s: &str| s.parse::<usize>().map_err(|_| err(&field, format!("{s:?} is not a host number")));
+        let host = |s: &str| {
+            s.parse::<usize>().map_err(|_| err(&field, format!("{s:?} is not a host number")))
+        };
         let dur = |s: &str| parse_duration(s).map_err(|m| err(&field, m));
         let action = match parts.as_slice() {
             [_, "cut", p, d] => {
@@ -261,7 +268,10 @@ impl RawTopology {
             let f = |name: &str| format!("links[{i}].{name}");
             for (name, h) in [("from", l.from), ("to", l.to)] {
                 if h >= self.hosts {
-                    return Err(err(f(name), format!("host {h} does not exist (hosts are 0 to {})", self.hosts - 1)));
+                    return Err(err(
+                        f(name),
+                        format!("host {h} does not exist (hosts are 0 to {})", self.hosts - 1),
+                    ));
                 }
             }
             if l.from == l.to {
@@ -282,7 +292,10 @@ impl RawTopology {
             }
             if let Some(q) = l.queue_bytes {
                 if q < 1500 {
-                    return Err(err(f("queue_bytes"), format!("{q}: expected at least 1500 (one packet)")));
+                    return Err(err(
+                        f("queue_bytes"),
+                        format!("{q}: expected at least 1500 (one packet)"),
+                    ));
                 }
                 c.queue_bytes = Some(q);
             }
@@ -293,7 +306,10 @@ impl RawTopology {
                 }
                 let burst = l.burst.unwrap_or(1.0);
                 if !(burst >= 1.0 && burst.is_finite()) {
-                    return Err(err(f("burst"), format!("{burst}: expected a mean burst of at least 1 packet")));
+                    return Err(err(
+                        f("burst"),
+                        format!("{burst}: expected a mean burst of at least 1 packet"),
+                    ));
                 }
                 c.loss = if p == 0.0 {
                     Loss::None
@@ -312,14 +328,20 @@ impl RawTopology {
             let field = format!("faults[{i}]");
             let at = parse_duration(&raw.at).map_err(|m| err(format!("{field}.at"), m))?;
             let duration = || -> Result<Duration, TopologyError> {
-                let d = raw.duration.as_deref().ok_or_else(|| err(format!("{field}.duration"), "required for this action"))?;
+                let d = raw
+                    .duration
+                    .as_deref()
+                    .ok_or_else(|| err(format!("{field}.duration"), "required for this action"))?;
                 parse_duration(d).map_err(|m| err(format!("{field}.duration"), m))
             };
             let hosts_n = |n: usize| {
                 if raw.hosts.len() == n {
                     Ok(())
                 } else {
-                    Err(err(format!("{field}.hosts"), format!("{:?}: expected {n} host(s)", raw.hosts)))
+                    Err(err(
+                        format!("{field}.hosts"),
+                        format!("{:?}: expected {n} host(s)", raw.hosts),
+                    ))
                 }
             };
             let action = match raw.action.as_str() {
@@ -337,12 +359,23 @@ impl RawTopology {
                 }
                 "set" => {
                     hosts_n(2)?;
-                    let p = raw.preset.as_deref().ok_or_else(|| err(format!("{field}.preset"), "required for set"))?;
+                    let p = raw
+                        .preset
+                        .as_deref()
+                        .ok_or_else(|| err(format!("{field}.preset"), "required for set"))?;
                     let condition = preset(&format!("{field}.preset"), p)?;
-                    FaultAction::Set { from: raw.hosts[0], to: raw.hosts[1], condition, symmetric: raw.symmetric }
+                    FaultAction::Set {
+                        from: raw.hosts[0],
+                        to: raw.hosts[1],
+                        condition,
+                        symmetric: raw.symmetric,
+                    }
                 }
                 other => {
-                    return Err(err(format!("{field}.action"), format!("{other:?}: expected cut, isolate, kill or set")));
+                    return Err(err(
+                        format!("{field}.action"),
+                        format!("{other:?}: expected cut, isolate, kill or set"),
+                    ));
                 }
             };
             let fault = Fault { at, action };
@@ -386,7 +419,10 @@ mod tests {
         assert!((c.loss.mean_loss() - 0.01).abs() < 1e-9);
         // Asymmetric unless asked: the way back keeps the default.
         assert_eq!(t.condition(1, 0), Some(&LinkPreset::Continental.condition()));
-        assert_eq!(t.faults[0].action, FaultAction::Cut { a: 1, b: 2, duration: Duration::from_millis(500) });
+        assert_eq!(
+            t.faults[0].action,
+            FaultAction::Cut { a: 1, b: 2, duration: Duration::from_millis(500) }
+        );
     }
 
     #[test]
@@ -397,8 +433,14 @@ mod tests {
             ("hosts = 2\n[[links]]\nfrom = 0\nto = 5", "links[0].to"),
             ("hosts = 2\n[[links]]\nfrom = 0\nto = 1\ndelay = \"fast\"", "links[0].delay"),
             ("hosts = 2\n[[links]]\nfrom = 0\nto = 1\nloss = 1.5", "links[0].loss"),
-            ("hosts = 2\n[[faults]]\nat = \"1s\"\naction = \"cut\"\nhosts = [0]", "faults[0].hosts"),
-            ("hosts = 2\n[[faults]]\nat = \"1s\"\naction = \"boom\"\nhosts = [0]", "faults[0].action"),
+            (
+                "hosts = 2\n[[faults]]\nat = \"1s\"\naction = \"cut\"\nhosts = [0]",
+                "faults[0].hosts",
+            ),
+            (
+                "hosts = 2\n[[faults]]\nat = \"1s\"\naction = \"boom\"\nhosts = [0]",
+                "faults[0].action",
+            ),
             ("hosts = 2\nmtu = 100", "mtu"),
             ("hosts = 2\ncolour = 3", "byte"),
         ];
