@@ -261,6 +261,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// A duration for humans: `45s`, `12m03s`, `5h07m`, `3d04h`.
+fn uptime(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
@@ -403,19 +414,28 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                             "worker_id": w.worker_id, "name": w.name, "host": w.host, "ring_addr": w.ring_addr,
                             "liveness": liveness_name(w.liveness), "run_id": w.run_id,
                             "last_heartbeat_unix_ms": w.last_heartbeat_unix_ms, "samples": w.samples,
-                            "steps": w.steps, "bytes": w.bytes, "joined_unix_ms": w.joined_unix_ms,
+                            "steps": w.steps, "bytes": w.bytes, "uptime_ms": w.uptime_ms,
+                            "joined_unix_ms": w.joined_unix_ms,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 println!(
-                    "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>8} {:>12}",
-                    "WORKER", "HOST", "RING ADDR", "STATE", "RUN", "SAMPLES", "STEPS", "BYTES"
+                    "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>8} {:>12} {:>10}",
+                    "WORKER",
+                    "HOST",
+                    "RING ADDR",
+                    "STATE",
+                    "RUN",
+                    "SAMPLES",
+                    "STEPS",
+                    "BYTES",
+                    "UPTIME"
                 );
                 for w in &ws {
                     println!(
-                        "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>8} {:>12}",
+                        "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>8} {:>12} {:>10}",
                         w.name,
                         w.host,
                         w.ring_addr,
@@ -423,7 +443,8 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                         w.run_id.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
                         w.samples,
                         w.steps,
-                        w.bytes
+                        w.bytes,
+                        uptime(w.uptime_ms)
                     );
                 }
             }

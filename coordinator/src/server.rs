@@ -253,7 +253,7 @@ fn worker_info(c: &Cluster, w: &cluster::WorkerRecord) -> pb::WorkerInfo {
         samples: w.ledger.samples,
         steps: w.ledger.steps,
         bytes: w.ledger.bytes,
-        uptime_ms: w.ledger.uptime_ms,
+        uptime_ms: c.uptime(w.id).unwrap_or(w.ledger.uptime_ms),
         joined_unix_ms: w.joined_ms,
     }
 }
