@@ -66,6 +66,14 @@ enum Command {
         /// Prometheus /metrics and /healthz listen address (plain HTTP).
         #[arg(long, env = "LONGHAUL_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
         metrics_listen: SocketAddr,
+        /// Serve shard bytes over HTTPS (mutual TLS) on this address, so workers need no shared
+        /// filesystem; lease responses then carry each shard's URL. Off unless given.
+        #[arg(long, env = "LONGHAUL_SHARDS_LISTEN")]
+        shards_listen: Option<SocketAddr>,
+        /// The base URL workers reach the shard listener at (default: https://<first --name, or
+        /// localhost>:<port>); its host must be one of the certificate's names.
+        #[arg(long, env = "LONGHAUL_SHARDS_URL")]
+        shards_url: Option<String>,
         /// Extra names (DNS or IP) for the server certificate; localhost and loopback are always in.
         #[arg(long = "name", env = "LONGHAUL_SERVER_NAMES", value_delimiter = ',')]
         names: Vec<String>,
@@ -199,6 +207,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve {
             listen,
             metrics_listen,
+            shards_listen,
+            shards_url,
             names,
             suspect_after_ms,
             dead_after_ms,
@@ -206,7 +216,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             lease_ttl_ms,
         } => {
             let mut config = ServerConfig::new(home);
-            config.server_names.extend(names);
+            // The first name given is the one the shard URLs use.
+            config.shards_url = shards_url.map(|u| u.trim_end_matches('/').to_owned());
+            config.server_names.splice(0..0, names);
+            config.server_names.dedup();
             config.cluster = crate::cluster::Config {
                 suspect_after: suspect_after_ms,
                 dead_after: dead_after_ms.max(suspect_after_ms),
@@ -220,13 +233,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let metrics = tokio::net::TcpListener::bind(metrics_listen)
                     .await
                     .with_context(|| format!("binding {metrics_listen}"))?;
+                let shards = match shards_listen {
+                    Some(a) => Some(
+                        tokio::net::TcpListener::bind(a)
+                            .await
+                            .with_context(|| format!("binding {a}"))?,
+                    ),
+                    None => None,
+                };
                 eprintln!(
-                    "longhaul coordinator on {} (metrics on http://{})",
+                    "longhaul coordinator on {} (metrics on http://{}{})",
                     listener.local_addr()?,
-                    metrics.local_addr()?
+                    metrics.local_addr()?,
+                    match &shards {
+                        Some(s) => format!(", shards over HTTPS on {}", s.local_addr()?),
+                        None => String::new(),
+                    }
                 );
-                server::run_with_metrics(listener, Some(metrics), config, shutdown_signal())
-                    .await?;
+                server::run_all(listener, Some(metrics), shards, config, shutdown_signal()).await?;
                 Ok(ExitCode::SUCCESS)
             })
         }
@@ -234,6 +258,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let conn = cli.conn;
             runtime()?.block_on(client_command(command, &conn, &home))
         }
+    }
+}
+
+/// A duration for humans: `45s`, `12m03s`, `5h07m`, `3d04h`.
+fn uptime(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
     }
 }
 
@@ -379,19 +414,28 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                             "worker_id": w.worker_id, "name": w.name, "host": w.host, "ring_addr": w.ring_addr,
                             "liveness": liveness_name(w.liveness), "run_id": w.run_id,
                             "last_heartbeat_unix_ms": w.last_heartbeat_unix_ms, "samples": w.samples,
-                            "steps": w.steps, "bytes": w.bytes, "joined_unix_ms": w.joined_unix_ms,
+                            "steps": w.steps, "bytes": w.bytes, "uptime_ms": w.uptime_ms,
+                            "joined_unix_ms": w.joined_unix_ms,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 println!(
-                    "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>8} {:>12}",
-                    "WORKER", "HOST", "RING ADDR", "STATE", "RUN", "SAMPLES", "STEPS", "BYTES"
+                    "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>8} {:>12} {:>10}",
+                    "WORKER",
+                    "HOST",
+                    "RING ADDR",
+                    "STATE",
+                    "RUN",
+                    "SAMPLES",
+                    "STEPS",
+                    "BYTES",
+                    "UPTIME"
                 );
                 for w in &ws {
                     println!(
-                        "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>8} {:>12}",
+                        "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>8} {:>12} {:>10}",
                         w.name,
                         w.host,
                         w.ring_addr,
@@ -399,7 +443,8 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                         w.run_id.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
                         w.samples,
                         w.steps,
-                        w.bytes
+                        w.bytes,
+                        uptime(w.uptime_ms)
                     );
                 }
             }

@@ -139,6 +139,27 @@ pub fn parse_pin(pin: &str) -> Result<String, ConnectError> {
     Ok(format!("sha256:{}", hex.to_ascii_lowercase()))
 }
 
+/// A TLS 1.3 client configuration that accepts only servers whose chain carries the CA with
+/// `pin` (`sha256:<hex>`), presenting `identity` if given, offering `alpn`.
+pub fn tls_client_config(
+    pin: &str,
+    identity: Option<ClientIdentity>,
+    alpn: &[u8],
+) -> Result<Arc<rustls::ClientConfig>, ConnectError> {
+    let pin = parse_pin(pin)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa { pin, provider }));
+    let mut tls = match identity {
+        Some(id) => builder.with_client_auth_cert(id.chain, id.key)?,
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(tls))
+}
+
 /// Opens a channel to the coordinator (lazily: the first call connects, and reconnects after
 /// failures).
 pub fn channel(
@@ -157,17 +178,7 @@ pub fn channel(
     let server_name =
         ServerName::try_from(host.clone()).map_err(|_| ConnectError::BadUrl(cfg.url.clone()))?;
 
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa { pin, provider }));
-    let mut tls = match identity {
-        Some(id) => builder.with_client_auth_cert(id.chain, id.key)?,
-        None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config(&pin, identity, b"h2")?);
 
     let endpoint = Endpoint::from(authority)
         .connect_timeout(cfg.connect_timeout)

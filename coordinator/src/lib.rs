@@ -2,7 +2,7 @@
 //!
 //! The coordinator validates run files ([`runfile`]), keeps the cluster's state as a sans-IO state
 //! machine ([`cluster`]), hands out data shards ([`shards`]), persists everything that matters
-//! ([`store`]), issues certificates ([`ca`]) and serves the gRPC API ([`server`]). The `longhaul`
+//! ([`store`]), issues certificates ([`ca`]) and serves the gRPC API ([`server`]) and shard bytes over HTTPS ([`shard_server`]). The `longhaul`
 //! binary ([`cli`]) is a thin shell around it.
 
 pub mod ca;
@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod metrics;
 pub mod runfile;
 pub mod server;
+pub mod shard_server;
 pub mod shards;
 pub mod store;
 pub mod testing;

@@ -36,6 +36,7 @@ use crate::client::WORKER_HEADER;
 use crate::cluster::{self, Cluster, Command, Millis, Output};
 use crate::metrics::Telemetry;
 use crate::runfile::RunSpec;
+use crate::shard_server::shard_path;
 use crate::shards::{LeaseError, Manifest};
 use crate::store::{CheckpointRecord, MetricPoint, Store, StoreError};
 
@@ -56,6 +57,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub max_streams_per_connection: u32,
     pub max_token_ttl: Duration,
+    /// The base URL (`https://host:port`) workers fetch shard bytes from, when the coordinator
+    /// serves them; set by [`run_all`] from the shard listener unless given.
+    pub shards_url: Option<String>,
 }
 
 impl ServerConfig {
@@ -71,6 +75,7 @@ impl ServerConfig {
             max_connections: 8192,
             max_streams_per_connection: 256,
             max_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            shards_url: None,
         }
     }
 }
@@ -120,6 +125,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    pub(crate) fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Core> {
         // A panic while holding the lock is a bug; the state is still the last consistent one
         // the store holds, so continue with it rather than take the server down.
@@ -240,7 +253,7 @@ fn worker_info(c: &Cluster, w: &cluster::WorkerRecord) -> pb::WorkerInfo {
         samples: w.ledger.samples,
         steps: w.ledger.steps,
         bytes: w.ledger.bytes,
-        uptime_ms: w.ledger.uptime_ms,
+        uptime_ms: c.uptime(w.id).unwrap_or(w.ledger.uptime_ms),
         joined_unix_ms: w.joined_ms,
     }
 }
@@ -568,6 +581,13 @@ impl Agent for AgentSvc {
                 sha256: l.info.sha256,
                 data_epoch: l.data_epoch,
                 expires_unix_ms: l.expires,
+                url: self
+                    .0
+                    .config
+                    .shards_url
+                    .as_ref()
+                    .map(|base| format!("{base}{}", shard_path(l.run, l.shard)))
+                    .unwrap_or_default(),
             }),
             None => R::RetryAfterMs(1000),
         };
@@ -742,6 +762,32 @@ pub async fn run_with_metrics(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    run_all(listener, metrics, None, config, shutdown).await
+}
+
+/// Like [`run_with_metrics`], and also serves shard bytes over HTTPS on `shards`
+/// ([`crate::shard_server`]); lease responses then carry each shard's URL.
+pub async fn run_all(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shards: Option<TcpListener>,
+    mut config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    if let Some(s) = &shards
+        && config.shards_url.is_none()
+    {
+        let port = s.local_addr().map_err(|e| ServeError::Other(e.to_string()))?.port();
+        let host = config.server_names.first().map(String::as_str).unwrap_or("localhost");
+        let host = match host.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => format!("[{host}]"),
+            Err(_) => host.to_owned(),
+        };
+        config.shards_url = Some(format!("https://{host}:{port}"));
+    }
+    if shards.is_none() {
+        config.shards_url = None;
+    }
     let shared = open(config.clone())?;
     let tls = tokio_rustls::TlsAcceptor::from(tls_config(&shared.pki)?);
     let local = listener.local_addr().map_err(|e| ServeError::Other(e.to_string()))?;
@@ -783,6 +829,16 @@ pub async fn run_with_metrics(
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve(m, shared, cancel.cancelled_owned()).await {
                 warn!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+
+    if let Some(s) = shards {
+        let shared = shared.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::shard_server::serve(s, shared, cancel.cancelled_owned()).await {
+                warn!(error = %e, "shard endpoint failed");
             }
         });
     }

@@ -221,3 +221,67 @@ impl ScriptedAgent {
         .await
     }
 }
+
+/// An HTTP response read whole.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET url` over HTTP/1.1 and TLS pinned to `ca_pin`, as worker `identity` (id, cert, key) or
+/// with no client certificate. Errors are transport failures (a refused handshake included).
+pub async fn https_get(
+    url: &str,
+    ca_pin: &str,
+    identity: Option<(u64, &str, &str)>,
+) -> anyhow::Result<HttpResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("https://").ok_or_else(|| anyhow::anyhow!("not https: {url}"))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (host, _) =
+        authority.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("no port in {url}"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let client_identity = match identity {
+        Some((_, cert, key)) => Some(ClientIdentity {
+            chain: CertificateDer::pem_slice_iter(cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()?,
+            key: PrivateKeyDer::from_pem_slice(key.as_bytes())?,
+        }),
+        None => None,
+    };
+    let tls = crate::client::tls_client_config(ca_pin, client_identity, b"http/1.1")?;
+    let tcp = tokio::net::TcpStream::connect(authority).await?;
+    let name = rustls_pki_types::ServerName::try_from(host)?;
+    let mut s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+    let worker =
+        identity.map(|(id, _, _)| format!("x-longhaul-worker: {id}\r\n")).unwrap_or_default();
+    let req =
+        format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\n{worker}connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no HTTP response ({} bytes)", raw.len()))?;
+    let head = std::str::from_utf8(&raw[..split])?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("bad status line in {head:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Ok(HttpResponse { status, headers, body: raw[split + 4..].to_vec() })
+}

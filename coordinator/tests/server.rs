@@ -20,7 +20,16 @@ struct Running {
 }
 
 async fn start(dir: &Path) -> Running {
+    start_with(dir, false).await
+}
+
+/// With `shards`, the coordinator also serves shard bytes over HTTPS on another port.
+async fn start_with(dir: &Path, shards: bool) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let shards = match shards {
+        true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        false => None,
+    };
     let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
     let mut config = ServerConfig::new(dir.to_owned());
     config.cluster = cluster::Config {
@@ -33,7 +42,7 @@ async fn start(dir: &Path) -> Running {
     config.max_message_bytes = 1 << 20;
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
-        server::run(listener, config, async move {
+        server::run_all(listener, None, shards, config, async move {
             let _ = stopped.await;
         })
         .await
@@ -376,4 +385,78 @@ async fn metrics_and_health() {
     assert!(m.contains("longhaul_workers{liveness=\"alive\"} 0"), "{m}");
     stop.send(()).unwrap();
     tokio::time::timeout(T, task).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_over_https_with_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start_with(dir.path(), true).await;
+    let mut control = testing::control(&srv.cfg, &srv.admin).unwrap();
+    let manifest = testing::write_dataset(&dir.path().join("data"), 3).unwrap();
+    let run = control
+        .submit_run(pb::SubmitRunRequest { run_toml: testing::run_file(&manifest, 1, 4, 1_000) })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let token = control
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut a = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7001").await.unwrap();
+    let _beat = a.keep_beating(Duration::from_millis(100));
+    a.expect_epoch(1, T).await.unwrap();
+    let lease = match a
+        .rpc
+        .lease_shard(pb::LeaseShardRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap()
+    {
+        pb::lease_shard_response::Result::Lease(l) => l,
+        other => panic!("no lease: {other:?}"),
+    };
+    assert!(
+        lease.url.starts_with("https://") && lease.url.ends_with(&format!("/runs/{run}/shards/0")),
+        "{}",
+        lease.url
+    );
+    let me = Some((a.id, a.cert_pem.as_str(), a.key_pem.as_str()));
+
+    // The worker with its issued certificate gets the bytes, which match the manifest's hash.
+    let r = testing::https_get(&lease.url, &srv.cfg.ca_pin, me).await.unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.body.len() as u64, lease.size);
+    assert_eq!(r.header("content-length"), Some(lease.size.to_string().as_str()));
+    assert_eq!(r.header(coordinator::shard_server::SHA256_HEADER), Some(lease.sha256.as_str()));
+    use sha2::Digest;
+    assert_eq!(coordinator::ca::hex(&sha2::Sha256::digest(&r.body)), lease.sha256);
+
+    // No client certificate: refused in the TLS handshake.
+    let err = testing::https_get(&lease.url, &srv.cfg.ca_pin, None).await.unwrap_err();
+    assert!(!err.to_string().is_empty());
+
+    // Unknown shard, unknown run: 404. Only manifest entries exist, so no path escapes.
+    let base = lease.url.split("/runs/").next().unwrap().to_owned();
+    for path in [format!("/runs/{run}/shards/3"), "/runs/999/shards/0".into()] {
+        let r = testing::https_get(&format!("{base}{path}"), &srv.cfg.ca_pin, me).await.unwrap();
+        assert_eq!(r.status, 404, "{path}");
+    }
+    let r = testing::https_get(
+        &format!("{base}/runs/{run}/shards/..%2F..%2Fetc%2Fpasswd"),
+        &srv.cfg.ca_pin,
+        me,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 400);
+
+    // A certificate used under another worker's id: 403.
+    let other = Some((a.id + 1, a.cert_pem.as_str(), a.key_pem.as_str()));
+    let r = testing::https_get(&lease.url, &srv.cfg.ca_pin, other).await.unwrap();
+    assert_eq!(r.status, 403);
 }

@@ -498,3 +498,46 @@ fn stale_leases_and_completions_are_refused() {
     let stranger = WorkerId(77);
     assert!(net.cluster.lease(net.now, stranger).is_err());
 }
+
+#[test]
+fn uptime_counts_connected_time_is_persisted_and_survives_restart() {
+    use super::{Dirty, UPTIME_FLUSH_MS};
+    let mut net = Net::new(config());
+    let (a, b) = (net.join(), net.join());
+    net.run_for(30_000);
+    net.crash(b);
+    net.run_for(30_000);
+    let up = |net: &Net, w| net.cluster.uptime(w).unwrap();
+    // Connected time, to a heartbeat interval; b's silence does not count.
+    let hb = net.heartbeat_every;
+    assert!(up(&net, a).abs_diff(60_000) <= 2 * hb, "a: {}", up(&net, a));
+    assert!(up(&net, b).abs_diff(30_000) <= 2 * hb, "b: {}", up(&net, b));
+    // The silent worker's uptime is all in the ledger; the live one's is within a batch.
+    assert_eq!(net.cluster.worker(b).unwrap().ledger.uptime_ms, up(&net, b));
+    let ledger_a = net.cluster.worker(a).unwrap().ledger.uptime_ms;
+    assert!(up(&net, a) - ledger_a < UPTIME_FLUSH_MS + 2 * hb, "ledger {ledger_a}");
+
+    // Through redb and a restart: the ledger is back, and downtime is not counted.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = crate::store::Store::open(&dir.path().join("state.redb")).expect("open");
+    let all: BTreeSet<Dirty> = net.cluster.workers().map(|w| Dirty::Worker(w.id)).collect();
+    store.persist(&net.cluster, &all).expect("persist");
+    drop(store);
+    let store = crate::store::Store::open(&dir.path().join("state.redb")).expect("reopen");
+    let loaded = store.load().expect("load");
+    let later = net.now + 3_600_000;
+    let mut c = Cluster::restore(
+        config(),
+        later,
+        loaded.counters,
+        loaded.runs,
+        loaded.workers,
+        loaded.shards,
+    );
+    assert_eq!(c.uptime(a), Some(ledger_a));
+    assert_eq!(c.uptime(b), Some(up(&net, b)));
+    c.heartbeat(later + 500, a, None).expect("known");
+    assert_eq!(c.uptime(a), Some(ledger_a), "the first heartbeat after a restart only marks");
+    c.heartbeat(later + 1_000, a, None).expect("known");
+    assert_eq!(c.uptime(a), Some(ledger_a + 500));
+}

@@ -168,7 +168,16 @@ struct Live {
     died_at: Option<Millis>,
     liveness: Liveness,
     rtts: BTreeMap<WorkerId, u32>,
+    /// The last heartbeat that counts toward uptime: `None` until the first one after a join
+    /// or a restart, so time the coordinator was down is never counted.
+    uptime_mark: Option<Millis>,
+    /// Uptime accrued but not yet moved to the ledger (see [`UPTIME_FLUSH_MS`]).
+    uptime_pending: Millis,
 }
+
+/// Accrued uptime moves to the persisted ledger in batches of at least this much (or when the
+/// worker falls silent), so heartbeats cost no store write; a crash loses less than this.
+pub const UPTIME_FLUSH_MS: Millis = 10_000;
 
 /// A metrics report from a worker.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -255,6 +264,8 @@ impl Cluster {
                     died_at: None,
                     liveness: Liveness::Suspect,
                     rtts: BTreeMap::new(),
+                    uptime_mark: None,
+                    uptime_pending: 0,
                 },
             );
             c.workers.insert(w.id, w);
@@ -352,6 +363,8 @@ impl Cluster {
                 died_at: None,
                 liveness: Liveness::Alive,
                 rtts: BTreeMap::new(),
+                uptime_mark: Some(now),
+                uptime_pending: 0,
             },
         );
         self.dirty.insert(Dirty::Worker(id));
@@ -396,6 +409,14 @@ impl Cluster {
         rtts: Option<BTreeMap<WorkerId, u32>>,
     ) -> Result<(), WorkerError> {
         let live = self.live.get_mut(&worker).ok_or(WorkerError::Unknown(worker))?;
+        // Uptime: the time between heartbeats, unless the gap made the worker suspect.
+        if let Some(mark) = live.uptime_mark
+            && now > mark
+            && now - mark <= self.config.suspect_after
+        {
+            live.uptime_pending += now - mark;
+        }
+        live.uptime_mark = Some(live.uptime_mark.map_or(now, |m| m.max(now)));
         if now.saturating_sub(live.last_heartbeat) > self.config.suspect_after {
             live.alive_since = now;
         }
@@ -533,6 +554,17 @@ impl Cluster {
         }
         for id in died {
             self.on_death(now, id);
+        }
+        // Uptime to the ledger, in batches.
+        for (&id, live) in &mut self.live {
+            let silent = now.saturating_sub(live.last_heartbeat) > self.config.suspect_after;
+            if live.uptime_pending >= UPTIME_FLUSH_MS || (silent && live.uptime_pending > 0) {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.ledger.uptime_ms += live.uptime_pending;
+                    self.dirty.insert(Dirty::Worker(id));
+                }
+                live.uptime_pending = 0;
+            }
         }
         // Lease expiry.
         for (&run, book) in &mut self.shards {
@@ -737,6 +769,12 @@ impl Cluster {
 
     pub fn liveness(&self, id: WorkerId) -> Option<Liveness> {
         self.live.get(&id).map(|l| l.liveness)
+    }
+
+    /// Time the worker has been connected (heartbeating), persisted part and pending part.
+    pub fn uptime(&self, id: WorkerId) -> Option<Millis> {
+        let w = self.workers.get(&id)?;
+        Some(w.ledger.uptime_ms + self.live.get(&id).map_or(0, |l| l.uptime_pending))
     }
 
     pub fn last_heartbeat(&self, id: WorkerId) -> Option<Millis> {

@@ -1,0 +1,204 @@
+//! Shard bytes over HTTPS, so workers need no shared filesystem.
+//!
+//! `GET /runs/{run}/shards/{index}` streams one shard of a run's manifest from the file its
+//! `file://` (or absolute path) URI names, with `Content-Length` and the manifest's SHA-256 in
+//! [`SHA256_HEADER`] for the worker to verify. Only manifest entries are served: the path names a
+//! run and an index, never a file, so no request can reach another file.
+//!
+//! Security: TLS 1.3 with the coordinator's server certificate (the chain workers pin by
+//! `sha256:`), and mutual TLS: a client without a certificate issued by the coordinator's CA is
+//! refused in the handshake. Each request names its worker in the `x-longhaul-worker` header (as
+//! on gRPC); a certificate not issued for that `worker-<id>`, or an unknown worker, gets 403.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Extension, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use proto::{RunId, WorkerId};
+use rustls::pki_types::CertificateDer;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::ca::Pki;
+use crate::client::WORKER_HEADER;
+use crate::server::{ServeError, Shared};
+
+/// The response header carrying the shard's lower-case hex SHA-256 from the manifest.
+pub const SHA256_HEADER: &str = "x-longhaul-sha256";
+
+/// The URL path of a shard.
+pub fn shard_path(run: RunId, index: u32) -> String {
+    format!("/runs/{}/shards/{index}", run.0)
+}
+
+/// The client certificate of a connection (verified against the CA in the handshake).
+#[derive(Clone, Debug)]
+struct Peer(Option<CertificateDer<'static>>);
+
+fn tls_config(pki: &Pki) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der().clone())?;
+    // No `allow_unauthenticated`: a client certificate from our CA is required.
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| ServeError::Other(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(pki.server_chain.clone(), pki.server_key.clone_key())?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Whether a (CA-verified) client certificate was issued for `worker`.
+fn cert_is_for(cert: &CertificateDer<'_>, worker: WorkerId) -> bool {
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else { return false };
+    let Ok(name) = rustls::pki_types::ServerName::try_from(worker.member_name()) else {
+        return false;
+    };
+    ee.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
+/// Serves shards on `listener` until `shutdown` completes.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let tls = tokio_rustls::TlsAcceptor::from(tls_config(shared.pki())?);
+    let config = shared.config().clone();
+    let app = Router::new().route("/runs/{run}/shards/{index}", get(shard)).with_state(shared);
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    info!(addr = ?listener.local_addr().ok(), "serving shards over HTTPS");
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Ok(()) },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "shard listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let tls = tls.clone();
+        let app = app.clone();
+        let handshake_timeout = config.handshake_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let stream = match tokio::time::timeout(handshake_timeout, tls.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return debug!(%peer, error = %e, "shard TLS handshake refused"),
+                Err(_) => return debug!(%peer, "shard TLS handshake timed out"),
+            };
+            let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+            let svc = TowerToHyperService::new(app.layer(Extension(Peer(cert))));
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "shard connection ended");
+            }
+        });
+    }
+}
+
+fn refuse(status: StatusCode, msg: String) -> Response {
+    (status, format!("{msg}\n")).into_response()
+}
+
+async fn shard(
+    State(shared): State<Arc<Shared>>,
+    Extension(Peer(cert)): Extension<Peer>,
+    Path((run, index)): Path<(u64, u32)>,
+    headers: HeaderMap,
+) -> Response {
+    let worker = headers
+        .get(WORKER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|v| *v > 0)
+        .map(WorkerId);
+    let (Some(worker), Some(cert)) = (worker, cert) else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            format!("name the worker in the {WORKER_HEADER} header and present its certificate"),
+        );
+    };
+    if !cert_is_for(&cert, worker) {
+        return refuse(StatusCode::FORBIDDEN, format!("the client certificate is not {worker}'s"));
+    }
+    let info = {
+        let core = shared.lock();
+        if core.cluster.worker(worker).is_none() {
+            return refuse(StatusCode::FORBIDDEN, format!("{worker} is not a known worker"));
+        }
+        core.cluster.shards(RunId(run)).and_then(|b| b.record(index)).map(|r| r.info.clone())
+    };
+    let Some(info) = info else {
+        return refuse(StatusCode::NOT_FOUND, format!("run {run} has no shard {index}"));
+    };
+    let path = match info.uri.strip_prefix("file://") {
+        Some(p) => p,
+        None if info.uri.starts_with('/') => info.uri.as_str(),
+        None => {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "shard {index} ({}) is not a local file the coordinator can serve",
+                    info.uri
+                ),
+            );
+        }
+    };
+    let file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(run_id = run, shard = index, %path, error = %e, "cannot open shard");
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read shard {index}"));
+        }
+    };
+    match file.metadata().await {
+        Ok(m) if m.len() == info.size => {}
+        Ok(m) => {
+            warn!(run_id = run, shard = index, %path, on_disk = m.len(), manifest = info.size,
+                "shard size differs from the manifest");
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("shard {index} on disk does not match the manifest"),
+            );
+        }
+        Err(e) => {
+            warn!(run_id = run, shard = index, %path, error = %e, "cannot stat shard");
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read shard {index}"));
+        }
+    }
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 << 10));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    if let Ok(v) = HeaderValue::from_str(&info.sha256) {
+        h.insert(SHA256_HEADER, v);
+    }
+    resp
+}
