@@ -701,22 +701,39 @@ fn handle_agent_message(
 
 // ---- serving ----
 
-fn tls_config(pki: &Pki) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+/// Whether a TLS listener demands a client certificate from the run's CA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ClientCerts {
+    /// Verified when presented (the control service uses the admin credential instead).
+    Optional,
+    /// Required: the handshake fails without one.
+    Required,
+}
+
+/// TLS 1.3 server configuration with the coordinator's certificate; client certificates are
+/// verified against the run's CA.
+pub(crate) fn tls_config(
+    pki: &Pki,
+    client_certs: ClientCerts,
+    alpn: &[u8],
+) -> Result<Arc<rustls::ServerConfig>, ServeError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca_der().clone())?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| ServeError::Other(e.to_string()))?;
+    );
+    let builder = match client_certs {
+        ClientCerts::Optional => builder.allow_unauthenticated(),
+        ClientCerts::Required => builder,
+    };
+    let verifier = builder.build().map_err(|e| ServeError::Other(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(pki.server_chain.clone(), pki.server_key.clone_key())?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(cfg))
 }
 
@@ -789,7 +806,8 @@ pub async fn run_all(
         config.shards_url = None;
     }
     let shared = open(config.clone())?;
-    let tls = tokio_rustls::TlsAcceptor::from(tls_config(&shared.pki)?);
+    let tls =
+        tokio_rustls::TlsAcceptor::from(tls_config(&shared.pki, ClientCerts::Optional, b"h2")?);
     let local = listener.local_addr().map_err(|e| ServeError::Other(e.to_string()))?;
     info!(addr = %local, ca = %shared.pki.ca_hash(), "coordinator listening");
 

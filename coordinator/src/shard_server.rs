@@ -28,9 +28,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::ca::Pki;
 use crate::client::WORKER_HEADER;
-use crate::server::{ServeError, Shared};
+use crate::server::{ClientCerts, ServeError, Shared, tls_config};
 
 /// The response header carrying the shard's lower-case hex SHA-256 from the manifest.
 pub const SHA256_HEADER: &str = "x-longhaul-sha256";
@@ -43,25 +42,6 @@ pub fn shard_path(run: RunId, index: u32) -> String {
 /// The client certificate of a connection (verified against the CA in the handshake).
 #[derive(Clone, Debug)]
 struct Peer(Option<CertificateDer<'static>>);
-
-fn tls_config(pki: &Pki) -> Result<Arc<rustls::ServerConfig>, ServeError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der().clone())?;
-    // No `allow_unauthenticated`: a client certificate from our CA is required.
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| ServeError::Other(e.to_string()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(pki.server_chain.clone(), pki.server_key.clone_key())?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
-}
 
 /// Whether a (CA-verified) client certificate was issued for `worker`.
 fn cert_is_for(cert: &CertificateDer<'_>, worker: WorkerId) -> bool {
@@ -78,7 +58,11 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let tls = tokio_rustls::TlsAcceptor::from(tls_config(shared.pki())?);
+    let tls = tokio_rustls::TlsAcceptor::from(tls_config(
+        shared.pki(),
+        ClientCerts::Required,
+        b"http/1.1",
+    )?);
     let config = shared.config().clone();
     let app = Router::new().route("/runs/{run}/shards/{index}", get(shard)).with_state(shared);
     let limit = Arc::new(Semaphore::new(config.max_connections));
