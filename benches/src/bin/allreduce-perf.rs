@@ -214,13 +214,7 @@ struct Report<'a> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LONGHAUL_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    benches::cli::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Pki { ranks, out }) => write_pki(ranks, &out),
@@ -295,10 +289,6 @@ fn print_report(args: &BenchArgs, sweep: &Sweep, world: usize, rows: &[Row]) -> 
     Ok(())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
-}
-
 fn run_threads(args: &BenchArgs, sweep: &Sweep) -> Result<Vec<Row>> {
     if args.ranks == 0 {
         bail!("--ranks must be at least 1");
@@ -311,7 +301,7 @@ fn run_threads(args: &BenchArgs, sweep: &Sweep) -> Result<Vec<Row>> {
             let sweep = sweep.clone();
             std::thread::spawn(move || -> Result<Vec<Row>> {
                 let rank = p.spec.rank;
-                let rt = runtime()?;
+                let rt = benches::cli::runtime()?;
                 rt.block_on(async move {
                     let mut g =
                         p.join().await.with_context(|| format!("rank {rank}: forming the ring"))?;
@@ -364,7 +354,7 @@ fn run_process(args: &BenchArgs, sweep: &Sweep, rank: usize) -> Result<Vec<Row>>
         net: args.net(),
         emulation: args.emulation(1 + rank as u64),
     };
-    runtime()?.block_on(async move {
+    benches::cli::runtime()?.block_on(async move {
         let mut g = Group::join(spec, &anchor, &identity).await.context("forming the ring")?;
         let rows = perf::run(&mut g, sweep).await?;
         g.close().await;

@@ -202,13 +202,7 @@ enum ToolCmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LONGHAUL_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    benches::cli::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Tool { tool } => run_tool(tool).map(|()| 0),
@@ -222,7 +216,9 @@ fn main() -> ExitCode {
             0
         }),
         Cmd::Plot { out, table, files } => plot::plot(&files, &out, table.as_deref()).map(|()| 0),
-        other => runtime().and_then(|rt| rt.block_on(async_main(other))),
+        other => benches::cli::runtime()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(async_main(other))),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)),
@@ -231,10 +227,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
 async fn async_main(cmd: Cmd) -> Result<i32> {
