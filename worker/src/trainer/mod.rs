@@ -1,0 +1,563 @@
+//! The trainer: model, optimizer and synchronisation, on its own OS thread. The only module of
+//! longhaul that names `tch`.
+//!
+//! One [`Trainer`] holds the replica. The driver (`crate::run`) feeds it batches and a
+//! [`Comm`](crate::comm::Comm) per epoch:
+//!
+//! - **ddp**: [`Trainer::forward_backward`], then [`Trainer::ddp_sync`]: gradients flattened
+//!   into contiguous buckets, weighted by each member's share of the samples, summed over the
+//!   ring, clipped, and the optimizer applied. A failed sync leaves the parameters as they were
+//!   and keeps the local gradients, so the step is retried in the next epoch.
+//! - **diloco**: `inner_steps` local steps ([`Trainer::apply_local`]), then
+//!   [`Trainer::diloco_sync`]: the pseudo-gradient `global − local`, weighted by each member's
+//!   share of the samples since the last sync, summed over the ring (optionally bf16 or int8),
+//!   and an outer Nesterov step on the global parameters, which every member then adopts.
+//!
+//! After every sync the parameters are hashed ([`Trainer::hash`]); every replica must report
+//! the same hash for the same step. At the start of each epoch [`Trainer::agree`] exchanges
+//! what every member holds and sends the freshest state to the members that lack it.
+
+pub mod checkpoint;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod state;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use collectives::Compression;
+use collectives::group::OpError;
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::comm::Comm;
+use crate::schedule::LrSchedule;
+use data::Batch;
+use model::{ModelConfig, Net};
+use optim::{OptimConfig, Optimizer, Outer};
+use state::Slot;
+
+/// How replicas synchronise.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SyncMode {
+    Ddp,
+    Diloco { inner_steps: u64, outer_lr: f64, outer_momentum: f64 },
+}
+
+/// Where the model comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelSource {
+    Builtin(ModelConfig),
+    TorchScript(PathBuf),
+}
+
+/// Everything the trainer needs, derived from the run file (see `crate::spec`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainSpec {
+    pub model: ModelSource,
+    pub optim: OptimConfig,
+    pub schedule: LrSchedule,
+    pub grad_clip: f64,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub sync: SyncMode,
+    pub compression: Compression,
+    pub device: Device,
+    /// Elements per ddp bucket.
+    pub bucket_elems: usize,
+}
+
+/// Why training cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("model: {0}")]
+    Model(String),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("collective: {0}")]
+    Comm(#[from] OpError),
+    #[error("state: {0}")]
+    State(String),
+    #[error("non-finite {what} at step {step}: refusing to apply it")]
+    NonFinite { what: &'static str, step: u64 },
+}
+
+/// What one forward/backward pass measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepStats {
+    pub loss: f64,
+    pub correct: i64,
+    pub counted: i64,
+    pub samples: i64,
+    pub tokens: i64,
+}
+
+/// DiLoCo's global state.
+#[derive(Debug)]
+struct OuterState {
+    /// Parameters at the last synchronisation, flat f32 on the CPU.
+    global: Tensor,
+    /// Nesterov momentum, flat f32 on the CPU.
+    momentum: Tensor,
+}
+
+/// One replica.
+#[derive(Debug)]
+pub struct Trainer {
+    pub spec: TrainSpec,
+    _vs: nn::VarStore,
+    net: Box<dyn Net>,
+    names: Vec<String>,
+    params: Vec<Tensor>,
+    opt: Optimizer,
+    /// Optimizer steps taken (inner steps in diloco).
+    pub step: u64,
+    /// The step of the last synchronisation; the state at it is what replicas agree on.
+    pub sync_step: u64,
+    /// diloco: the step from which this replica's local progress counts toward the next sync.
+    pub inner_start: u64,
+    outer: Option<OuterState>,
+    hash: u64,
+    /// ddp: flat local gradients computed but not yet synchronised.
+    pending: Option<Vec<f32>>,
+    /// Time spent computing (forward, backward, optimizer).
+    pub compute: Duration,
+    /// Samples trained on since the last synchronisation.
+    pub samples_since_sync: u64,
+    pub last_grad_norm: f64,
+}
+
+impl Trainer {
+    /// Builds the replica: every trainer built from the same spec holds the same bits.
+    pub fn new(spec: TrainSpec) -> Result<Self, TrainError> {
+        // libtorch's generator is process-global: seed and build under one lock, so trainers
+        // built on several threads at once still get the seeded bits.
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _init = INIT.lock().unwrap_or_else(|p| p.into_inner());
+        tch::manual_seed(spec.seed as i64);
+        let vs = nn::VarStore::new(spec.device);
+        let net: Box<dyn Net> = match &spec.model {
+            ModelSource::Builtin(cfg) => model::build(&vs.root(), cfg).map_err(TrainError::Model)?,
+            ModelSource::TorchScript(path) => {
+                Box::new(model::Scripted::load(&vs.root(), path).map_err(TrainError::Model)?)
+            }
+        };
+        let mut named: Vec<(String, Tensor)> =
+            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        if named.is_empty() {
+            return Err(TrainError::Model("the model has no trainable parameters".into()));
+        }
+        let (names, params): (Vec<String>, Vec<Tensor>) = named.into_iter().unzip();
+        // Give every parameter a gradient tensor (zeros), so parameters that take no part in
+        // a loss still receive the others' gradients in a sync.
+        let zero: Tensor = params.iter().map(|p| p.sum(Kind::Float) * 0.0).sum();
+        zero.f_backward()?;
+        let opt = Optimizer::new(spec.optim, &params);
+        let mut t = Self {
+            spec,
+            _vs: vs,
+            net,
+            names,
+            params,
+            opt,
+            step: 0,
+            sync_step: 0,
+            inner_start: 0,
+            outer: None,
+            hash: 0,
+            pending: None,
+            compute: Duration::ZERO,
+            samples_since_sync: 0,
+            last_grad_norm: 0.0,
+        };
+        if matches!(t.spec.sync, SyncMode::Diloco { .. }) {
+            let global = state::flatten(&t.params);
+            t.outer = Some(OuterState { momentum: global.zeros_like(), global });
+        }
+        t.hash = t.compute_hash();
+        Ok(t)
+    }
+
+    /// Parameter names in their fixed order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The parameters in their fixed order.
+    pub fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+
+    /// The number of trainable scalars.
+    pub fn numel(&self) -> usize {
+        self.params.iter().map(|p| p.numel()).sum()
+    }
+
+    /// The hash of the synchronised parameters (16 hex digits when formatted with `{:016x}`).
+    pub fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    fn compute_hash(&self) -> u64 {
+        match &self.outer {
+            Some(o) => state::hash_flat(&o.global),
+            None => state::hash_flat(&state::flatten(&self.params)),
+        }
+    }
+
+    /// Runs the model and back-propagates the batch's mean loss. Gradients replace any earlier
+    /// ones; a ddp step computed but not synchronised is discarded.
+    pub fn forward_backward(&mut self, batch: &Batch) -> Result<StepStats, TrainError> {
+        let t = Instant::now();
+        self.pending = None;
+        for p in &self.params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let inputs = batch.inputs.to_device(self.spec.device);
+        let logits = self.net.forward_t(&inputs, true)?;
+        let (loss, (correct, counted)) = data::loss_and_accuracy(&logits, batch);
+        loss.f_backward()?;
+        let loss = loss.double_value(&[]);
+        self.compute += t.elapsed();
+        if !loss.is_finite() {
+            return Err(TrainError::NonFinite { what: "loss", step: self.step });
+        }
+        self.samples_since_sync += batch.samples as u64;
+        Ok(StepStats { loss, correct, counted, samples: batch.samples, tokens: batch.tokens })
+    }
+
+    /// Evaluates without gradients: loss and (correct, counted).
+    pub fn evaluate(&self, batch: &Batch) -> Result<StepStats, TrainError> {
+        let _guard = tch::no_grad_guard();
+        let logits = self.net.forward_t(&batch.inputs.to_device(self.spec.device), false)?;
+        let (loss, (correct, counted)) = data::loss_and_accuracy(&logits, batch);
+        Ok(StepStats {
+            loss: loss.double_value(&[]),
+            correct,
+            counted,
+            samples: batch.samples,
+            tokens: batch.tokens,
+        })
+    }
+
+    /// Clips and applies the current gradients locally (diloco's inner step; a single process).
+    pub fn apply_local(&mut self) -> Result<(), TrainError> {
+        let t = Instant::now();
+        let norm = optim::clip_grad_norm(&self.params, self.spec.grad_clip);
+        if !norm.is_finite() {
+            return Err(TrainError::NonFinite { what: "gradient norm", step: self.step });
+        }
+        self.last_grad_norm = norm;
+        self.opt.step(&self.params, self.spec.schedule.at(self.step));
+        self.step += 1;
+        if matches!(self.spec.sync, SyncMode::Ddp) {
+            self.sync_step = self.step;
+            self.hash = self.compute_hash();
+        }
+        self.compute += t.elapsed();
+        Ok(())
+    }
+
+    /// ddp: averages the gradients over `comm` (this member's share is `weight`), then clips
+    /// and applies them. On error nothing changed and the local gradients are kept for a retry.
+    pub fn ddp_sync(&mut self, comm: &mut dyn Comm, weight: f64) -> Result<(), TrainError> {
+        let t = Instant::now();
+        let local = match self.pending.take() {
+            Some(g) => g,
+            None => state::to_vec(&state::flatten_grads(&self.params)),
+        };
+        if local.iter().any(|v| !v.is_finite()) {
+            return Err(TrainError::NonFinite { what: "gradient", step: self.step });
+        }
+        let mut buf: Vec<f32> = local.iter().map(|g| (f64::from(*g) * weight) as f32).collect();
+        self.compute += t.elapsed();
+        let bucket = self.spec.bucket_elems.max(1);
+        let mut result = Ok(());
+        // Buckets are synchronised in order; a failure anywhere leaves the gradients local.
+        let mut reduced = buf.clone();
+        for chunk in reduced.chunks_mut(bucket) {
+            if let Err(e) = comm.all_reduce(chunk, self.spec.compression) {
+                result = Err(e);
+                break;
+            }
+        }
+        if let Err(e) = result {
+            self.pending = Some(local);
+            return Err(e.into());
+        }
+        std::mem::swap(&mut buf, &mut reduced);
+        let t = Instant::now();
+        state::unflatten_into_grads(&buf, &self.params);
+        self.compute += t.elapsed();
+        self.apply_local()?;
+        self.samples_since_sync = 0;
+        Ok(())
+    }
+
+    /// diloco: whether the replica has done its inner steps and must synchronise.
+    pub fn diloco_due(&self) -> bool {
+        match self.spec.sync {
+            SyncMode::Diloco { inner_steps, .. } => self.step >= self.next_sync_point(inner_steps),
+            SyncMode::Ddp => false,
+        }
+    }
+
+    fn next_sync_point(&self, h: u64) -> u64 {
+        (self.sync_step / h + 1) * h
+    }
+
+    /// diloco: the sync point this replica trains toward.
+    pub fn sync_point(&self) -> u64 {
+        match self.spec.sync {
+            SyncMode::Diloco { inner_steps, .. } => self.next_sync_point(inner_steps),
+            SyncMode::Ddp => self.step + 1,
+        }
+    }
+
+    /// diloco: all-reduces the pseudo-gradient (this member's share is `weight`) and applies
+    /// the outer Nesterov step. On error nothing changed; the inner progress is kept.
+    pub fn diloco_sync(&mut self, comm: &mut dyn Comm, weight: f64) -> Result<(), TrainError> {
+        let SyncMode::Diloco { outer_lr, outer_momentum, .. } = self.spec.sync else {
+            return Err(TrainError::State("diloco_sync in a ddp run".into()));
+        };
+        let t = Instant::now();
+        let o = self.outer.as_ref().ok_or_else(|| TrainError::State("no outer state".into()))?;
+        let delta = (&o.global - state::flatten(&self.params)) * weight;
+        let mut buf = state::to_vec(&delta);
+        if buf.iter().any(|v| !v.is_finite()) {
+            return Err(TrainError::NonFinite { what: "pseudo-gradient", step: self.step });
+        }
+        self.compute += t.elapsed();
+        comm.all_reduce(&mut buf, self.spec.compression)?;
+        let t = Instant::now();
+        let delta = Tensor::from_slice(&buf);
+        let outer = Outer { lr: outer_lr, momentum: outer_momentum };
+        let o = self.outer.as_mut().ok_or_else(|| TrainError::State("no outer state".into()))?;
+        outer.step(&mut o.global, &mut o.momentum, &delta);
+        state::unflatten_into(&o.global, &self.params);
+        self.sync_step = self.step;
+        self.inner_start = self.step;
+        self.samples_since_sync = 0;
+        self.hash = self.compute_hash();
+        self.compute += t.elapsed();
+        Ok(())
+    }
+
+    /// This replica's entry for the epoch's agreement.
+    pub fn slot(&self) -> Slot {
+        Slot {
+            sync_step: self.sync_step,
+            hash: self.hash,
+            cur_step: self.step,
+            inner_start: self.inner_start,
+            batch: self.spec.batch_size as u64,
+        }
+    }
+
+    /// This member's weight in a sync, from every member's slot.
+    pub fn weight(&self, slots: &[Slot], rank: usize) -> f64 {
+        let contrib = |s: &Slot| match self.spec.sync {
+            SyncMode::Ddp => s.batch as f64,
+            SyncMode::Diloco { .. } => {
+                s.batch as f64 * self.sync_point().saturating_sub(s.inner_start) as f64
+            }
+        };
+        let total: f64 = slots.iter().map(contrib).sum();
+        if total <= 0.0 { 1.0 / slots.len() as f64 } else { contrib(&slots[rank]) / total }
+    }
+
+    /// Starts an epoch: exchanges every member's slot, checks the freshest state against the
+    /// coordinator's record (`committed`: step and hash), and copies it to the members that
+    /// lack it. Returns the slots (after the copy) for the weights of this epoch's syncs.
+    pub fn agree(
+        &mut self,
+        comm: &mut dyn Comm,
+        committed: Option<(u64, u64)>,
+    ) -> Result<state::Agreement, TrainError> {
+        let (rank, world) = (comm.rank(), comm.world());
+        let mut table = vec![0f32; world * Slot::FLOATS];
+        self.slot().encode(&mut table[rank * Slot::FLOATS..(rank + 1) * Slot::FLOATS]);
+        comm.all_reduce(&mut table, Compression::None)?;
+        let slots: Vec<Slot> = table.chunks(Slot::FLOATS).map(Slot::decode).collect();
+        let mut agreement = state::agree(&slots, committed).map_err(TrainError::State)?;
+        if agreement.receivers.iter().any(|r| *r) {
+            let src = agreement.source;
+            let mut blob = if rank == src { self.state_blob() } else { vec![0u8; self.blob_len()] };
+            comm.broadcast(&mut blob, src)?;
+            if agreement.receivers[rank] {
+                self.load_blob(&blob, agreement.cur_step_max)?;
+                if self.hash != slots[src].hash {
+                    return Err(TrainError::State(format!(
+                        "state received from rank {src} hashes to {:016x}, it announced {:016x}",
+                        self.hash, slots[src].hash
+                    )));
+                }
+            }
+            for (r, recv) in agreement.receivers.iter().enumerate() {
+                if *recv {
+                    agreement.slots[r] = Slot {
+                        sync_step: slots[src].sync_step,
+                        hash: slots[src].hash,
+                        cur_step: agreement.cur_step_max,
+                        inner_start: agreement.cur_step_max,
+                        batch: slots[r].batch,
+                    };
+                }
+            }
+        }
+        Ok(agreement)
+    }
+
+    fn state_tensors(&self) -> Vec<Tensor> {
+        let mut ts = Vec::new();
+        match &self.outer {
+            Some(o) => {
+                ts.push(o.global.shallow_clone());
+                ts.push(o.momentum.shallow_clone());
+            }
+            None => ts.extend(self.params.iter().map(|p| p.shallow_clone())),
+        }
+        ts.extend(self.opt.tensors());
+        ts
+    }
+
+    fn blob_len(&self) -> usize {
+        16 + 4 * self.state_tensors().iter().map(|t| t.numel()).sum::<usize>()
+    }
+
+    /// The synchronised state as bytes: sync step, optimizer step count, then f32 values.
+    pub fn state_blob(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.blob_len());
+        out.extend_from_slice(&self.sync_step.to_le_bytes());
+        out.extend_from_slice(&(self.opt.steps as u64).to_le_bytes());
+        for v in state::to_vec(&state::flatten(&self.state_tensors())) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    /// Adopts a state blob; `cur_step` is where the members are (diloco joins mid-round).
+    pub fn load_blob(&mut self, blob: &[u8], cur_step: u64) -> Result<(), TrainError> {
+        if blob.len() != self.blob_len() {
+            return Err(TrainError::State(format!(
+                "state of {} bytes, expected {}",
+                blob.len(),
+                self.blob_len()
+            )));
+        }
+        let sync_step = u64::from_le_bytes(blob[0..8].try_into().unwrap_or_default());
+        let opt_steps = u64::from_le_bytes(blob[8..16].try_into().unwrap_or_default());
+        let values: Vec<f32> =
+            blob[16..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let flat = Tensor::from_slice(&values);
+        state::unflatten_into(&flat, &self.state_tensors());
+        if let Some(o) = &self.outer {
+            state::unflatten_into(&o.global, &self.params);
+        }
+        self.opt.steps = opt_steps as i64;
+        self.sync_step = sync_step;
+        self.step = match self.spec.sync {
+            SyncMode::Ddp => sync_step,
+            SyncMode::Diloco { .. } => cur_step.max(sync_step),
+        };
+        self.inner_start = self.step;
+        self.pending = None;
+        self.samples_since_sync = 0;
+        self.hash = self.compute_hash();
+        Ok(())
+    }
+
+    /// Named tensors for a checkpoint: `model` (the synchronised parameters), `optimizer`,
+    /// `outer` (diloco).
+    pub fn checkpoint_tensors(&self) -> checkpoint::Tensors {
+        let model: Vec<(String, Tensor)> = match &self.outer {
+            Some(o) => {
+                let global: Vec<Tensor> = self.params.iter().map(|p| p.to_device(Device::Cpu).zeros_like()).collect();
+                state::unflatten_into(&o.global, &global);
+                self.names.iter().cloned().zip(global).collect()
+            }
+            None => self
+                .names
+                .iter()
+                .cloned()
+                .zip(self.params.iter().map(|p| p.to_device(Device::Cpu).to_kind(Kind::Float)))
+                .collect(),
+        };
+        let optimizer = self
+            .opt
+            .state(&self.names)
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(Device::Cpu)))
+            .collect();
+        let outer = self.outer.as_ref().map(|o| {
+            vec![
+                ("global".to_owned(), o.global.shallow_clone()),
+                ("momentum".to_owned(), o.momentum.shallow_clone()),
+            ]
+        });
+        checkpoint::Tensors { model, optimizer, outer }
+    }
+
+    /// Restores from checkpoint tensors (names and shapes must match this model).
+    pub fn restore(
+        &mut self,
+        t: &checkpoint::Tensors,
+        meta: &checkpoint::Meta,
+    ) -> Result<(), TrainError> {
+        let _guard = tch::no_grad_guard();
+        let find = |set: &[(String, Tensor)], name: &str| -> Result<Tensor, TrainError> {
+            set.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.shallow_clone())
+                .ok_or_else(|| TrainError::State(format!("checkpoint has no tensor `{name}`")))
+        };
+        for (n, p) in self.names.iter().zip(&self.params) {
+            let v = find(&t.model, n)?;
+            if v.size() != p.size() {
+                return Err(TrainError::State(format!(
+                    "checkpoint tensor `{n}` is {:?}, the model's is {:?}",
+                    v.size(),
+                    p.size()
+                )));
+            }
+            p.shallow_clone().copy_(&v);
+        }
+        for (n, s) in self.opt.state(&self.names) {
+            let v = find(&t.optimizer, &n)?;
+            if v.size() != s.size() {
+                return Err(TrainError::State(format!("checkpoint tensor `{n}` has the wrong shape")));
+            }
+            s.shallow_clone().copy_(&v);
+        }
+        if let Some(o) = &mut self.outer {
+            let outer = t.outer.as_ref().ok_or_else(|| {
+                TrainError::State("checkpoint of a ddp run cannot resume a diloco run".into())
+            })?;
+            o.global.copy_(&find(outer, "global")?);
+            o.momentum.copy_(&find(outer, "momentum")?);
+        }
+        self.opt.steps = meta.optimizer_steps as i64;
+        self.step = meta.step;
+        self.sync_step = meta.step;
+        self.inner_start = meta.step;
+        self.pending = None;
+        self.hash = self.compute_hash();
+        if format!("{:016x}", self.hash) != meta.param_hash {
+            return Err(TrainError::State(format!(
+                "checkpoint parameters hash to {:016x}, its metadata says {}",
+                self.hash, meta.param_hash
+            )));
+        }
+        Ok(())
+    }
+
+    /// Optimizer update count (AdamW's bias correction).
+    pub fn optimizer_steps(&self) -> u64 {
+        self.opt.steps as u64
+    }
+}

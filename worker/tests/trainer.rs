@@ -1,0 +1,124 @@
+#![allow(clippy::unwrap_used)]
+//! The trainer with real libtorch on the CPU and a real QUIC ring on loopback.
+
+use collectives::Compression;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::Tensor;
+use worker::comm::{Comm, Solo};
+use worker::testing::{gpt_spec, per_rank, ring};
+use worker::trainer::data::{Addition, Batch};
+use worker::trainer::state::flatten;
+use worker::trainer::{SyncMode, Trainer};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn batch(task: Addition, rank: usize, step: u64, n: usize, seq_len: usize) -> Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(1000 * step + rank as u64);
+    task.batch(&mut rng, n, seq_len)
+}
+
+fn params(t: &Trainer) -> Vec<f32> {
+    Vec::<f32>::try_from(flatten(t.params())).unwrap()
+}
+
+/// Three workers in ddp produce, step for step, the parameters of one process training on the
+/// union of their batches, and bitwise-identical parameters among themselves.
+#[test]
+fn ddp_matches_one_process_on_the_union_of_batches() {
+    tch::set_num_threads(1);
+    let steps = 6;
+    let spec = gpt_spec(SyncMode::Ddp, Compression::None, 2, steps);
+    let task = Addition { digits: 2 };
+    let (n, t) = (spec.batch_size, spec.seq_len);
+    let rt = runtime();
+    let comms = ring(&rt, 3, None).unwrap();
+    let trainers: Vec<Trainer> = (0..3).map(|_| Trainer::new(spec.clone()).unwrap()).collect();
+    let mut reference = Trainer::new(spec.clone()).unwrap();
+    assert_eq!(params(&reference), params(&trainers[0]), "same seed, same initial bits");
+
+    let per_step: Vec<Vec<(Vec<f32>, u64)>> =
+        per_rank(trainers.into_iter().zip(comms).collect(), |rank, (mut tr, mut comm)| {
+            let mut out = Vec::new();
+            for step in 0..steps {
+                tr.forward_backward(&batch(task, rank, step, n, t)).unwrap();
+                tr.ddp_sync(&mut comm, 1.0 / 3.0).unwrap();
+                out.push((params(&tr), tr.hash()));
+            }
+            assert!(comm.traffic().bytes_sent > 0);
+            comm.close();
+            out
+        });
+
+    for step in 0..steps as usize {
+        let union: Vec<Batch> = (0..3).map(|r| batch(task, r, step as u64, n, t)).collect();
+        reference.forward_backward(&Batch::cat(&union)).unwrap();
+        reference.apply_local().unwrap();
+        let want = params(&reference);
+        for rank in 0..3 {
+            let (got, hash) = &per_step[rank][step];
+            assert_eq!(got, &per_step[0][step].0, "rank {rank} differs from rank 0 at {step}");
+            assert_eq!(*hash, per_step[0][step].1);
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 2e-5, "step {step} rank {rank}: max |diff| {worst}");
+        }
+        let moved = want.iter().zip(&per_step[0][0].0).any(|(a, b)| a != b) || step == 0;
+        assert!(moved, "parameters must change step to step");
+    }
+}
+
+/// diloco with int8 pseudo-gradients reaches the synthetic task's target accuracy.
+#[test]
+fn diloco_reaches_the_target_accuracy_on_addition() {
+    tch::set_num_threads(1);
+    let steps = 800;
+    let sync = SyncMode::Diloco { inner_steps: 20, outer_lr: 0.7, outer_momentum: 0.9 };
+    let spec = gpt_spec(sync, Compression::Int8, 2, steps);
+    let task = Addition { digits: 2 };
+    let (n, t) = (spec.batch_size, spec.seq_len);
+    let rt = runtime();
+    let comms = ring(&rt, 3, None).unwrap();
+    let trainers: Vec<Trainer> = (0..3).map(|_| Trainer::new(spec.clone()).unwrap()).collect();
+    let results = per_rank(trainers.into_iter().zip(comms).collect(), |rank, (mut tr, mut comm)| {
+        let slots = tr.agree(&mut comm, None).unwrap().slots;
+        let w = tr.weight(&slots, rank);
+        assert!((w - 1.0 / 3.0).abs() < 1e-12);
+        for step in 0..steps {
+            tr.forward_backward(&batch(task, rank, step, n, t)).unwrap();
+            tr.apply_local().unwrap();
+            if tr.diloco_due() {
+                tr.diloco_sync(&mut comm, w).unwrap();
+            }
+        }
+        comm.close();
+        let held_out = batch(task, 99, 99_999, 512, t);
+        let eval = tr.evaluate(&held_out).unwrap();
+        (tr.hash(), eval.correct as f64 / eval.counted as f64, eval.loss, params(&tr))
+    });
+    let (hash, acc, loss, p) = &results[0];
+    println!("diloco: exact-match accuracy {acc:.3}, loss {loss:.4}, hash {hash:016x}");
+    for r in &results[1..] {
+        assert_eq!(r.0, *hash, "replicas must agree after the last sync");
+        assert_eq!(&r.3, p);
+    }
+    assert!(*acc >= 0.9, "accuracy {acc} below the 0.9 target");
+}
+
+/// The single-member path: a trainer with `Solo` comm behaves like a local trainer.
+#[test]
+fn solo_sync_is_a_local_step() {
+    tch::set_num_threads(1);
+    let spec = gpt_spec(SyncMode::Ddp, Compression::None, 2, 10);
+    let task = Addition { digits: 2 };
+    let mut a = Trainer::new(spec.clone()).unwrap();
+    let mut b = Trainer::new(spec.clone()).unwrap();
+    let x = batch(task, 0, 0, spec.batch_size, spec.seq_len);
+    a.forward_backward(&x).unwrap();
+    a.ddp_sync(&mut Solo, 1.0).unwrap();
+    b.forward_backward(&x).unwrap();
+    b.apply_local().unwrap();
+    assert_eq!(params(&a), params(&b));
+    let _ = Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
+}
