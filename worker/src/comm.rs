@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use collectives::group::{Group, OpError, OpStats, ReduceOp};
 use collectives::Compression;
+use collectives::group::{Group, OpError, OpStats, ReduceOp};
 use tokio::runtime::Handle;
 
 /// What the trainer needs from a collective group. Every call is all-or-nothing (see

@@ -5,5 +5,5 @@
 
 pub mod comm;
 pub mod schedule;
-pub mod trainer;
 pub mod testing;
+pub mod trainer;

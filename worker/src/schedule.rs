@@ -28,7 +28,8 @@ impl LrSchedule {
             Decay::Constant => self.peak,
             Decay::Linear => self.peak + (self.floor - self.peak) * t,
             Decay::Cosine => {
-                self.floor + 0.5 * (self.peak - self.floor) * (1.0 + (std::f64::consts::PI * t).cos())
+                self.floor
+                    + 0.5 * (self.peak - self.floor) * (1.0 + (std::f64::consts::PI * t).cos())
             }
         }
     }

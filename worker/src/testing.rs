@@ -67,10 +67,7 @@ pub fn ring(
 }
 
 /// Runs `f(rank, item)` on one OS thread per item and collects the results in rank order.
-pub fn per_rank<T: Send, R: Send>(
-    items: Vec<T>,
-    f: impl Fn(usize, T) -> R + Sync,
-) -> Vec<R> {
+pub fn per_rank<T: Send, R: Send>(items: Vec<T>, f: impl Fn(usize, T) -> R + Sync) -> Vec<R> {
     let f = &f;
     thread::scope(|s| {
         let handles: Vec<_> =

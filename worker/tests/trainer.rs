@@ -81,22 +81,23 @@ fn diloco_reaches_the_target_accuracy_on_addition() {
     let rt = runtime();
     let comms = ring(&rt, 3, None).unwrap();
     let trainers: Vec<Trainer> = (0..3).map(|_| Trainer::new(spec.clone()).unwrap()).collect();
-    let results = per_rank(trainers.into_iter().zip(comms).collect(), |rank, (mut tr, mut comm)| {
-        let slots = tr.agree(&mut comm, None).unwrap().slots;
-        let w = tr.weight(&slots, rank);
-        assert!((w - 1.0 / 3.0).abs() < 1e-12);
-        for step in 0..steps {
-            tr.forward_backward(&batch(task, rank, step, n, t)).unwrap();
-            tr.apply_local().unwrap();
-            if tr.diloco_due() {
-                tr.diloco_sync(&mut comm, w).unwrap();
+    let results =
+        per_rank(trainers.into_iter().zip(comms).collect(), |rank, (mut tr, mut comm)| {
+            let slots = tr.agree(&mut comm, None).unwrap().slots;
+            let w = tr.weight(&slots, rank);
+            assert!((w - 1.0 / 3.0).abs() < 1e-12);
+            for step in 0..steps {
+                tr.forward_backward(&batch(task, rank, step, n, t)).unwrap();
+                tr.apply_local().unwrap();
+                if tr.diloco_due() {
+                    tr.diloco_sync(&mut comm, w).unwrap();
+                }
             }
-        }
-        comm.close();
-        let held_out = batch(task, 99, 99_999, 512, t);
-        let eval = tr.evaluate(&held_out).unwrap();
-        (tr.hash(), eval.correct as f64 / eval.counted as f64, eval.loss, params(&tr))
-    });
+            comm.close();
+            let held_out = batch(task, 99, 99_999, 512, t);
+            let eval = tr.evaluate(&held_out).unwrap();
+            (tr.hash(), eval.correct as f64 / eval.counted as f64, eval.loss, params(&tr))
+        });
     let (hash, acc, loss, p) = &results[0];
     println!("diloco: exact-match accuracy {acc:.3}, loss {loss:.4}, hash {hash:016x}");
     for r in &results[1..] {

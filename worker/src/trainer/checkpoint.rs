@@ -103,7 +103,8 @@ pub fn write(
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir(&tmp).map_err(io(&tmp))?;
 
-    let mut sets = vec![("model.safetensors", &tensors.model), ("optimizer.safetensors", &tensors.optimizer)];
+    let mut sets =
+        vec![("model.safetensors", &tensors.model), ("optimizer.safetensors", &tensors.optimizer)];
     if let Some(o) = &tensors.outer {
         sets.push(("outer.safetensors", o));
     }
@@ -166,7 +167,10 @@ pub fn read(path: &Path) -> Result<(Tensors, Meta), CheckpointError> {
     let meta: Meta =
         serde_json::from_slice(&bytes).map_err(|e| invalid(&meta_path, e.to_string()))?;
     if meta.format != FORMAT {
-        return Err(invalid(&meta_path, format!("format {} (this worker reads {FORMAT})", meta.format)));
+        return Err(invalid(
+            &meta_path,
+            format!("format {} (this worker reads {FORMAT})", meta.format),
+        ));
     }
     let load = |file: &str| -> Result<Option<Vec<(String, Tensor)>>, CheckpointError> {
         let Some(want) = meta.files.get(file) else { return Ok(None) };
@@ -198,7 +202,9 @@ pub fn latest(dir: &Path, run: u64) -> Option<(PathBuf, Tensors, Meta)> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-") && !n.contains(".tmp-"))
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-") && !n.contains(".tmp-"))
         })
         .collect();
     steps.sort();

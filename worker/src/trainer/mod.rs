@@ -138,7 +138,9 @@ impl Trainer {
         tch::manual_seed(spec.seed as i64);
         let vs = nn::VarStore::new(spec.device);
         let net: Box<dyn Net> = match &spec.model {
-            ModelSource::Builtin(cfg) => model::build(&vs.root(), cfg).map_err(TrainError::Model)?,
+            ModelSource::Builtin(cfg) => {
+                model::build(&vs.root(), cfg).map_err(TrainError::Model)?
+            }
             ModelSource::TorchScript(path) => {
                 Box::new(model::Scripted::load(&vs.root(), path).map_err(TrainError::Model)?)
             }
@@ -452,8 +454,10 @@ impl Trainer {
         }
         let sync_step = u64::from_le_bytes(blob[0..8].try_into().unwrap_or_default());
         let opt_steps = u64::from_le_bytes(blob[8..16].try_into().unwrap_or_default());
-        let values: Vec<f32> =
-            blob[16..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let values: Vec<f32> = blob[16..]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         let flat = Tensor::from_slice(&values);
         state::unflatten_into(&flat, &self.state_tensors());
         if let Some(o) = &self.outer {
@@ -477,7 +481,8 @@ impl Trainer {
     pub fn checkpoint_tensors(&self) -> checkpoint::Tensors {
         let model: Vec<(String, Tensor)> = match &self.outer {
             Some(o) => {
-                let global: Vec<Tensor> = self.params.iter().map(|p| p.to_device(Device::Cpu).zeros_like()).collect();
+                let global: Vec<Tensor> =
+                    self.params.iter().map(|p| p.to_device(Device::Cpu).zeros_like()).collect();
                 state::unflatten_into(&o.global, &global);
                 self.names.iter().cloned().zip(global).collect()
             }
@@ -530,7 +535,9 @@ impl Trainer {
         for (n, s) in self.opt.state(&self.names) {
             let v = find(&t.optimizer, &n)?;
             if v.size() != s.size() {
-                return Err(TrainError::State(format!("checkpoint tensor `{n}` has the wrong shape")));
+                return Err(TrainError::State(format!(
+                    "checkpoint tensor `{n}` has the wrong shape"
+                )));
             }
             s.shallow_clone().copy_(&v);
         }

@@ -54,7 +54,8 @@ pub fn build(vs: &nn::Path<'_>, cfg: &ModelConfig) -> Result<Box<dyn Net>, Strin
     match (cfg.arch, &cfg.input) {
         (Arch::Gpt, Input::Tokens { vocab }) => Ok(Box::new(Gpt::new(vs, cfg, *vocab)?)),
         (Arch::Gpt, Input::Features(_)) => {
-            Err("model `gpt` needs a token dataset (synthetic-addition, text, tokens-u16/u32)".into())
+            Err("model `gpt` needs a token dataset (synthetic-addition, text, tokens-u16/u32)"
+                .into())
         }
         (Arch::Mlp, input) => Ok(Box::new(Mlp::new(vs, cfg, input))),
         (Arch::Convnet, input) => Convnet::new(vs, cfg, input).map(|m| Box::new(m) as Box<dyn Net>),
@@ -155,9 +156,9 @@ impl Net for Gpt {
                 false,
             );
             let y = y.transpose(1, 2).contiguous().view([b, t, w]).apply(&blk.proj);
-            x = x + y;
+            x = &x + y; // not `+=`: in place, it would break autograd
             let m = x.apply(&blk.ln2).apply(&blk.fc).gelu("tanh").apply(&blk.out);
-            x = x + m;
+            x = &x + m;
         }
         let x = x.apply(&self.ln_f);
         // Tied output head.
@@ -308,4 +309,3 @@ impl Net for Scripted {
         self.module.forward_ts(&[xs])
     }
 }
-

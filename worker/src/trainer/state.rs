@@ -1,14 +1,15 @@
 //! Flat views of tensors, the parameter hash, and the epoch agreement: which member holds the
 //! freshest synchronised state, and who must receive it.
 
-use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 /// The tensors concatenated into one flat f32 tensor on the CPU.
 pub fn flatten(ts: &[Tensor]) -> Tensor {
     let _guard = tch::no_grad_guard();
-    let parts: Vec<Tensor> =
-        ts.iter().map(|t| t.detach().to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1])).collect();
+    let parts: Vec<Tensor> = ts
+        .iter()
+        .map(|t| t.detach().to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1]))
+        .collect();
     Tensor::cat(&parts, 0)
 }
 
@@ -49,15 +50,12 @@ pub fn unflatten_into_grads(flat: &[f32], params: &[Tensor]) {
     unflatten_into(&flat, &grads);
 }
 
-/// The 64-bit parameter hash: the first 8 bytes of SHA-256 over the little-endian f32 values.
+/// The 64-bit parameter hash: XXH3 over the little-endian f32 values. It detects divergence
+/// between replicas (it is not a defence against a forger), and it is cheap enough to run
+/// after every step: SHA-256 cost 10 % of a CPU step of the 3.3M-parameter gpt bench.
 pub fn hash_flat(flat: &Tensor) -> u64 {
-    let v = to_vec(flat);
-    let mut h = Sha256::new();
-    for x in &v {
-        h.update(x.to_le_bytes());
-    }
-    let d = h.finalize();
-    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+    let bytes: Vec<u8> = to_vec(flat).iter().flat_map(|x| x.to_le_bytes()).collect();
+    xxhash_rust::xxh3::xxh3_64(&bytes)
 }
 
 /// What one member holds at the start of an epoch.
