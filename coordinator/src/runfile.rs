@@ -959,12 +959,14 @@ mod tests {
         check("# context = 16", "context = 8", "model.context", "training.seq_len = 16");
         // heads and context are gpt's.
         check("builtin = \"gpt\"", "builtin = \"mlp\"", "model.heads", "gpt only");
-        check(
-            "builtin = \"gpt\"",
-            "builtin = \"convnet\"\ncontext = 16",
-            "model.context",
-            "gpt only",
+        let convnet = EXAMPLE.replacen("builtin = \"gpt\"", "builtin = \"convnet\"", 1).replacen(
+            "heads = 4 ",
+            "context = 16 ",
+            1,
         );
+        let err = RunSpec::parse(&convnet).unwrap_err();
+        assert_eq!(err.field(), Some("model.context"), "{err}");
+        assert!(err.to_string().contains("gpt only"), "{err}");
         check(
             "builtin = \"gpt\"",
             "torchscript = \"m.pt\"\nbuiltin = \"gpt\"",

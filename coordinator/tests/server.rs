@@ -178,6 +178,8 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
         epoch: e1.epoch,
     };
     a.send(pb::agent_message::Msg::Metrics(metrics(1000, 800.0, 2.5))).await.unwrap();
+    // Two sessions are not ordered with each other: let a's report land first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     b.send(pb::agent_message::Msg::Metrics(metrics(3000, 200.0, 2.0))).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let info = control.get_run(pb::GetRunRequest { run_id: run }).await.unwrap().into_inner();
