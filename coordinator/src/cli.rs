@@ -392,7 +392,14 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                     "  loss       {}",
                     r.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into())
                 );
+                println!("  accuracy   {}", percent(r.accuracy));
                 println!("  tokens/s   {:.0}", r.tokens_per_sec);
+                println!("  compute    {} of the time", percent(Some(r.compute_utilisation)));
+                println!("  ring bytes {}", human_bytes(r.bytes_moved));
+                println!(
+                    "  params     {}",
+                    if r.committed_hash.is_empty() { "-" } else { &r.committed_hash }
+                );
                 println!("  restarts   {}/{}", r.restarts, r.restart_budget);
                 println!("  data epoch {}", r.data_epoch);
             }
@@ -415,7 +422,8 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                             "liveness": liveness_name(w.liveness), "run_id": w.run_id,
                             "last_heartbeat_unix_ms": w.last_heartbeat_unix_ms, "samples": w.samples,
                             "steps": w.steps, "bytes": w.bytes, "uptime_ms": w.uptime_ms,
-                            "joined_unix_ms": w.joined_unix_ms,
+                            "joined_unix_ms": w.joined_unix_ms, "loss": w.loss,
+                            "param_hash": w.param_hash, "compute_utilisation": w.compute_utilisation,
                         })
                     })
                     .collect();
@@ -524,8 +532,27 @@ fn run_json(r: &pb::RunInfo) -> serde_json::Value {
         "min_workers": r.min_workers, "max_workers": r.max_workers, "loss": r.loss,
         "tokens_per_sec": r.tokens_per_sec, "restarts": r.restarts, "restart_budget": r.restart_budget,
         "message": r.message, "created_unix_ms": r.created_unix_ms, "updated_unix_ms": r.updated_unix_ms,
-        "data_epoch": r.data_epoch,
+        "data_epoch": r.data_epoch, "accuracy": r.accuracy,
+        "compute_utilisation": r.compute_utilisation, "bytes_moved": r.bytes_moved,
+        "committed_hash": r.committed_hash,
     })
+}
+
+/// A fraction as a percentage, or "-".
+fn percent(v: Option<f64>) -> String {
+    v.filter(|v| v.is_finite()).map(|v| format!("{:.1}%", v * 100.0)).unwrap_or_else(|| "-".into())
+}
+
+/// Bytes with a binary unit.
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
 fn print_event(r: &pb::RunInfo, json: bool) {
@@ -574,15 +601,30 @@ async fn follow_run(c: &mut Control, run: RunId, json: bool) -> Result<ExitCode>
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut last: Option<pb::RunInfo> = None;
     while let Some(ev) = stream.message().await.map_err(rpc_err)? {
-        let Some(pb::run_event::Event::Status(r)) = ev.event else { continue };
+        let r = match ev.event {
+            Some(pb::run_event::Event::Status(r)) => r,
+            Some(pb::run_event::Event::Log(line)) => {
+                if json {
+                    println!("{}", serde_json::json!({ "unix_ms": ev.unix_ms, "log": line }));
+                } else {
+                    bar.println(line);
+                }
+                continue;
+            }
+            None => continue,
+        };
         bar.set_length(r.total_steps);
         bar.set_position(r.committed_step);
         bar.set_message(format!(
-            "loss {} | {:.0} tok/s | {} workers | epoch {} | {}",
+            "loss {} | acc {} | {:.0} tok/s | compute {} | ring {} | {} workers | epoch {} | params {} | {}",
             r.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+            percent(r.accuracy),
             r.tokens_per_sec,
+            percent(Some(r.compute_utilisation)),
+            human_bytes(r.bytes_moved),
             r.workers,
             r.epoch,
+            if r.committed_hash.is_empty() { "-" } else { &r.committed_hash },
             state_name(r.state)
         ));
         if json {
@@ -596,4 +638,19 @@ async fn follow_run(c: &mut Control, run: RunId, json: bool) -> Result<ExitCode>
         eprintln!("run {} {}: {}", r.run_id, state_name(r.state), r.message);
     }
     Ok(exit_for(state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_read_well() {
+        assert_eq!(percent(Some(0.655)), "65.5%");
+        assert_eq!(percent(None), "-");
+        assert_eq!(percent(Some(f64::NAN)), "-");
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
 }

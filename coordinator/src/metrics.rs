@@ -88,13 +88,16 @@ pub(crate) fn render(shared: &Shared) -> String {
             let n = c.workers().filter(|w| c.liveness(w.id) == Some(l)).count();
             let _ = writeln!(out, "longhaul_workers{{liveness=\"{l}\"}} {n}");
         }
-        let series: [Series; 5] = [
+        let series: [Series; 6] = [
             ("longhaul_run_epoch", "Current epoch of each active run.", |r| r.epoch.0 as f64),
             ("longhaul_run_committed_step", "Committed step of each active run.", |r| {
                 r.committed_step as f64
             }),
             ("longhaul_run_loss", "Last reported loss of each active run.", |r| {
                 r.loss.unwrap_or(f64::NAN)
+            }),
+            ("longhaul_run_accuracy", "Last reported accuracy of each active run.", |r| {
+                r.accuracy.unwrap_or(f64::NAN)
             }),
             ("longhaul_run_tokens_per_second", "Throughput of each active run.", |r| {
                 r.tokens_per_sec
@@ -107,6 +110,28 @@ pub(crate) fn render(shared: &Shared) -> String {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             for r in c.runs().filter(|r| !r.state.is_terminal()) {
                 let _ = writeln!(out, "{name}{{run=\"{}\",name=\"{}\"}} {}", r.id, r.name, f(r));
+            }
+        }
+        // Derived from the members' latest reports.
+        type Derived =
+            (&'static str, &'static str, fn(&crate::cluster::Cluster, proto::RunId) -> f64);
+        let derived: [Derived; 2] = [
+            (
+                "longhaul_run_compute_utilisation",
+                "Mean compute / (compute + comm + idle) time of the current members.",
+                |c, id| c.compute_utilisation(id),
+            ),
+            (
+                "longhaul_run_ring_bytes",
+                "Bytes the current members sent on the ring, summed.",
+                |c, id| c.bytes_moved(id) as f64,
+            ),
+        ];
+        for (name, help, f) in derived {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for r in c.runs().filter(|r| !r.state.is_terminal()) {
+                let _ =
+                    writeln!(out, "{name}{{run=\"{}\",name=\"{}\"}} {}", r.id, r.name, f(c, r.id));
             }
         }
         let _ = writeln!(

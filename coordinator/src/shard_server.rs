@@ -4,6 +4,8 @@
 //! `file://` (or absolute path) URI names, with `Content-Length` and the manifest's SHA-256 in
 //! [`SHA256_HEADER`] for the worker to verify. Only manifest entries are served: the path names a
 //! run and an index, never a file, so no request can reach another file.
+//! Synthetic shards (`synthetic:…`) have no bytes: the worker generates them, and a request for
+//! one gets 404.
 //!
 //! Security: TLS 1.3 with the coordinator's server certificate (the chain workers pin by
 //! `sha256:`), and mutual TLS: a client without a certificate issued by the coordinator's CA is
@@ -141,6 +143,12 @@ async fn shard(
     let Some(info) = info else {
         return refuse(StatusCode::NOT_FOUND, format!("run {run} has no shard {index}"));
     };
+    if info.is_synthetic() {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("shard {index} ({}) is synthetic: the worker generates it", info.uri),
+        );
+    }
     let path = match info.uri.strip_prefix("file://") {
         Some(p) => p,
         None if info.uri.starts_with('/') => info.uri.as_str(),

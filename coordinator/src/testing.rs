@@ -60,17 +60,34 @@ pub fn write_dataset(dir: &Path, n: usize) -> anyhow::Result<PathBuf> {
     Ok(manifest)
 }
 
-/// A run file for tests: the example with a dataset, worker bounds and a step budget.
+/// A run file for tests: the example with a `tokens-u16` dataset (vocabulary 256) read from
+/// `manifest`, worker bounds and a step budget.
 pub fn run_file(manifest: &Path, min: u32, max: u32, steps: u64) -> String {
-    crate::runfile::EXAMPLE
-        .replacen(
-            "file:///data/wikitext/manifest.json",
-            &format!("file://{}", manifest.display()),
-            1,
-        )
-        .replacen("min = 2", &format!("min = {min}"), 1)
-        .replacen("max = 16", &format!("max = {max}"), 1)
-        .replacen("steps = 10000", &format!("steps = {steps}"), 1)
+    let dataset =
+        format!("format = \"tokens-u16\"\nuri = \"file://{}\"\nvocab = 256\n", manifest.display());
+    with_dataset(&dataset, min, max, steps)
+}
+
+/// A run file for tests: the example (synthetic addition, which needs no files) with worker
+/// bounds and a step budget.
+pub fn synthetic_run_file(min: u32, max: u32, steps: u64) -> String {
+    with_dataset("format = \"synthetic-addition\"\ndigits = 3\n", min, max, steps)
+}
+
+/// The example with its `[dataset]` table's body replaced by `dataset`, and the given worker
+/// bounds and step budget.
+fn with_dataset(dataset: &str, min: u32, max: u32, steps: u64) -> String {
+    let ex = crate::runfile::EXAMPLE;
+    let (head, rest) = ex.split_once("[dataset]\n").expect("the example has a [dataset] table");
+    let (_, tail) = rest.split_once("[optimizer]").expect("the example has an [optimizer] table");
+    let replace = |text: String, from: &str, to: String| {
+        assert!(text.contains(from), "the example lacks {from:?}");
+        text.replacen(from, &to, 1)
+    };
+    let text = format!("{head}[dataset]\n{dataset}\n[optimizer]{tail}");
+    let text = replace(text, "\nmin = 3 ", format!("\nmin = {min} "));
+    let text = replace(text, "\nmax = 8 ", format!("\nmax = {max} "));
+    replace(text, "\nsteps = 600 ", format!("\nsteps = {steps} "))
 }
 
 /// A worker agent driven by a test: joined, with a session whose downstream messages arrive on

@@ -112,6 +112,7 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
         run_id: run,
         epoch: e1.epoch,
         step: 100,
+        param_hash: "0123456789abcdef".into(),
     }))
     .await
     .unwrap();
@@ -145,6 +146,7 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
     let again = a.expect_epoch(e1.epoch, T).await.unwrap();
     assert_eq!(again.epoch, e1.epoch);
     assert_eq!(again.committed_step, 100);
+    assert_eq!(again.committed_hash, "0123456789abcdef", "the committed hash is durable");
 
     let out = cli(home.path(), &url, &["status", &run.to_string(), "--output", "json"]);
     assert!(out.status.success(), "{out:?}");
@@ -152,6 +154,7 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
     assert_eq!(v["state"], "running");
     assert_eq!(v["epoch"], e1.epoch);
     assert_eq!(v["committed_step"], 100);
+    assert_eq!(v["committed_hash"], "0123456789abcdef");
 
     // The lease survived: the held shard is not handed out again, and it can be completed.
     let next = match b
@@ -178,6 +181,7 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
         run_id: run,
         epoch: e1.epoch,
         step: 101,
+        param_hash: String::new(),
     }))
     .await
     .unwrap();
@@ -214,6 +218,7 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
         run_id: e.run_id,
         epoch: e.epoch,
         step: 3,
+        param_hash: String::new(),
     }))
     .await
     .unwrap();

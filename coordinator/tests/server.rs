@@ -151,28 +151,55 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
     assert_eq!(err.code(), Code::FailedPrecondition);
 
     // Progress through the session.
+    const HASH: &str = "00000000deadbeef";
     a.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
         run_id: run,
         epoch: e1.epoch,
         step: 42,
+        param_hash: HASH.into(),
     }))
     .await
     .unwrap();
-    a.send(pb::agent_message::Msg::Metrics(pb::Metrics {
+    let metrics = |bytes_sent, compute_ms, loss| pb::Metrics {
         run_id: run,
         step: 42,
-        loss: Some(2.5),
+        loss: Some(loss),
         tokens_per_sec: 1000.0,
         samples: 5,
         bytes: 1 << 20,
-    }))
-    .await
-    .unwrap();
+        accuracy: Some(0.25),
+        grad_norm: 0.5,
+        compute_ms,
+        comm_ms: 100.0,
+        idle_ms: 100.0,
+        bytes_sent,
+        bytes_received: bytes_sent,
+        param_hash: HASH.into(),
+        epoch: e1.epoch,
+    };
+    a.send(pb::agent_message::Msg::Metrics(metrics(1000, 800.0, 2.5))).await.unwrap();
+    // Two sessions are not ordered with each other: let a's report land first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.send(pb::agent_message::Msg::Metrics(metrics(3000, 200.0, 2.0))).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let info = control.get_run(pb::GetRunRequest { run_id: run }).await.unwrap().into_inner();
     assert_eq!(info.committed_step, 42);
-    assert_eq!(info.loss, Some(2.5));
+    assert_eq!(info.committed_hash, HASH);
+    assert_eq!(info.loss, Some(2.0), "the latest report wins");
+    assert_eq!(info.accuracy, Some(0.25));
+    // a computes 80 % of its time, b 50 %.
+    assert!((info.compute_utilisation - 0.65).abs() < 1e-9, "{info:?}");
+    assert_eq!(info.bytes_moved, 4000);
     assert_eq!(info.state, pb::RunState::Running as i32);
+    // b agrees at the committed step: nothing happens.
+    b.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
+        run_id: run,
+        epoch: e1.epoch,
+        step: 42,
+        param_hash: HASH.into(),
+    }))
+    .await
+    .unwrap();
 
     // A third worker joins: epoch 2 for everyone.
     let mut c = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7003").await.unwrap();
@@ -180,6 +207,7 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
     let e2 = a.expect_epoch(e1.epoch + 1, T).await.unwrap();
     assert_eq!(e2.members.len(), 3);
     assert_eq!(e2.committed_step, 42);
+    assert_eq!(e2.committed_hash, HASH, "the committed hash travels with the epoch");
     assert_eq!(c.expect_epoch(e2.epoch, T).await.unwrap().epoch, e2.epoch);
 
     // c dies: the others get an abort of epoch 2 and then epoch 3.
@@ -196,6 +224,37 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
     assert!(aborted.reason.contains("died"), "{}", aborted.reason);
     let e3 = b.expect_epoch(e2.epoch + 1, T).await.unwrap();
     assert_eq!(e3.members.len(), 2);
+    assert_eq!(e3.committed_hash, HASH);
+
+    // b reports another hash for the committed step: the run's log and message say so, naming
+    // both workers and hashes; the run goes on.
+    let mut watch =
+        control.watch_run(pb::WatchRunRequest { run_id: run }).await.unwrap().into_inner();
+    b.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
+        run_id: run,
+        epoch: e3.epoch,
+        step: 42,
+        param_hash: "00000000deadbeee".into(),
+    }))
+    .await
+    .unwrap();
+    let line = tokio::time::timeout(T, async {
+        while let Some(ev) = watch.message().await.unwrap() {
+            if let Some(pb::run_event::Event::Log(line)) = ev.event {
+                return line;
+            }
+        }
+        panic!("the watch ended without a log line");
+    })
+    .await
+    .unwrap();
+    for needle in ["diverged at step 42", HASH, "00000000deadbeee", &format!("worker-{}", b.id)] {
+        assert!(line.contains(needle), "{line:?} lacks {needle:?}");
+    }
+    assert!(line.contains(&format!("worker-{}", a.id)), "{line}");
+    let info = control.get_run(pb::GetRunRequest { run_id: run }).await.unwrap().into_inner();
+    assert!(info.message.contains("diverged"), "{info:?}");
+    assert_eq!((info.state, info.committed_hash.as_str()), (pb::RunState::Running as i32, HASH));
 
     // Workers are listed with their ledger.
     let workers =
@@ -204,6 +263,8 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
     let wa = workers.iter().find(|w| w.worker_id == a.id).unwrap();
     assert_eq!(wa.liveness, pb::Liveness::Alive as i32);
     assert!(wa.samples >= 15 && wa.bytes == 1 << 20, "{wa:?}");
+    assert_eq!((wa.loss, wa.param_hash.as_str()), (Some(2.5), HASH));
+    assert!((wa.compute_utilisation - 0.8).abs() < 1e-9, "{wa:?}");
 
     // Stop: members hear it.
     control.stop_run(pb::StopRunRequest { run_id: run, reason: String::new() }).await.unwrap();
@@ -298,9 +359,10 @@ async fn refusals_are_clear() {
     let manifest = testing::write_dataset(&dir.path().join("data"), 2).unwrap();
     let ok = testing::run_file(&manifest, 1, 1, 10);
     for (from, to, field) in [
-        ("inner_steps = 500", "inner_steps = -1", "sync.inner_steps"),
+        ("inner_steps = 50", "inner_steps = -1", "sync.inner_steps"),
         ("mode = \"diloco\"", "mode = \"gossip\"", "sync.mode"),
-        ("lr = 3e-4", "lr = \"fast\"", "optimizer.lr"),
+        ("lr = 3e-3", "lr = \"fast\"", "optimizer.lr"),
+        ("vocab = 256", "vocab = 70000", "dataset.vocab"),
         ("[workers]", "[workerz]", "workerz"),
     ] {
         let st = control
@@ -383,6 +445,7 @@ async fn metrics_and_health() {
     let m = get("/metrics").await;
     assert!(m.contains("longhaul_runs{state=\"running\"} 0"), "{m}");
     assert!(m.contains("longhaul_workers{liveness=\"alive\"} 0"), "{m}");
+    assert!(m.contains("# TYPE longhaul_run_compute_utilisation gauge"), "{m}");
     stop.send(()).unwrap();
     tokio::time::timeout(T, task).await.unwrap().unwrap().unwrap();
 }
@@ -459,4 +522,75 @@ async fn shards_over_https_with_mutual_tls() {
     let other = Some((a.id + 1, a.cert_pem.as_str(), a.key_pem.as_str()));
     let r = testing::https_get(&lease.url, &srv.cfg.ca_pin, other).await.unwrap();
     assert_eq!(r.status, 403);
+}
+
+async fn lease(a: &mut ScriptedAgent) -> pb::ShardLease {
+    match a.rpc.lease_shard(pb::LeaseShardRequest {}).await.unwrap().into_inner().result {
+        Some(pb::lease_shard_response::Result::Lease(l)) => l,
+        other => panic!("no lease: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_file_and_synthetic_datasets() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start_with(dir.path(), true).await;
+    let mut control = testing::control(&srv.cfg, &srv.admin).unwrap();
+
+    // Any local file is a one-shard text dataset, hashed at submission and served over HTTPS.
+    let book = dir.path().join("book.txt");
+    std::fs::write(&book, "It was the best of times, it was the worst of times.\n").unwrap();
+    let synthetic = "format = \"synthetic-addition\"\ndigits = 3\n";
+    let text = testing::synthetic_run_file(1, 1, 1_000).replacen(
+        synthetic,
+        &format!("format = \"text\"\nuri = \"file://{}\"\n", book.display()),
+        1,
+    );
+    let run = control
+        .submit_run(pb::SubmitRunRequest { run_toml: text })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let token = control
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut a = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7001").await.unwrap();
+    let _beat = a.keep_beating(Duration::from_millis(100));
+    a.expect_epoch(1, T).await.unwrap();
+    let l = lease(&mut a).await;
+    assert_eq!(l.run_id, run);
+    assert!(l.uri.ends_with("/book.txt") && l.uri.starts_with("file:///"), "{}", l.uri);
+    let (cert, key) = (a.cert_pem.clone(), a.key_pem.clone());
+    let me = Some((a.id, cert.as_str(), key.as_str()));
+    let r = testing::https_get(&l.url, &srv.cfg.ca_pin, me).await.unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.body, std::fs::read(&book).unwrap());
+    use sha2::Digest;
+    assert_eq!(coordinator::ca::hex(&sha2::Sha256::digest(&r.body)), l.sha256);
+    let base = l.url.split("/runs/").next().unwrap().to_owned();
+
+    // Synthetic addition: virtual shards, no URL, nothing to serve.
+    control.stop_run(pb::StopRunRequest { run_id: run, reason: String::new() }).await.unwrap();
+    let run2 = control
+        .submit_run(pb::SubmitRunRequest { run_toml: testing::synthetic_run_file(1, 1, 1_000) })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let e = a.expect_epoch(1, T).await.unwrap();
+    assert_eq!(e.run_id, run2);
+    let l = lease(&mut a).await;
+    assert_eq!((l.run_id, l.uri.as_str()), (run2, "synthetic:addition/3/0"));
+    assert_eq!((l.size, l.sha256.as_str(), l.url.as_str()), (4096, "", ""));
+    let r = testing::https_get(&format!("{base}/runs/{run2}/shards/0"), &srv.cfg.ca_pin, me)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    assert!(String::from_utf8_lossy(&r.body).contains("synthetic"));
+    srv.stop.unwrap().send(()).unwrap();
+    tokio::time::timeout(T, srv.task).await.unwrap().unwrap();
 }

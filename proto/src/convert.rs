@@ -47,6 +47,17 @@ pub fn socket_addr(field: &'static str, v: &str) -> Result<SocketAddr, WireError
     v.parse().map_err(|e| WireError::new(field, format!("{v:?} is not an ip:port address ({e})")))
 }
 
+/// A parameter hash as workers report it: 16 lower-case hex digits (a 64-bit hash), or "" when
+/// the worker does not know it.
+pub fn param_hash(field: &'static str, v: &str) -> Result<String, WireError> {
+    if v.is_empty() || (v.len() == 16 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    {
+        Ok(v.to_owned())
+    } else {
+        Err(WireError::new(field, format!("{v:?} is not 16 lower-case hex digits")))
+    }
+}
+
 impl From<RunState> for pb::RunState {
     fn from(s: RunState) -> Self {
         match s {
@@ -120,5 +131,17 @@ mod tests {
         assert!(run_id(0).is_err());
         assert_eq!(worker_id(4), Ok(WorkerId(4)));
         assert!(socket_addr("ring_addr", "nope").unwrap_err().to_string().contains("ring_addr"));
+    }
+
+    #[test]
+    fn param_hashes_are_16_lower_case_hex_digits_or_empty() {
+        assert_eq!(param_hash("param_hash", "0123456789abcdef").as_deref(), Ok("0123456789abcdef"));
+        assert_eq!(param_hash("param_hash", "").as_deref(), Ok(""));
+        for bad in ["0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "0123456789abcdeg"]
+        {
+            let e = param_hash("step_committed.param_hash", bad).unwrap_err();
+            assert_eq!(e.field, "step_committed.param_hash");
+            assert!(e.reason.contains(bad), "{e}");
+        }
     }
 }

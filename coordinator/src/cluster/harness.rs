@@ -46,14 +46,20 @@ pub(super) struct Net {
     pub(super) epochs: Vec<(Millis, RunId, Epoch, Vec<WorkerId>)>,
     /// Every abort delivered or dropped: (time, worker, epoch).
     pub(super) aborts: Vec<(Millis, WorkerId, Epoch)>,
+    /// Agents whose parameters differ from everyone else's (they report another hash).
+    pub(super) diverged: BTreeSet<WorkerId>,
+    /// Every run log line: (time, run, line).
+    pub(super) logs: Vec<(Millis, RunId, String)>,
+}
+
+/// The parameter hash agents in agreement report after `step`.
+pub(super) fn hash_of(step: u64) -> String {
+    format!("{:016x}", step.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 pub(super) fn spec(min: u32, max: u32, steps: u64) -> (RunSpec, String) {
-    let text = crate::runfile::EXAMPLE
-        .replacen("min = 2", &format!("min = {min}"), 1)
-        .replacen("max = 16", &format!("max = {max}"), 1)
-        .replacen("steps = 10000", &format!("steps = {steps}"), 1)
-        .replacen("interval_steps = 500", "interval_steps = 50", 1)
+    let text = crate::testing::synthetic_run_file(min, max, steps)
+        .replacen("interval_steps = 100", "interval_steps = 50", 1)
         .replacen("# restart_budget = 5", "restart_budget = 5", 1);
     (RunSpec::parse(&text).expect("the harness's run file parses"), text)
 }
@@ -84,6 +90,8 @@ impl Net {
             high: BTreeMap::new(),
             epochs: Vec::new(),
             aborts: Vec::new(),
+            diverged: BTreeSet::new(),
+            logs: Vec::new(),
         }
     }
 
@@ -164,7 +172,11 @@ impl Net {
                 a.step += 1;
                 let step = a.step;
                 if reachable {
-                    self.cluster.step_committed(now, id, ep.run, ep.epoch, step);
+                    let mut hash = hash_of(step);
+                    if self.diverged.contains(&id) {
+                        hash = hash_of(step ^ 1);
+                    }
+                    self.cluster.step_committed(now, id, ep.run, ep.epoch, step, &hash);
                     self.check();
                 }
             }
@@ -203,9 +215,27 @@ impl Net {
     }
 
     fn deliver(&mut self) {
-        while let Some(Output::ToWorker(to, cmd)) = self.cluster.poll_output() {
+        while let Some(out) = self.cluster.poll_output() {
+            let (to, cmd) = match out {
+                Output::ToWorker(to, cmd) => (to, cmd),
+                Output::Log { run, line } => {
+                    self.logs.push((self.now, run, line));
+                    continue;
+                }
+            };
             match &cmd {
                 Command::Epoch(info) => {
+                    // The committed step travels with its hash (every agent reports hash_of
+                    // unless diverged, and the first report of a step is recorded).
+                    if info.committed_step > 0 && self.diverged.is_empty() {
+                        assert_eq!(
+                            info.committed_hash,
+                            hash_of(info.committed_step),
+                            "epoch {} of run {}",
+                            info.epoch,
+                            info.run
+                        );
+                    }
                     let members = info.members.iter().map(|m| m.worker).collect();
                     if !self.epochs.iter().any(|(_, r, e, _)| *r == info.run && *e == info.epoch) {
                         self.epochs.push((self.now, info.run, info.epoch, members));
@@ -540,4 +570,107 @@ fn uptime_counts_connected_time_is_persisted_and_survives_restart() {
     assert_eq!(c.uptime(a), Some(ledger_a), "the first heartbeat after a restart only marks");
     c.heartbeat(later + 1_000, a, None).expect("known");
     assert_eq!(c.uptime(a), Some(ledger_a + 500));
+}
+
+#[test]
+fn the_committed_hash_travels_with_epochs_and_survives_restart() {
+    use super::Dirty;
+    let mut net = Net::new(config());
+    let run = net.submit(2, 8, 1_000_000, 20);
+    let (a, _b) = (net.join(), net.join());
+    net.run_for(5_000);
+    let step = net.step(run);
+    assert!(step > 0);
+    assert_eq!(net.cluster.run(run).unwrap().committed_hash, hash_of(step));
+    // A newcomer makes an epoch that carries the hash (deliver() checks every announcement).
+    let c = net.join();
+    net.run_for(2_000);
+    let (epoch, members) = net.epoch_of(run);
+    assert!(members.contains(&c));
+    let announced = net.agents[&c].epoch.clone().expect("c is in the epoch");
+    assert_eq!(announced.epoch, epoch);
+    assert_eq!(announced.committed_hash, hash_of(announced.committed_step));
+    assert!(announced.committed_step > 0);
+
+    // Through redb and a restart: the hash is back, in the record and in the next announcement.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = crate::store::Store::open(&dir.path().join("state.redb")).expect("open");
+    let all: BTreeSet<Dirty> = [Dirty::Run(run), Dirty::Counters]
+        .into_iter()
+        .chain(net.cluster.workers().map(|w| Dirty::Worker(w.id)))
+        .collect();
+    store.persist(&net.cluster, &all).expect("persist");
+    drop(store);
+    let store = crate::store::Store::open(&dir.path().join("state.redb")).expect("reopen");
+    let loaded = store.load().expect("load");
+    let r = net.cluster.run(run).unwrap();
+    let (step, hash) = (r.committed_step, r.committed_hash.clone());
+    let mut c2 = Cluster::restore(
+        config(),
+        net.now,
+        loaded.counters,
+        loaded.runs,
+        loaded.workers,
+        loaded.shards,
+    );
+    assert_eq!(c2.run(run).unwrap().committed_hash, hash);
+    c2.session_opened(net.now, a, None).expect("known");
+    match c2.poll_output() {
+        Some(Output::ToWorker(to, Command::Epoch(info))) => {
+            assert_eq!(to, a);
+            assert_eq!((info.committed_step, info.committed_hash), (step, hash));
+        }
+        other => panic!("expected the epoch again, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_member_with_another_hash_for_the_committed_step_is_reported_not_fatal() {
+    let mut net = Net::new(config());
+    let run = net.submit(2, 8, 1_000_000, 20);
+    let (a, b) = (net.join(), net.join());
+    net.run_for(3_000);
+    assert!(net.logs.is_empty(), "agreeing members log nothing: {:?}", net.logs);
+    // b's parameters drift: every step it reports after a has, it reports another hash.
+    net.diverged.insert(b);
+    net.run_for(3_000);
+    let r = net.cluster.run(run).unwrap();
+    assert_eq!(r.state, RunState::Running);
+    let (_, _, line) = net.logs.iter().find(|(_, r, _)| *r == run).expect("a divergence line");
+    assert!(line.contains("diverged at step"), "{line}");
+    assert!(line.contains(&a.to_string()) || line.contains(&b.to_string()), "{line}");
+    // Both hashes of that step are named.
+    let step: u64 = line
+        .split("diverged at step ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .and_then(|s| s.parse().ok())
+        .expect("the line names the step");
+    assert!(line.contains(&hash_of(step)) && line.contains(&hash_of(step ^ 1)), "{line}");
+    assert!(net.cluster.run(run).unwrap().message.contains("diverged"));
+    // The committed step still only grows, and recorded hashes are first reports.
+    assert!(net.step(run) > 0);
+}
+
+#[test]
+fn reports_of_the_committed_step_fill_in_an_unknown_hash_and_ignore_outsiders() {
+    let mut net = Net::new(config());
+    let run = net.submit(2, 8, 1_000_000, 20);
+    let (a, b) = (net.join(), net.join());
+    net.run_for(TICK);
+    let (epoch, _) = net.epoch_of(run);
+    let now = net.now;
+    let c = &mut net.cluster;
+    let step = c.run(run).unwrap().committed_step + 10;
+    c.step_committed(now, a, run, epoch, step, "");
+    assert_eq!(c.run(run).unwrap().committed_hash, "");
+    c.step_committed(now, b, run, epoch, step, &hash_of(step));
+    assert_eq!(c.run(run).unwrap().committed_hash, hash_of(step), "the unknown hash is filled in");
+    // A stranger, or an old epoch, changes nothing and logs nothing.
+    c.step_committed(now, WorkerId(99), run, epoch, step, &hash_of(1));
+    c.step_committed(now, a, run, Epoch(epoch.0 + 5), step, &hash_of(1));
+    assert_eq!(c.run(run).unwrap().committed_hash, hash_of(step));
+    while let Some(out) = c.poll_output() {
+        assert!(!matches!(out, Output::Log { .. }), "{out:?}");
+    }
 }

@@ -18,6 +18,11 @@
 //!   inputs). Changes are batched per tick, so simultaneous joins make one epoch. A death sends
 //!   an abort to the old epoch's members in the same tick as it is noticed.
 //! - **Progress**: a run's committed step only grows; reports from an old epoch are ignored.
+//!   The first report of a step records its parameter hash, which travels with the next epoch;
+//!   a member reporting another hash for the committed step has diverged, and the run's log
+//!   says so ([`Output::Log`]).
+//! - **Metrics**: the latest report of each worker (volatile); run-level loss and accuracy are
+//!   the latest any member reported, utilisation and bytes are over the current members.
 //! - **Lifecycle**: pending → running (min workers reached) → completed (step budget reached) |
 //!   failed (restart budget spent) | stopped (by a user).
 //! - **Shards** ([`crate::shards::ShardBook`]): leases with expiry, returned to the queue when
@@ -74,6 +79,11 @@ pub enum Dirty {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
     ToWorker(WorkerId, Command),
+    /// A line for the run's log (watchers see it; the shell also logs it as a warning).
+    Log {
+        run: RunId,
+        line: String,
+    },
 }
 
 /// A command for one worker.
@@ -96,6 +106,9 @@ pub struct EpochInfo {
     pub epoch: Epoch,
     pub members: Vec<Member>,
     pub committed_step: u64,
+    /// The parameter hash recorded with `committed_step` ("" if none yet).
+    #[serde(default)]
+    pub committed_hash: String,
     pub total_steps: u64,
 }
 
@@ -116,6 +129,12 @@ pub struct RunRecord {
     pub epoch: Epoch,
     pub members: Vec<Member>,
     pub committed_step: u64,
+    /// The parameter hash the first report of `committed_step` carried ("" if unknown), and
+    /// who reported it.
+    #[serde(default)]
+    pub committed_hash: String,
+    #[serde(default)]
+    pub committed_by: Option<WorkerId>,
     pub total_steps: u64,
     pub min_workers: u32,
     pub max_workers: u32,
@@ -127,6 +146,9 @@ pub struct RunRecord {
     pub created_ms: Millis,
     pub updated_ms: Millis,
     pub loss: Option<f64>,
+    /// The latest accuracy any member reported.
+    #[serde(default)]
+    pub accuracy: Option<f64>,
     pub tokens_per_sec: f64,
 }
 
@@ -179,14 +201,36 @@ struct Live {
 /// worker falls silent), so heartbeats cost no store write; a crash loses less than this.
 pub const UPTIME_FLUSH_MS: Millis = 10_000;
 
-/// A metrics report from a worker.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// A metrics report from a worker about `run`. `samples` and `bytes` are increments (for the
+/// ledger); the times and ring bytes are cumulative since the worker started on the run.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Metrics {
+    pub run: RunId,
+    pub epoch: Epoch,
     pub step: u64,
     pub loss: Option<f64>,
+    pub accuracy: Option<f64>,
+    pub grad_norm: f64,
     pub tokens_per_sec: f64,
     pub samples: u64,
     pub bytes: u64,
+    pub compute_ms: f64,
+    pub comm_ms: f64,
+    pub idle_ms: f64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// The worker's parameter hash (16 hex digits, or "").
+    pub param_hash: String,
+}
+
+impl Metrics {
+    /// compute / (compute + comm + idle), if the times are known.
+    pub fn compute_utilisation(&self) -> Option<f64> {
+        let (c, m, i) = (self.compute_ms, self.comm_ms, self.idle_ms);
+        let ok = |x: f64| x.is_finite() && x >= 0.0;
+        let total = c + m + i;
+        (ok(c) && ok(m) && ok(i) && total > 0.0).then(|| c / total)
+    }
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -224,6 +268,8 @@ pub struct Cluster {
     live: BTreeMap<WorkerId, Live>,
     /// Runs whose membership changed since the last epoch was formed.
     changed: BTreeSet<RunId>,
+    /// The latest metrics report of each worker in its current run (volatile).
+    latest: BTreeMap<WorkerId, Metrics>,
     dirty: BTreeSet<Dirty>,
     outbox: VecDeque<Output>,
 }
@@ -238,6 +284,7 @@ impl Cluster {
             workers: BTreeMap::new(),
             live: BTreeMap::new(),
             changed: BTreeSet::new(),
+            latest: BTreeMap::new(),
             dirty: BTreeSet::new(),
             outbox: VecDeque::new(),
         }
@@ -305,6 +352,8 @@ impl Cluster {
             epoch: Epoch(0),
             members: Vec::new(),
             committed_step: 0,
+            committed_hash: String::new(),
+            committed_by: None,
             total_steps: spec.total_steps(spec.min_workers),
             min_workers: spec.min_workers,
             max_workers: spec.max_workers,
@@ -316,6 +365,7 @@ impl Cluster {
             created_ms: now,
             updated_ms: now,
             loss: None,
+            accuracy: None,
             tokens_per_sec: 0.0,
         };
         let book = ShardBook::new(manifest);
@@ -431,7 +481,13 @@ impl Cluster {
         Ok(())
     }
 
-    /// A member reports that its epoch committed `step`.
+    /// A member reports that its epoch committed `step`, with its parameter hash after that
+    /// step's synchronisation (`hash`, 16 hex digits, or "" if unknown).
+    ///
+    /// A new step is recorded with its hash. A report of the committed step itself (every
+    /// member sends one; a member that joined sends one after taking over the state) is
+    /// compared: a different hash means the replicas diverged, which goes to the run's log and
+    /// message naming both workers and hashes.
     pub fn step_committed(
         &mut self,
         now: Millis,
@@ -439,17 +495,42 @@ impl Cluster {
         run: RunId,
         epoch: Epoch,
         step: u64,
+        hash: &str,
     ) {
         let Some(r) = self.runs.get_mut(&run) else { return };
         if r.state != RunState::Running
             || r.epoch != epoch
             || !r.members.iter().any(|m| m.worker == worker)
-            || step <= r.committed_step
+            || step < r.committed_step
         {
             return; // stale, foreign or old news
         }
+        if step == r.committed_step {
+            if hash.is_empty() || hash == r.committed_hash {
+                return;
+            }
+            if r.committed_hash.is_empty() {
+                // The first report of this step did not know its hash; this one does.
+                r.committed_hash = hash.to_owned();
+                r.committed_by = Some(worker);
+                self.dirty.insert(Dirty::Run(run));
+                return;
+            }
+            let first = r.committed_by.map_or_else(|| "a member".to_owned(), |w| w.to_string());
+            let line = format!(
+                "parameters diverged at step {step}: {first} reported hash {}, {worker} {hash}",
+                r.committed_hash
+            );
+            r.message = line.clone();
+            r.updated_ms = now;
+            self.dirty.insert(Dirty::Run(run));
+            self.outbox.push_back(Output::Log { run, line });
+            return;
+        }
         let steps = step - r.committed_step;
         r.committed_step = step;
+        r.committed_hash = hash.to_owned();
+        r.committed_by = Some(worker);
         r.updated_ms = now;
         self.dirty.insert(Dirty::Run(run));
         if let Some(w) = self.workers.get_mut(&worker) {
@@ -468,16 +549,24 @@ impl Cluster {
         }
     }
 
-    /// A metrics report; updates the run's summary and the worker's ledger.
+    /// A metrics report: the worker's ledger, its latest metrics, and the run's summary.
+    /// Run-level values change only for a report about the worker's current run.
     pub fn metrics(&mut self, now: Millis, worker: WorkerId, m: &Metrics) {
         let Some(w) = self.workers.get_mut(&worker) else { return };
         w.ledger.samples += m.samples;
         w.ledger.bytes += m.bytes;
         self.dirty.insert(Dirty::Worker(worker));
-        let Some(run) = w.run else { return };
+        if w.run != Some(m.run) {
+            return;
+        }
+        let run = m.run;
+        self.latest.insert(worker, m.clone());
         if let Some(r) = self.runs.get_mut(&run) {
             if m.loss.is_some_and(f64::is_finite) {
                 r.loss = m.loss;
+            }
+            if m.accuracy.is_some_and(|a| a.is_finite() && (0.0..=1.0).contains(&a)) {
+                r.accuracy = m.accuracy;
             }
             if m.tokens_per_sec.is_finite() && m.tokens_per_sec >= 0.0 {
                 r.tokens_per_sec = m.tokens_per_sec * r.members.len().max(1) as f64;
@@ -610,6 +699,7 @@ impl Cluster {
     }
 
     fn leave_run(&mut self, id: WorkerId) {
+        self.latest.remove(&id);
         if let Some(w) = self.workers.get_mut(&id)
             && w.run.take().is_some()
         {
@@ -781,6 +871,32 @@ impl Cluster {
         self.live.get(&id).map(|l| l.last_heartbeat)
     }
 
+    /// The worker's latest metrics report in its current run.
+    pub fn latest_metrics(&self, id: WorkerId) -> Option<&Metrics> {
+        self.latest.get(&id)
+    }
+
+    /// The mean compute utilisation of the run's current members (those that reported times);
+    /// 0 if none did.
+    pub fn compute_utilisation(&self, run: RunId) -> f64 {
+        let Some(r) = self.runs.get(&run) else { return 0.0 };
+        let us: Vec<f64> = r
+            .members
+            .iter()
+            .filter_map(|m| self.latest.get(&m.worker)?.compute_utilisation())
+            .collect();
+        if us.is_empty() { 0.0 } else { us.iter().sum::<f64>() / us.len() as f64 }
+    }
+
+    /// The bytes the run's current members sent on the ring, summed (their latest reports).
+    pub fn bytes_moved(&self, run: RunId) -> u64 {
+        let Some(r) = self.runs.get(&run) else { return 0 };
+        r.members
+            .iter()
+            .filter_map(|m| self.latest.get(&m.worker))
+            .fold(0u64, |sum, m| sum.saturating_add(m.bytes_sent))
+    }
+
     pub fn shards(&self, run: RunId) -> Option<&ShardBook> {
         self.shards.get(&run)
     }
@@ -820,6 +936,7 @@ fn epoch_info(r: &RunRecord) -> EpochInfo {
         epoch: r.epoch,
         members: r.members.clone(),
         committed_step: r.committed_step,
+        committed_hash: r.committed_hash.clone(),
         total_steps: r.total_steps,
     }
 }
