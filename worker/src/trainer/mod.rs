@@ -563,6 +563,31 @@ impl Trainer {
         Ok(())
     }
 
+    /// The metadata of a checkpoint of this replica at its last synchronisation.
+    pub fn checkpoint_meta(
+        &self,
+        run: u64,
+        cursor: Option<checkpoint::Cursor>,
+    ) -> checkpoint::Meta {
+        checkpoint::Meta {
+            format: checkpoint::FORMAT,
+            run,
+            step: self.sync_step,
+            optimizer_steps: self.opt.steps as u64,
+            param_hash: format!("{:016x}", self.hash),
+            sync: match self.spec.sync {
+                SyncMode::Ddp => "ddp".into(),
+                SyncMode::Diloco { .. } => "diloco".into(),
+            },
+            cursor,
+            files: Default::default(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        }
+    }
+
     /// Optimizer update count (AdamW's bias correction).
     pub fn optimizer_steps(&self) -> u64 {
         self.opt.steps as u64
