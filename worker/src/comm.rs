@@ -49,10 +49,6 @@ impl RingComm {
         Self { group, rt, traffic: Traffic::default() }
     }
 
-    pub fn group(&self) -> &Group {
-        &self.group
-    }
-
     /// Closes the group gracefully (flushes what was sent).
     pub fn close(self) {
         let Self { group, rt, .. } = self;

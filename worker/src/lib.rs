@@ -1,5 +1,6 @@
-//! `longhaul-worker`: the agent (async: the coordinator session, shard leases), the trainer
-//! (libtorch, on its own OS thread) and the collectives (the QUIC ring) of one worker.
+//! The worker: the trainer (libtorch, driven from its own OS thread) and its view of the QUIC
+//! ring ([`comm`]). The `longhaul-worker` binary (the async agent: coordinator session, shard
+//! leases, preflight) is not written yet.
 //!
 //! Only [`trainer`] names `tch`.
 

@@ -22,6 +22,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use coordinator::ca::hex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
@@ -81,7 +82,7 @@ fn invalid(path: &Path, reason: impl Into<String>) -> CheckpointError {
 
 fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
     let bytes = fs::read(path).map_err(io(path))?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&Sha256::digest(&bytes)))
 }
 
 fn fsync(path: &Path) -> Result<(), CheckpointError> {
@@ -132,7 +133,7 @@ pub fn write(
     fs::rename(&latest_tmp, run_dir.join("latest")).map_err(io(&run_dir))?;
     fsync(&run_dir)?;
     prune(&run_dir, keep.max(1));
-    let meta_sha = Sha256::digest(&json).iter().map(|b| format!("{b:02x}")).collect();
+    let meta_sha = hex(&Sha256::digest(&json));
     Ok((dst, meta_sha))
 }
 

@@ -242,7 +242,6 @@ pub struct ShardReader {
     order: Vec<u64>,
     pub next: u64,
     seq_len: usize,
-    seed: u64,
 }
 
 impl ShardReader {
@@ -253,7 +252,7 @@ impl ShardReader {
         if !matches!(data, ShardData::Addition { .. }) {
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
         }
-        Self { data, order, next: 0, seq_len, seed }
+        Self { data, order, next: 0, seq_len }
     }
 
     pub fn remaining(&self) -> u64 {
@@ -314,10 +313,6 @@ impl ShardReader {
                 }
             }
         })
-    }
-
-    pub fn seed(&self) -> u64 {
-        self.seed
     }
 }
 

@@ -278,21 +278,14 @@ impl Trainer {
         }
         let mut buf: Vec<f32> = local.iter().map(|g| (f64::from(*g) * weight) as f32).collect();
         self.compute += t.elapsed();
-        let bucket = self.spec.bucket_elems.max(1);
-        let mut result = Ok(());
-        // Buckets are synchronised in order; a failure anywhere leaves the gradients local.
-        let mut reduced = buf.clone();
-        for chunk in reduced.chunks_mut(bucket) {
+        // Buckets are synchronised in order. A failure anywhere discards `buf` (partly reduced)
+        // and keeps the unweighted local gradients for the retry.
+        for chunk in buf.chunks_mut(self.spec.bucket_elems.max(1)) {
             if let Err(e) = comm.all_reduce(chunk, self.spec.compression) {
-                result = Err(e);
-                break;
+                self.pending = Some(local);
+                return Err(e.into());
             }
         }
-        if let Err(e) = result {
-            self.pending = Some(local);
-            return Err(e.into());
-        }
-        std::mem::swap(&mut buf, &mut reduced);
         let t = Instant::now();
         state::unflatten_into_grads(&buf, &self.params);
         self.compute += t.elapsed();

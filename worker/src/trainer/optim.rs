@@ -89,30 +89,26 @@ impl Optimizer {
         }
     }
 
-    /// The state as named tensors (`<prefix>.<param name>`), for checkpoints and joiners.
-    pub fn state(&self, names: &[String]) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        for (n, (a, b)) in names.iter().zip(&self.slots) {
-            match self.cfg.kind {
-                OptimKind::AdamW => {
-                    out.push((format!("exp_avg.{n}"), a.shallow_clone()));
-                    out.push((format!("exp_avg_sq.{n}"), b.shallow_clone()));
-                }
-                OptimKind::Sgd => out.push((format!("momentum.{n}"), a.shallow_clone())),
-            }
-        }
-        out
+    /// Every state tensor with its kind and parameter index, in the one fixed order that both
+    /// the named form (checkpoints) and the flat form (state blobs) use.
+    fn labelled(&self) -> impl Iterator<Item = (&'static str, usize, &Tensor)> {
+        let kind = self.cfg.kind;
+        self.slots.iter().enumerate().flat_map(move |(i, (a, b))| match kind {
+            OptimKind::AdamW => vec![("exp_avg", i, a), ("exp_avg_sq", i, b)],
+            OptimKind::Sgd => vec![("momentum", i, a)],
+        })
     }
 
-    /// The state tensors in a fixed order (for flattening).
-    pub fn tensors(&self) -> Vec<Tensor> {
-        self.slots
-            .iter()
-            .flat_map(|(a, b)| match self.cfg.kind {
-                OptimKind::AdamW => vec![a.shallow_clone(), b.shallow_clone()],
-                OptimKind::Sgd => vec![a.shallow_clone()],
-            })
+    /// The state as named tensors (`<kind>.<param name>`), for checkpoints.
+    pub fn state(&self, names: &[String]) -> Vec<(String, Tensor)> {
+        self.labelled()
+            .map(|(kind, i, t)| (format!("{kind}.{}", names[i]), t.shallow_clone()))
             .collect()
+    }
+
+    /// The state tensors in the same order (for flattening).
+    pub fn tensors(&self) -> Vec<Tensor> {
+        self.labelled().map(|(_, _, t)| t.shallow_clone()).collect()
     }
 }
 
