@@ -61,7 +61,10 @@ impl Telemetry {
     }
 }
 
-type Series = (&'static str, &'static str, fn(&crate::cluster::RunRecord) -> f64);
+/// A per-run gauge: name, help, and its value from the run's record (and, for figures derived
+/// from the members' latest reports, the cluster).
+type Series =
+    (&'static str, &'static str, fn(&crate::cluster::Cluster, &crate::cluster::RunRecord) -> f64);
 
 /// Renders the exposition text.
 pub(crate) fn render(shared: &Shared) -> String {
@@ -88,50 +91,38 @@ pub(crate) fn render(shared: &Shared) -> String {
             let n = c.workers().filter(|w| c.liveness(w.id) == Some(l)).count();
             let _ = writeln!(out, "longhaul_workers{{liveness=\"{l}\"}} {n}");
         }
-        let series: [Series; 6] = [
-            ("longhaul_run_epoch", "Current epoch of each active run.", |r| r.epoch.0 as f64),
-            ("longhaul_run_committed_step", "Committed step of each active run.", |r| {
+        let series: [Series; 8] = [
+            ("longhaul_run_epoch", "Current epoch of each active run.", |_, r| r.epoch.0 as f64),
+            ("longhaul_run_committed_step", "Committed step of each active run.", |_, r| {
                 r.committed_step as f64
             }),
-            ("longhaul_run_loss", "Last reported loss of each active run.", |r| {
+            ("longhaul_run_loss", "Last reported loss of each active run.", |_, r| {
                 r.loss.unwrap_or(f64::NAN)
             }),
-            ("longhaul_run_accuracy", "Last reported accuracy of each active run.", |r| {
+            ("longhaul_run_accuracy", "Last reported accuracy of each active run.", |_, r| {
                 r.accuracy.unwrap_or(f64::NAN)
             }),
-            ("longhaul_run_tokens_per_second", "Throughput of each active run.", |r| {
+            ("longhaul_run_tokens_per_second", "Throughput of each active run.", |_, r| {
                 r.tokens_per_sec
             }),
-            ("longhaul_run_workers", "Members of the current epoch of each active run.", |r| {
+            ("longhaul_run_workers", "Members of the current epoch of each active run.", |_, r| {
                 r.members.len() as f64
             }),
-        ];
-        for (name, help, f) in series {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for r in c.runs().filter(|r| !r.state.is_terminal()) {
-                let _ = writeln!(out, "{name}{{run=\"{}\",name=\"{}\"}} {}", r.id, r.name, f(r));
-            }
-        }
-        // Derived from the members' latest reports.
-        type Derived =
-            (&'static str, &'static str, fn(&crate::cluster::Cluster, proto::RunId) -> f64);
-        let derived: [Derived; 2] = [
             (
                 "longhaul_run_compute_utilisation",
                 "Mean compute / (compute + comm + idle) time of the current members.",
-                |c, id| c.compute_utilisation(id),
+                |c, r| c.compute_utilisation(r.id),
             ),
             (
                 "longhaul_run_ring_bytes",
                 "Bytes the current members sent on the ring, summed.",
-                |c, id| c.bytes_moved(id) as f64,
+                |c, r| c.bytes_moved(r.id) as f64,
             ),
         ];
-        for (name, help, f) in derived {
+        for (name, help, f) in series {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             for r in c.runs().filter(|r| !r.state.is_terminal()) {
-                let _ =
-                    writeln!(out, "{name}{{run=\"{}\",name=\"{}\"}} {}", r.id, r.name, f(c, r.id));
+                let _ = writeln!(out, "{name}{{run=\"{}\",name=\"{}\"}} {}", r.id, r.name, f(c, r));
             }
         }
         let _ = writeln!(

@@ -63,26 +63,27 @@ async fn start_with(dir: &Path, shards: bool) -> Running {
 
 const T: Duration = Duration::from_secs(10);
 
+async fn submit(control: &mut testing::Control, run_toml: String) -> u64 {
+    control.submit_run(pb::SubmitRunRequest { run_toml }).await.unwrap().into_inner().run_id
+}
+
+async fn join_token(control: &mut testing::Control) -> String {
+    control
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_heartbeat_lease_complete_and_epoch_changes() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start(dir.path()).await;
     let mut control = testing::control(&srv.cfg, &srv.admin).unwrap();
     let manifest = testing::write_dataset(&dir.path().join("data"), 6).unwrap();
-    let run = control
-        .submit_run(pb::SubmitRunRequest {
-            run_toml: testing::run_file(&manifest, 2, 4, 1_000_000),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
-    let token = control
-        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600 })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let run = submit(&mut control, testing::run_file(&manifest, 2, 4, 1_000_000)).await;
+    let token = join_token(&mut control).await;
 
     let mut a = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7001").await.unwrap();
     let mut b = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7002").await.unwrap();
@@ -316,12 +317,7 @@ async fn refusals_are_clear() {
     assert_eq!(st.code(), Code::InvalidArgument);
 
     // A wrong CA pin: the TLS handshake fails, naming the pin.
-    let good = control
-        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600 })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let good = join_token(&mut control).await;
     let mut wrong = srv.cfg.clone();
     wrong.ca_pin = format!("sha256:{}", "0".repeat(64));
     let err = testing::join(&wrong, &good, "127.0.0.1:1").await.unwrap_err();
@@ -456,18 +452,8 @@ async fn shards_over_https_with_mutual_tls() {
     let srv = start_with(dir.path(), true).await;
     let mut control = testing::control(&srv.cfg, &srv.admin).unwrap();
     let manifest = testing::write_dataset(&dir.path().join("data"), 3).unwrap();
-    let run = control
-        .submit_run(pb::SubmitRunRequest { run_toml: testing::run_file(&manifest, 1, 4, 1_000) })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
-    let token = control
-        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600 })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let run = submit(&mut control, testing::run_file(&manifest, 1, 4, 1_000)).await;
+    let token = join_token(&mut control).await;
     let mut a = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7001").await.unwrap();
     let _beat = a.keep_beating(Duration::from_millis(100));
     a.expect_epoch(1, T).await.unwrap();
@@ -546,18 +532,8 @@ async fn one_file_and_synthetic_datasets() {
         &format!("format = \"text\"\nuri = \"file://{}\"\n", book.display()),
         1,
     );
-    let run = control
-        .submit_run(pb::SubmitRunRequest { run_toml: text })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
-    let token = control
-        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600 })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let run = submit(&mut control, text).await;
+    let token = join_token(&mut control).await;
     let mut a = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7001").await.unwrap();
     let _beat = a.keep_beating(Duration::from_millis(100));
     a.expect_epoch(1, T).await.unwrap();
@@ -575,12 +551,7 @@ async fn one_file_and_synthetic_datasets() {
 
     // Synthetic addition: virtual shards, no URL, nothing to serve.
     control.stop_run(pb::StopRunRequest { run_id: run, reason: String::new() }).await.unwrap();
-    let run2 = control
-        .submit_run(pb::SubmitRunRequest { run_toml: testing::synthetic_run_file(1, 1, 1_000) })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
+    let run2 = submit(&mut control, testing::synthetic_run_file(1, 1, 1_000)).await;
     let e = a.expect_epoch(1, T).await.unwrap();
     assert_eq!(e.run_id, run2);
     let l = lease(&mut a).await;
