@@ -1106,8 +1106,16 @@ async fn admitted(conn: &Connection, epoch: u64) -> Result<(), String> {
     crate::wire::check_admission(&m, epoch)
 }
 
+/// Failures worth retrying until the join deadline: no answer yet, or the peer's endpoint of an
+/// earlier epoch (closing, so refusing new connections) still holds its address.
 fn is_transient(e: &ConnectionError) -> bool {
-    matches!(e, ConnectionError::TimedOut | ConnectionError::Reset)
+    match e {
+        ConnectionError::TimedOut | ConnectionError::Reset => true,
+        ConnectionError::ConnectionClosed(c) => {
+            c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+        }
+        _ => false,
+    }
 }
 
 /// Accepts `count` connections from member `prev`, refusing (and remembering) everything else,

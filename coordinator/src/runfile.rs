@@ -48,6 +48,10 @@ digits = 3                # operands of up to this many digits, 1..=9
 # format = "tokens-u16"   # little-endian token ids (tokens-u32: 4 bytes each)
 # uri = "file:///data/wikitext/manifest.json"
 # vocab = 50257           # tokens-u16: 2..=65536, tokens-u32: 2..=2147483648
+#
+# format = "safetensors"  # `inputs` [N, ...] float and `targets` [N] integer classes per shard
+# uri = "file:///data/images/manifest.json"
+# classes = 10            # target classes, 2..=1000000
 
 [optimizer]
 name = "adamw"            # adamw | sgd
@@ -182,8 +186,9 @@ pub struct Dataset {
     /// The manifest or file; "" for `SyntheticAddition`.
     pub uri: String,
     pub format: DataFormat,
-    /// The vocabulary for `tokens-u16`/`tokens-u32`; 0 for the others (the worker derives it:
-    /// 256 for text, the task's own for synthetic data).
+    /// The vocabulary for `tokens-u16`/`tokens-u32`, the class count (`classes`) for
+    /// `safetensors`; 0 for the others (the worker derives it: 256 for text, the task's own for
+    /// synthetic data).
     pub vocab: u32,
 }
 
@@ -353,6 +358,7 @@ struct RawDataset {
     uri: Option<String>,
     format: Option<String>,
     vocab: Option<u32>,
+    classes: Option<u32>,
     digits: Option<u32>,
     shards: Option<u32>,
     samples_per_shard: Option<u32>,
@@ -773,7 +779,11 @@ fn validate_dataset(d: RawDataset) -> Result<Dataset, RunFileError> {
     let name = required(d.format, "dataset.format", FORMATS)?;
     if name == "synthetic-addition" {
         refuse_set(
-            &[(d.uri.is_some(), "dataset.uri"), (d.vocab.is_some(), "dataset.vocab")],
+            &[
+                (d.uri.is_some(), "dataset.uri"),
+                (d.vocab.is_some(), "dataset.vocab"),
+                (d.classes.is_some(), "dataset.classes"),
+            ],
             "with format = \"synthetic-addition\" (the workers generate the data)",
         )?;
         let digits = ranged(d.digits, 3, 1, 9, "dataset.digits")?;
@@ -820,7 +830,25 @@ fn validate_dataset(d: RawDataset) -> Result<Dataset, RunFileError> {
             "a file://, https://, longhaul:// URI or a path to a shard manifest or data file",
         ));
     }
+    if format != DataFormat::Safetensors {
+        refuse_set(
+            &[(d.classes.is_some(), "dataset.classes")],
+            &format!("with format = \"{name}\" (safetensors only)"),
+        )?;
+    }
     let vocab = match format {
+        DataFormat::Safetensors => {
+            refuse_set(
+                &[(d.vocab.is_some(), "dataset.vocab")],
+                "with format = \"safetensors\" (set dataset.classes)",
+            )?;
+            let c = required(
+                d.classes,
+                "dataset.classes",
+                "the number of target classes, 2..=1000000",
+            )?;
+            ranged(Some(c), c, 2, 1_000_000, "dataset.classes")?
+        }
         DataFormat::TokensU16 => {
             let v = required(d.vocab, "dataset.vocab", "the vocabulary size, 2..=65536")?;
             ranged(Some(v), v, 2, 1 << 16, "dataset.vocab")?
@@ -1048,8 +1076,9 @@ mod tests {
         let spec =
             parse(SYNTHETIC, "format = \"tokens-u32\"\nuri = \"/t\"\nvocab = 2147483648").unwrap();
         assert_eq!(spec.dataset.vocab, 1 << 31);
-        let spec = parse(SYNTHETIC, "format = \"safetensors\"\nuri = \"/s.json\"").unwrap();
-        assert_eq!(spec.dataset.format, DataFormat::Safetensors);
+        let spec =
+            parse(SYNTHETIC, "format = \"safetensors\"\nuri = \"/s.json\"\nclasses = 10").unwrap();
+        assert_eq!((spec.dataset.format, spec.dataset.vocab), (DataFormat::Safetensors, 10));
 
         let refused = |to: &str, field: &str, needle: &str| {
             let err = parse(SYNTHETIC, to).expect_err("should be refused");
@@ -1060,6 +1089,9 @@ mod tests {
         refused("format = \"text\"\nuri = \"ftp://x\"", "dataset.uri", "ftp://");
         refused("format = \"text\"\nuri = \"/t\"\nvocab = 256", "dataset.vocab", "tokens-u16");
         refused("format = \"tokens-u16\"\nuri = \"/t\"", "dataset.vocab", "is missing");
+        refused("format = \"safetensors\"\nuri = \"/t\"", "dataset.classes", "is missing");
+        refused("format = \"safetensors\"\nuri = \"/t\"\nclasses = 1", "dataset.classes", "[2,");
+        refused("format = \"text\"\nuri = \"/t\"\nclasses = 3", "dataset.classes", "safetensors");
         refused("format = \"tokens-u16\"\nuri = \"/t\"\nvocab = 65537", "dataset.vocab", "65536");
         refused("format = \"tokens-u16\"\nuri = \"/t\"\nvocab = 1", "dataset.vocab", "[2, 65536]");
         refused(

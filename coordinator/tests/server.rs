@@ -263,7 +263,8 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
     assert_eq!(workers.len(), 3);
     let wa = workers.iter().find(|w| w.worker_id == a.id).unwrap();
     assert_eq!(wa.liveness, pb::Liveness::Alive as i32);
-    assert!(wa.samples >= 15 && wa.bytes == 1 << 20, "{wa:?}");
+    // The ledger counts the metrics' increments; CompleteShard's count is informational.
+    assert!(wa.samples == 5 && wa.bytes == 1 << 20, "{wa:?}");
     assert_eq!((wa.loss, wa.param_hash.as_str()), (Some(2.5), HASH));
     assert!((wa.compute_utilisation - 0.8).abs() < 1e-9, "{wa:?}");
 

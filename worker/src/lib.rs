@@ -1,10 +1,14 @@
-//! The worker: the trainer (libtorch, driven from its own OS thread) and its view of the QUIC
-//! ring ([`comm`]). The `longhaul-worker` binary (the async agent: coordinator session, shard
-//! leases, preflight) is not written yet.
+//! The worker: `longhaul-worker`'s agent ([`agent`]: the coordinator session, shard leases),
+//! the trainer thread's loop ([`driver`]), the trainer (libtorch, [`trainer`]) and its view of
+//! the QUIC ring ([`comm`]).
 //!
 //! Only [`trainer`] names `tch`.
 
+pub mod agent;
+pub mod cli;
 pub mod comm;
+pub mod driver;
+pub mod fetch;
 pub mod schedule;
 pub mod testing;
 pub mod trainer;

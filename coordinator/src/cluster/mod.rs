@@ -598,7 +598,8 @@ impl Cluster {
         }))
     }
 
-    /// Records a finished shard.
+    /// Records a finished shard. `samples` (what the worker read from it) is informational:
+    /// the ledger counts samples from the metrics reports, which arrive as training goes.
     pub fn complete(
         &mut self,
         now: Millis,
@@ -615,10 +616,7 @@ impl Cluster {
                 self.dirty.insert(Dirty::Shard(run, i));
             }
         }
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.ledger.samples += samples;
-            self.dirty.insert(Dirty::Worker(worker));
-        }
+        tracing::debug!(%worker, shard, samples, "shard completed");
         Ok(())
     }
 

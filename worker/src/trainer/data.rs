@@ -255,6 +255,10 @@ impl ShardReader {
         Self { data, order, next: 0, seq_len }
     }
 
+    pub fn data(&self) -> &ShardData {
+        &self.data
+    }
+
     pub fn remaining(&self) -> u64 {
         self.order.len() as u64 - self.next
     }

@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod model;
 pub mod optim;
+pub mod plan;
 pub mod state;
 
 use std::path::PathBuf;
@@ -302,8 +303,18 @@ impl Trainer {
         }
     }
 
+    /// The next multiple of `h` after the last sync, or the run's last step if that is
+    /// sooner (so the run ends on a synchronised state).
     fn next_sync_point(&self, h: u64) -> u64 {
-        (self.sync_step / h + 1) * h
+        let next = (self.sync_step / h.max(1) + 1) * h.max(1);
+        let total = self.spec.schedule.total;
+        if self.sync_step < total { next.min(total) } else { next }
+    }
+
+    /// ddp: whether gradients were computed but not yet synchronised (a failed sync keeps
+    /// them for the retry in the next epoch).
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
     }
 
     /// diloco: the sync point this replica trains toward.

@@ -1,0 +1,809 @@
+//! The trainer thread's loop: epochs in, training steps, reports out.
+//!
+//! For each epoch the coordinator announces, the driver forms the ring (a `collectives`
+//! group), runs the epoch's agreement (the freshest state matching the coordinator's record
+//! goes to whoever lacks it, checked by hash), then trains: `ddp` synchronises every step,
+//! `diloco` every `inner_steps`. Every successful synchronisation is reported with the
+//! parameter hash (`StepCommitted`). When the agent cancels the attempt (a newer epoch, an
+//! abort, a stop), the collective in flight fails on every member and the driver goes back to
+//! waiting for the next epoch; the failed step (ddp) or outer sync (diloco) is retried there.
+//! A failed epoch that no newer one replaces is re-formed after [`DriverConfig::retry_after`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use collectives::NetConfig;
+use collectives::group::{Emulation, Group, GroupSpec, Member};
+use coordinator::runfile::RunSpec;
+use coordinator::testing::AgentRpc;
+use proto::pb;
+use proto::pb::agent_message::Msg as Up;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::agent::{self, Attempt, Down, Identity, Lease, TrainerSide};
+use crate::comm::{Comm, RingComm};
+use crate::trainer::checkpoint::{self, Cursor};
+use crate::trainer::data::{Batch, ShardData, ShardReader, shard_seed};
+use crate::trainer::plan::{self, DeviceChoice, ShardFormat};
+use crate::trainer::state::Slot;
+use crate::trainer::{SyncMode, TrainError, Trainer};
+
+/// How the driver runs.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Checkpoints and the shard cache live under here.
+    pub state_dir: PathBuf,
+    pub device: DeviceChoice,
+    pub net: NetConfig,
+    /// WAN emulation applied to what this worker sends on the ring.
+    pub emulation: Option<Emulation>,
+    /// The local address the ring endpoint binds.
+    pub ring_bind: SocketAddr,
+    /// How often metrics go to the coordinator.
+    pub metrics_every: Duration,
+    /// A failed epoch that no newer epoch replaces is re-formed after this long.
+    pub retry_after: Duration,
+}
+
+/// What the trainer thread needs.
+#[derive(Debug)]
+pub struct Driver {
+    cfg: DriverConfig,
+    rt: Handle,
+    link: TrainerSide,
+    identity: Identity,
+    rpc: AgentRpc,
+    latest: Option<pb::EpochChange>,
+    ctx: Option<RunCtx>,
+    /// A stop that arrived while the run's state was out in an epoch.
+    stop: Option<(u64, String)>,
+}
+
+/// How an epoch ended.
+#[derive(Debug)]
+enum Outcome {
+    /// The run's last step is synchronised (and checkpointed): wait for the coordinator's stop.
+    Finished,
+    /// A newer epoch, an abort or a stop ended it.
+    Interrupted(String),
+    /// The ring or the agreement failed; the same epoch may be retried.
+    Failed(String),
+}
+
+/// Totals of one run on this worker.
+#[derive(Debug, Default)]
+struct Totals {
+    comm: Duration,
+    bytes_sent: u64,
+    bytes_received: u64,
+}
+
+/// What is reported since the last metrics report.
+#[derive(Debug, Default)]
+struct Window {
+    loss_sum: f64,
+    steps: u64,
+    correct: i64,
+    counted: i64,
+    samples: u64,
+    tokens: u64,
+}
+
+/// The state of the run this worker trains.
+#[derive(Debug)]
+struct RunCtx {
+    run: u64,
+    spec: RunSpec,
+    total: u64,
+    trainer: Trainer,
+    feeder: Feeder,
+    started: Instant,
+    totals: Totals,
+    window: Window,
+    /// Ring bytes (sent + received) already counted in a report.
+    bytes_reported: u64,
+    last_report: Instant,
+    checkpoint_wanted: bool,
+    last_checkpoint: Option<u64>,
+    finished: bool,
+    /// The epoch that failed and when, for the retry.
+    failed: Option<(u64, Instant)>,
+    epoch: u64,
+}
+
+impl RunCtx {
+    fn comm_in(&self, comm: Option<&RingComm>) -> (Duration, u64, u64) {
+        let t = comm.map(|c| c.traffic()).unwrap_or_default();
+        (
+            self.totals.comm + t.busy,
+            self.totals.bytes_sent + t.bytes_sent,
+            self.totals.bytes_received + t.bytes_received,
+        )
+    }
+}
+
+impl Driver {
+    pub fn new(
+        cfg: DriverConfig,
+        rt: Handle,
+        link: TrainerSide,
+        identity: Identity,
+        rpc: AgentRpc,
+    ) -> Self {
+        Self { cfg, rt, link, identity, rpc, latest: None, ctx: None, stop: None }
+    }
+
+    fn checkpoint_dir(&self) -> PathBuf {
+        // One namespace per coordinator (its CA), so run ids of another coordinator never mix.
+        let pin = self.identity.ca_pin.trim_start_matches("sha256:");
+        self.cfg.state_dir.join("checkpoints").join(&pin[..pin.len().min(16)])
+    }
+
+    /// Runs until the link closes or something fatal happens.
+    pub fn run(mut self) -> Result<()> {
+        loop {
+            let ready = self.ready();
+            let cmd = if ready {
+                self.link.down.try_recv().ok()
+            } else {
+                let down = &mut self.link.down;
+                let wait = self.rt.block_on(async {
+                    tokio::time::timeout(Duration::from_millis(500), down.recv()).await
+                });
+                match wait {
+                    Ok(Some(c)) => Some(c),
+                    Ok(None) => return Ok(()), // the agent is gone: shutting down
+                    Err(_) => None,
+                }
+            };
+            if let Some(cmd) = cmd {
+                self.on_command(cmd)?;
+                continue;
+            }
+            if !ready {
+                continue;
+            }
+            let Some(e) = self.latest.clone() else { continue };
+            if self.ctx.as_ref().map(|c| c.run) != Some(e.run_id) {
+                let ctx = self
+                    .start_run(&e)
+                    .with_context(|| format!("this worker cannot train run {}", e.run_id))?;
+                self.ctx = Some(ctx);
+            }
+            match self.run_epoch(&e) {
+                Outcome::Finished => {
+                    if let Some(c) = self.ctx.as_mut() {
+                        c.finished = true;
+                    }
+                }
+                Outcome::Interrupted(why) => {
+                    info!(run = e.run_id, epoch = e.epoch, "epoch ended: {why}");
+                    if let Some(c) = self.ctx.as_mut() {
+                        c.failed = Some((e.epoch, Instant::now()));
+                    }
+                }
+                Outcome::Failed(why) => {
+                    warn!(run = e.run_id, epoch = e.epoch, "epoch failed: {why}");
+                    if let Some(c) = self.ctx.as_mut() {
+                        c.failed = Some((e.epoch, Instant::now()));
+                    }
+                }
+            }
+            if let Ok(mut a) = self.link.attempt.lock() {
+                *a = None;
+            }
+            self.apply_stop();
+        }
+    }
+
+    /// Whether there is an epoch to (re)join now.
+    fn ready(&self) -> bool {
+        let Some(e) = &self.latest else { return false };
+        match &self.ctx {
+            Some(c) if c.run == e.run_id => {
+                !c.finished
+                    && match c.failed {
+                        Some((epoch, at)) => {
+                            epoch < e.epoch || at.elapsed() >= self.cfg.retry_after
+                        }
+                        None => true,
+                    }
+            }
+            _ => true,
+        }
+    }
+
+    fn on_command(&mut self, cmd: Down) -> Result<()> {
+        match cmd {
+            Down::Epoch(e) => {
+                let newer = match &self.latest {
+                    Some(l) => l.run_id != e.run_id || e.epoch > l.epoch,
+                    None => true,
+                };
+                if newer {
+                    self.latest = Some(e);
+                }
+            }
+            Down::Checkpoint { run, .. } => {
+                if let Some(c) = self.ctx.as_mut().filter(|c| c.run == run) {
+                    c.checkpoint_wanted = true;
+                }
+            }
+            Down::Stop { run, reason, .. } => {
+                if self.latest.as_ref().is_some_and(|e| e.run_id == run) {
+                    self.latest = None;
+                }
+                self.stop = Some((run, reason));
+                self.apply_stop();
+            }
+            Down::Fatal(msg) => return Err(anyhow!(msg)),
+        }
+        Ok(())
+    }
+
+    /// Ends the run a stop named, once its state is back from the epoch: a checkpoint of the
+    /// last synchronised state if there is none, and the run's state dropped.
+    fn apply_stop(&mut self) {
+        let Some((run, _)) = &self.stop else { return };
+        let run = *run;
+        if self.ctx.as_ref().is_some_and(|c| c.run != run) {
+            self.stop = None; // another run's
+            return;
+        }
+        let Some(mut c) = self.ctx.take() else { return }; // out in an epoch: later
+        let (_, reason) = self.stop.take().unwrap_or_default();
+        if c.last_checkpoint != Some(c.trainer.sync_step) && c.trainer.sync_step > 0 {
+            self.checkpoint(&mut c);
+        }
+        info!(run, step = c.trainer.sync_step, hash = %format!("{:016x}", c.trainer.hash()),
+            "run stopped: {reason}");
+    }
+
+    /// Drains commands without blocking; true if the current attempt must end.
+    fn poll(&mut self, attempt: &Attempt) -> Result<bool> {
+        loop {
+            match self.link.down.try_recv() {
+                Ok(cmd) => self.on_command(cmd)?,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(anyhow!("the worker is shutting down"));
+                }
+            }
+        }
+        let superseded = match &self.latest {
+            Some(e) => e.run_id != attempt.run || e.epoch > attempt.epoch,
+            None => true,
+        };
+        Ok(superseded || attempt.token.is_cancelled())
+    }
+
+    fn start_run(&mut self, e: &pb::EpochChange) -> Result<RunCtx> {
+        let spec = RunSpec::parse(&e.run_toml).map_err(|err| anyhow!("run file: {err}"))?;
+        let device = plan::device(self.cfg.device).map_err(|m| anyhow!(m))?;
+        let format = ShardFormat::of(&spec);
+        let mut feeder =
+            Feeder::new(format, spec.seed, spec.seq_len as usize, &self.cfg, &self.identity);
+        // Tensor data: the model's input shape comes from the first shard.
+        let features = if matches!(format, ShardFormat::Tensors { .. }) {
+            let cancel = CancellationToken::new();
+            feeder.ensure(&self.rt, &self.rpc, &cancel)?;
+            feeder.current.as_ref().and_then(|(_, r)| plan::feature_shape(r.data()))
+        } else {
+            None
+        };
+        let ts =
+            plan::train_spec(&spec, e.total_steps, device, features).map_err(|m| anyhow!(m))?;
+        let mut trainer = Trainer::new(ts).map_err(|err| anyhow!("{err}"))?;
+        info!(run = e.run_id, params = trainer.numel(), ?device, "model built");
+        let dir = self.checkpoint_dir();
+        if let Some((path, tensors, meta)) = checkpoint::latest(&dir, e.run_id) {
+            match trainer.restore(&tensors, &meta) {
+                Ok(()) => info!(run = e.run_id, step = meta.step, path = %path.display(),
+                    "resumed from checkpoint"),
+                Err(err) => {
+                    warn!(path = %path.display(), "checkpoint does not fit this run ({err}); starting fresh");
+                    trainer = Trainer::new(trainer.spec.clone()).map_err(|err| anyhow!("{err}"))?;
+                }
+            }
+        }
+        let last_checkpoint = (trainer.sync_step > 0).then_some(trainer.sync_step);
+        Ok(RunCtx {
+            run: e.run_id,
+            spec,
+            total: e.total_steps,
+            trainer,
+            feeder,
+            started: Instant::now(),
+            totals: Totals::default(),
+            window: Window::default(),
+            bytes_reported: 0,
+            last_report: Instant::now(),
+            checkpoint_wanted: false,
+            last_checkpoint,
+            finished: false,
+            failed: None,
+            epoch: e.epoch,
+        })
+    }
+
+    fn send(&self, m: Up) {
+        let _ = self.link.up.send(m);
+    }
+
+    fn run_epoch(&mut self, e: &pb::EpochChange) -> Outcome {
+        let attempt = Attempt::new(e.run_id, e.epoch);
+        if let Ok(mut a) = self.link.attempt.lock() {
+            *a = Some(attempt.clone());
+        }
+        // A command that arrived before the attempt was visible to the agent.
+        match self.poll(&attempt) {
+            Ok(false) => {}
+            Ok(true) => return Outcome::Interrupted("superseded before it began".into()),
+            Err(err) => return Outcome::Interrupted(format!("{err:#}")),
+        }
+        let Some(mut ctx) = self.ctx.take() else {
+            return Outcome::Failed("no run".into());
+        };
+        ctx.epoch = e.epoch;
+        let out = self.train_epoch(&mut ctx, e, &attempt);
+        self.ctx = Some(ctx);
+        out
+    }
+
+    fn form_ring(&self, e: &pb::EpochChange, attempt: &Attempt) -> Result<Group, Outcome> {
+        let me = &self.identity.member_name;
+        let rank =
+            e.members.iter().position(|m| &m.name == me).ok_or_else(|| {
+                Outcome::Failed(format!("{me} is not a member of epoch {}", e.epoch))
+            })?;
+        let members = e
+            .members
+            .iter()
+            .map(|m| {
+                let addr = m.addr.parse::<SocketAddr>().map_err(|_| {
+                    Outcome::Failed(format!(
+                        "member {} has a bad ring address {:?}",
+                        m.name, m.addr
+                    ))
+                })?;
+                Ok(Member { name: m.name.clone(), addr })
+            })
+            .collect::<Result<Vec<_>, Outcome>>()?;
+        let (identity, anchor) =
+            self.identity.ring_tls().map_err(|err| Outcome::Failed(format!("{err:#}")))?;
+        let spec = GroupSpec {
+            epoch: e.epoch,
+            members,
+            rank,
+            net: self.cfg.net.clone(),
+            emulation: self.cfg.emulation.clone(),
+        };
+        let bind = self.cfg.ring_bind;
+        let buffer = self.cfg.net.socket_buffer;
+        let token = attempt.token.clone();
+        self.rt.block_on(async move {
+            // The previous epoch's endpoint may hold the port for a moment after it closed.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            let socket = loop {
+                match collectives::transport::bind(bind, buffer) {
+                    Ok(s) => break s,
+                    Err(err) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!("binding {bind}: {err}; retrying");
+                        tokio::select! {
+                            _ = token.cancelled() => return Err(Outcome::Interrupted("cancelled".into())),
+                            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        }
+                    }
+                    Err(err) => {
+                        return Err(Outcome::Failed(format!("cannot bind the ring port {bind}: {err}")));
+                    }
+                }
+            };
+            tokio::select! {
+                _ = token.cancelled() => Err(Outcome::Interrupted("cancelled while forming the ring".into())),
+                r = Group::join_with_socket(spec, &anchor, &identity, Some(socket)) => {
+                    r.map_err(|err| Outcome::Failed(format!("forming the ring: {err}")))
+                }
+            }
+        })
+    }
+
+    fn train_epoch(&mut self, ctx: &mut RunCtx, e: &pb::EpochChange, attempt: &Attempt) -> Outcome {
+        let group = match self.form_ring(e, attempt) {
+            Ok(g) => g,
+            Err(o) => return o,
+        };
+        // The agent's cancel aborts the group's operation in flight.
+        let abort = group.abort_handle();
+        let done = CancellationToken::new();
+        let watcher = {
+            let (token, done, attempt) = (attempt.token.clone(), done.clone(), attempt.clone());
+            self.rt.spawn(async move {
+                tokio::select! {
+                    _ = token.cancelled() => abort.abort(attempt.reason()),
+                    _ = done.cancelled() => {}
+                }
+            })
+        };
+        let mut comm = RingComm::new(group, self.rt.clone());
+        let out = self.train_in_ring(ctx, e, attempt, &mut comm);
+        done.cancel();
+        let _ = self.rt.block_on(watcher);
+        let t = comm.traffic();
+        ctx.totals.comm += t.busy;
+        ctx.totals.bytes_sent += t.bytes_sent;
+        ctx.totals.bytes_received += t.bytes_received;
+        if matches!(out, Outcome::Finished) {
+            comm.close();
+        }
+        out
+    }
+
+    fn train_in_ring(
+        &mut self,
+        ctx: &mut RunCtx,
+        e: &pb::EpochChange,
+        attempt: &Attempt,
+        comm: &mut RingComm,
+    ) -> Outcome {
+        let committed = u64::from_str_radix(&e.committed_hash, 16)
+            .ok()
+            .filter(|_| e.committed_hash.len() == 16)
+            .map(|h| (e.committed_step, h));
+        let agreement = match ctx.trainer.agree(comm, committed) {
+            Ok(a) => a,
+            Err(err) => return interrupted_or_failed(attempt, err),
+        };
+        if let Some(from) = agreement.rewound_from {
+            warn!(
+                run = ctx.run,
+                "the coordinator recorded step {from}, but no member holds it: \
+                resuming from step {}",
+                ctx.trainer.sync_step
+            );
+        }
+        if agreement.receivers[comm.rank()] {
+            info!(run = ctx.run, step = ctx.trainer.sync_step, source = agreement.source,
+                hash = %format!("{:016x}", ctx.trainer.hash()), "took over the ring's state (hash verified)");
+        }
+        let mut slots = agreement.slots;
+        info!(
+            run = ctx.run,
+            epoch = e.epoch,
+            rank = comm.rank(),
+            world = comm.world(),
+            step = ctx.trainer.sync_step,
+            "training in the ring"
+        );
+        self.commit(ctx, e.epoch);
+
+        loop {
+            // First: the last step synchronised ends the run here, whatever arrived meanwhile.
+            if ctx.trainer.sync_step >= ctx.total {
+                self.finish(ctx, Some(comm));
+                return Outcome::Finished;
+            }
+            match self.poll(attempt) {
+                Ok(false) => {}
+                Ok(true) => return Outcome::Interrupted(reason(attempt, "superseded")),
+                Err(err) => return Outcome::Interrupted(format!("{err:#}")),
+            }
+            let synced = match self.step(ctx, comm, &slots, attempt) {
+                Ok(s) => s,
+                Err(o) => return o,
+            };
+            if synced {
+                for s in &mut slots {
+                    s.inner_start = ctx.trainer.inner_start;
+                    s.sync_step = ctx.trainer.sync_step;
+                }
+                self.commit(ctx, e.epoch);
+                if ctx.checkpoint_wanted {
+                    self.checkpoint(ctx);
+                }
+            }
+            if ctx.last_report.elapsed() >= self.cfg.metrics_every {
+                self.report(ctx, Some(comm), None);
+            }
+        }
+    }
+
+    /// One local step, and the synchronisation if it is due. Returns whether it synchronised.
+    fn step(
+        &mut self,
+        ctx: &mut RunCtx,
+        comm: &mut RingComm,
+        slots: &[Slot],
+        attempt: &Attempt,
+    ) -> Result<bool, Outcome> {
+        let rank = comm.rank();
+        let fail = |err: TrainError| interrupted_or_failed(attempt, err);
+        match ctx.trainer.spec.sync {
+            SyncMode::Ddp => {
+                if !ctx.trainer.has_pending() {
+                    self.forward_backward(ctx, attempt)?;
+                }
+                let w = ctx.trainer.weight(slots, rank);
+                ctx.trainer.ddp_sync(comm, w).map_err(fail)?;
+                Ok(true)
+            }
+            SyncMode::Diloco { .. } => {
+                if ctx.trainer.diloco_due() {
+                    let w = ctx.trainer.weight(slots, rank);
+                    ctx.trainer.diloco_sync(comm, w).map_err(fail)?;
+                    Ok(true)
+                } else {
+                    self.forward_backward(ctx, attempt)?;
+                    ctx.trainer.apply_local().map_err(fail)?;
+                    Ok(false)
+                }
+            }
+        }
+    }
+
+    fn forward_backward(&mut self, ctx: &mut RunCtx, attempt: &Attempt) -> Result<(), Outcome> {
+        let n = ctx.trainer.spec.batch_size;
+        let batch = ctx
+            .feeder
+            .next_batch(n, &self.rt, &self.rpc, &attempt.token)
+            .map_err(|err| Outcome::Interrupted(format!("waiting for data: {err:#}")))?;
+        let s = ctx
+            .trainer
+            .forward_backward(&batch)
+            .map_err(|err| interrupted_or_failed(attempt, err))?;
+        let w = &mut ctx.window;
+        w.loss_sum += s.loss;
+        w.steps += 1;
+        w.correct += s.correct;
+        w.counted += s.counted;
+        w.samples += s.samples as u64;
+        w.tokens += if ctx.feeder.format.has_tokens() {
+            s.samples as u64 * ctx.trainer.spec.seq_len as u64
+        } else {
+            s.samples as u64
+        };
+        Ok(())
+    }
+
+    fn commit(&self, ctx: &RunCtx, epoch: u64) {
+        self.send(Up::StepCommitted(pb::StepCommitted {
+            run_id: ctx.run,
+            epoch,
+            step: ctx.trainer.sync_step,
+            param_hash: format!("{:016x}", ctx.trainer.hash()),
+        }));
+    }
+
+    /// The run's last step is synchronised: a final checkpoint, the held-out accuracy and the
+    /// last report.
+    fn finish(&self, ctx: &mut RunCtx, comm: Option<&RingComm>) {
+        if ctx.last_checkpoint != Some(ctx.trainer.sync_step) {
+            self.checkpoint(ctx);
+        }
+        let eval = plan::holdout(ctx.feeder.format, ctx.trainer.spec.seq_len, 512)
+            .and_then(|b| ctx.trainer.evaluate(&b).ok());
+        if let Some(s) = &eval {
+            info!(
+                run = ctx.run,
+                loss = s.loss,
+                accuracy = s.correct as f64 / s.counted.max(1) as f64,
+                "held-out evaluation"
+            );
+        }
+        self.report(ctx, comm, eval.map(|s| s.correct as f64 / s.counted.max(1) as f64));
+        info!(run = ctx.run, step = ctx.trainer.sync_step,
+            hash = %format!("{:016x}", ctx.trainer.hash()), "finished the run's steps");
+    }
+
+    fn checkpoint(&self, ctx: &mut RunCtx) {
+        let keep = ctx.spec.checkpoint_keep as usize;
+        let meta = ctx.trainer.checkpoint_meta(ctx.run, ctx.feeder.cursor());
+        let t = Instant::now();
+        match checkpoint::write(
+            &self.checkpoint_dir(),
+            &ctx.trainer.checkpoint_tensors(),
+            meta,
+            keep,
+        ) {
+            Ok((path, sha)) => {
+                ctx.checkpoint_wanted = false;
+                ctx.last_checkpoint = Some(ctx.trainer.sync_step);
+                info!(run = ctx.run, step = ctx.trainer.sync_step, path = %path.display(),
+                    took = ?t.elapsed(), "checkpoint written");
+                self.send(Up::CheckpointDone(pb::CheckpointDone {
+                    run_id: ctx.run,
+                    step: ctx.trainer.sync_step,
+                    uri: format!("file://{}", path.display()),
+                    sha256: sha,
+                }));
+            }
+            Err(err) => error!(run = ctx.run, "checkpoint failed: {err}"),
+        }
+    }
+
+    fn report(&self, ctx: &mut RunCtx, comm: Option<&RingComm>, eval_accuracy: Option<f64>) {
+        let elapsed = ctx.last_report.elapsed().as_secs_f64().max(1e-9);
+        let wall = ctx.started.elapsed();
+        let compute = ctx.trainer.compute;
+        let (comm_time, sent, received) = ctx.comm_in(comm);
+        let idle = wall.saturating_sub(compute + comm_time);
+        let w = std::mem::take(&mut ctx.window);
+        let bytes = (sent + received).saturating_sub(ctx.bytes_reported);
+        ctx.bytes_reported = sent + received;
+        let accuracy =
+            eval_accuracy.or((w.counted > 0).then(|| w.correct as f64 / w.counted as f64));
+        self.send(Up::Metrics(pb::Metrics {
+            run_id: ctx.run,
+            step: ctx.trainer.sync_step,
+            loss: (w.steps > 0).then(|| w.loss_sum / w.steps as f64),
+            tokens_per_sec: w.tokens as f64 / elapsed,
+            samples: w.samples,
+            bytes,
+            accuracy,
+            grad_norm: ctx.trainer.last_grad_norm,
+            compute_ms: compute.as_secs_f64() * 1e3,
+            comm_ms: comm_time.as_secs_f64() * 1e3,
+            idle_ms: idle.as_secs_f64() * 1e3,
+            bytes_sent: sent,
+            bytes_received: received,
+            param_hash: format!("{:016x}", ctx.trainer.hash()),
+            epoch: ctx.epoch,
+        }));
+        ctx.last_report = Instant::now();
+    }
+}
+
+fn reason(attempt: &Attempt, default: &str) -> String {
+    let r = attempt.reason();
+    if r.is_empty() { default.to_owned() } else { r }
+}
+
+fn interrupted_or_failed(attempt: &Attempt, err: TrainError) -> Outcome {
+    if attempt.token.is_cancelled() {
+        Outcome::Interrupted(format!("{}: {err}", reason(attempt, "cancelled")))
+    } else {
+        Outcome::Failed(err.to_string())
+    }
+}
+
+type Loaded = Result<(Lease, ShardData)>;
+
+/// Leases, fetches and reads shards, one ahead of the trainer.
+#[derive(Debug)]
+struct Feeder {
+    format: ShardFormat,
+    seed: u64,
+    seq_len: usize,
+    identity: Identity,
+    cache: PathBuf,
+    current: Option<(Lease, ShardReader)>,
+    next: Option<JoinHandle<Loaded>>,
+}
+
+impl Feeder {
+    fn new(
+        format: ShardFormat,
+        seed: u64,
+        seq_len: usize,
+        cfg: &DriverConfig,
+        identity: &Identity,
+    ) -> Self {
+        Self {
+            format,
+            seed,
+            seq_len,
+            identity: identity.clone(),
+            cache: cfg.state_dir.join("shards"),
+            current: None,
+            next: None,
+        }
+    }
+
+    fn cursor(&self) -> Option<Cursor> {
+        self.current.as_ref().map(|(l, r)| Cursor {
+            shard: l.shard,
+            data_epoch: l.data_epoch,
+            next: r.next,
+        })
+    }
+
+    /// Starts loading the next shard in the background if it is not already.
+    fn prefetch(&mut self, rt: &Handle, rpc: &AgentRpc) {
+        if self.next.is_some() {
+            return;
+        }
+        let (format, seed, identity, cache) =
+            (self.format, self.seed, self.identity.clone(), self.cache.clone());
+        let mut rpc = rpc.clone();
+        self.next = Some(rt.spawn(async move {
+            let mut backoff =
+                agent::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+            let lease = loop {
+                match agent::lease(&mut rpc).await {
+                    Ok(Ok(l)) => break l,
+                    Ok(Err(wait)) => tokio::time::sleep(wait).await,
+                    Err(err) => {
+                        tracing::debug!("{err:#}");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            };
+            let path = if format.has_bytes() {
+                Some(crate::fetch::shard(&lease, &identity, &cache).await?)
+            } else {
+                None
+            };
+            let s = shard_seed(seed, lease.shard, lease.data_epoch);
+            let data =
+                tokio::task::spawn_blocking(move || format.load(path.as_deref(), s)).await??;
+            Ok((lease, data))
+        }));
+    }
+
+    /// Makes sure a shard with samples left is current, waiting for one if needed.
+    fn ensure(&mut self, rt: &Handle, rpc: &AgentRpc, cancel: &CancellationToken) -> Result<()> {
+        loop {
+            if self.current.as_ref().is_some_and(|(_, r)| r.remaining() > 0) {
+                return Ok(());
+            }
+            if let Some((lease, reader)) = self.current.take() {
+                let mut rpc = rpc.clone();
+                let samples = reader.next;
+                rt.spawn(async move {
+                    if let Err(err) = agent::complete(&mut rpc, lease.id, samples).await {
+                        warn!("{err:#}");
+                    }
+                });
+            }
+            self.prefetch(rt, rpc);
+            let Some(handle) = self.next.as_mut() else { continue };
+            let loaded = rt.block_on(async {
+                tokio::select! {
+                    _ = cancel.cancelled() => None,
+                    r = handle => Some(r),
+                }
+            });
+            let Some(loaded) = loaded else { return Err(anyhow!("cancelled")) };
+            self.next = None;
+            match loaded.map_err(anyhow::Error::from).and_then(|r| r) {
+                Ok((lease, data)) => {
+                    let seed = shard_seed(self.seed, lease.shard, lease.data_epoch);
+                    self.current = Some((lease, ShardReader::new(data, self.seq_len, seed)));
+                }
+                Err(err) => {
+                    warn!("shard unavailable: {err:#}; leasing another");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// A full batch of `n` samples (across shards if one runs out), prefetching ahead.
+    fn next_batch(
+        &mut self,
+        n: usize,
+        rt: &Handle,
+        rpc: &AgentRpc,
+        cancel: &CancellationToken,
+    ) -> Result<Batch> {
+        let mut parts = Vec::new();
+        let mut have = 0usize;
+        while have < n {
+            self.ensure(rt, rpc, cancel)?;
+            let Some((_, reader)) = self.current.as_mut() else { continue };
+            if let Some(b) = reader.next_batch(n - have) {
+                have += b.samples as usize;
+                parts.push(b);
+            }
+            if reader.remaining() < 2 * n as u64 {
+                self.prefetch(rt, rpc);
+            }
+        }
+        Ok(if parts.len() == 1 { parts.pop().expect("one part") } else { Batch::cat(&parts) })
+    }
+}

@@ -1,0 +1,248 @@
+//! A coordinator in this process and `longhaul-worker`s as real child processes, on loopback.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coordinator::client::ConnectConfig;
+use coordinator::cluster;
+use coordinator::server::{self, ServerConfig};
+use coordinator::testing::{Control, connect_config, control};
+use proto::pb;
+
+/// A coordinator served from this process.
+pub struct Coordinator {
+    pub dir: PathBuf,
+    pub url: String,
+    pub cfg: ConnectConfig,
+    pub control: Control,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Coordinator {
+    /// Starts one with fast failure detection (suspect after 600 ms, dead after 1.5 s).
+    pub async fn start(dir: &Path) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shards = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let mut config = ServerConfig::new(dir.to_owned());
+        config.cluster = cluster::Config {
+            suspect_after: 600,
+            dead_after: 1_500,
+            readmit_after: 0,
+            lease_ttl: 60_000,
+        };
+        config.tick = Duration::from_millis(50);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            server::run_all(listener, None, Some(shards), config, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("coordinator failed");
+        });
+        let mut cfg = None;
+        for _ in 0..200 {
+            if let Ok(c) = connect_config(&url, dir) {
+                cfg = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let cfg = cfg.expect("the coordinator wrote its CA");
+        let admin = coordinator::testing::admin_token(dir).unwrap();
+        let control = control(&cfg, &admin).unwrap();
+        Self { dir: dir.to_owned(), url, cfg, control, stop: Some(stop), task }
+    }
+
+    pub async fn token(&mut self) -> String {
+        let req = pb::CreateJoinTokenRequest { ttl_seconds: 3600 };
+        self.control.create_join_token(req).await.unwrap().into_inner().token
+    }
+
+    pub async fn submit(&mut self, run_toml: &str) -> u64 {
+        let req = pb::SubmitRunRequest { run_toml: run_toml.to_owned() };
+        self.control.submit_run(req).await.unwrap().into_inner().run_id
+    }
+
+    pub async fn run(&mut self, id: u64) -> pb::RunInfo {
+        self.control.get_run(pb::GetRunRequest { run_id: id }).await.unwrap().into_inner()
+    }
+
+    /// Polls the run until `f` holds, failing after `within`.
+    pub async fn wait_run(
+        &mut self,
+        id: u64,
+        within: Duration,
+        what: &str,
+        f: impl Fn(&pb::RunInfo) -> bool,
+    ) -> pb::RunInfo {
+        let deadline = Instant::now() + within;
+        loop {
+            let r = self.run(id).await;
+            if f(&r) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {within:?} for {what}; the run is at step {}/{}, epoch {}, {} workers, \
+                 state {}, message {:?}",
+                r.committed_step,
+                r.total_steps,
+                r.epoch,
+                r.workers,
+                r.state,
+                r.message
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every log line of the run so far.
+    pub async fn logs(&mut self, id: u64) -> Vec<String> {
+        let mut stream =
+            self.control.watch_run(pb::WatchRunRequest { run_id: id }).await.unwrap().into_inner();
+        let mut lines = Vec::new();
+        // The stream replays the run's state, then follows: read what is there now.
+        while let Ok(Ok(Some(ev))) =
+            tokio::time::timeout(Duration::from_millis(300), stream.message()).await
+        {
+            if let Some(pb::run_event::Event::Log(l)) = ev.event {
+                lines.push(l);
+            }
+        }
+        lines
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// A `longhaul-worker` child process; killed when dropped.
+pub struct Worker {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Worker {
+    /// Starts a worker with its own state directory under `dir`.
+    pub fn spawn(dir: &Path, name: &str, c: &Coordinator, token: &str, extra: &[&str]) -> Self {
+        let state = dir.join(name);
+        std::fs::create_dir_all(&state).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_longhaul-worker"))
+            .args(["--coordinator", &c.url, "--ca-hash", &c.cfg.ca_pin, "--token", token])
+            .args(["--state-dir", state.to_str().unwrap(), "--ring-listen", "127.0.0.1:0"])
+            .args(["--threads", "1", "--host", name, "--metrics-every", "0.5"])
+            .args(extra)
+            .env("LONGHAUL_LOG", "info,worker=debug")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("starting longhaul-worker");
+        Self { name: name.to_owned(), child, log, state }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The hash the worker logged when it finished the run's steps.
+    pub fn final_hash(&self) -> Option<String> {
+        self.log_text()
+            .lines()
+            .rev()
+            .filter(|l| l.contains("finished the run's steps"))
+            .find_map(|l| l.split("hash=").nth(1))
+            .map(|h| h.trim().to_owned())
+    }
+
+    /// Waits (up to `within`) for the hash the worker logs when it finishes the run's steps.
+    pub fn wait_final_hash(&self, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let h = self.final_hash();
+            if h.is_some() || Instant::now() > deadline {
+                return h;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A small gpt on 2-digit addition, `mode` being the `[sync]` table's body.
+pub fn run_file(min: u32, max: u32, steps: u64, sync: &str) -> String {
+    format!(
+        r#"name = "membership"
+[model]
+builtin = "gpt"
+layers = 2
+width = 64
+heads = 4
+[dataset]
+format = "synthetic-addition"
+digits = 2
+samples_per_shard = 2048
+[optimizer]
+name = "adamw"
+lr = 3e-3
+weight_decay = 0.01
+[schedule]
+kind = "cosine"
+warmup_steps = 20
+min_lr = 3e-4
+[training]
+batch_size = 32
+seq_len = 10
+steps = {steps}
+[sync]
+{sync}
+[workers]
+min = {min}
+max = {max}
+[checkpoint]
+interval_steps = 100
+"#
+    )
+}
+
+/// Dumps worker logs to stderr (shown when a test fails).
+pub fn dump(workers: &[&Worker]) {
+    for w in workers {
+        eprintln!("===== {} =====\n{}", w.name, w.log_text());
+    }
+}
