@@ -610,6 +610,7 @@ impl Agent for AgentSvc {
                 size: l.info.size,
                 sha256: l.info.sha256,
                 data_epoch: l.data_epoch,
+                shared: l.shared,
                 expires_unix_ms: l.expires,
             }),
             None => R::RetryAfterMs(1000),

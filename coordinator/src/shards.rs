@@ -162,6 +162,9 @@ pub struct Lease {
     pub info: ShardInfo,
     pub data_epoch: u64,
     pub expires: Millis,
+    /// Every shard was held by another worker: this one reads a held shard too, so that it is
+    /// not starved (fewer shards than workers). Not tracked: there is nothing to complete.
+    pub shared: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -193,11 +196,15 @@ pub struct ShardRecord {
 }
 
 /// The lease book of one run.
+///
+/// Each shard is read once per data epoch. A shard finished in data epoch `d` is queued for
+/// `d + 1` lazily, when a worker asks and nothing of the current epoch is queued: the workers
+/// still reading the epoch's last shards never stall the others (in a synchronous run they
+/// could not finish without them). When every shard is held, a worker gets a shared lease on
+/// one (see [`Lease::shared`]).
 #[derive(Clone, Debug)]
 pub struct ShardBook {
     shards: Vec<ShardRecord>,
-    data_epoch: u64,
-    rolled: bool,
 }
 
 impl ShardBook {
@@ -212,13 +219,12 @@ impl ShardBook {
                 completions: 0,
             })
             .collect();
-        Self { shards, data_epoch: 0, rolled: false }
+        Self { shards }
     }
 
     /// Rebuilds a book from persisted records (in shard order).
     pub fn restore(shards: Vec<ShardRecord>) -> Self {
-        let data_epoch = shards.iter().map(|s| s.data_epoch).min().unwrap_or(0);
-        Self { shards, data_epoch, rolled: false }
+        Self { shards }
     }
 
     pub fn len(&self) -> u32 {
@@ -229,8 +235,13 @@ impl ShardBook {
         self.shards.is_empty()
     }
 
+    /// The oldest data epoch not yet finished (a finished shard counts toward the next).
     pub fn data_epoch(&self) -> u64 {
-        self.data_epoch
+        self.shards
+            .iter()
+            .map(|s| s.data_epoch + u64::from(s.state == ShardState::Done))
+            .min()
+            .unwrap_or(0)
     }
 
     pub fn record(&self, shard: u32) -> Option<&ShardRecord> {
@@ -249,7 +260,9 @@ impl ShardBook {
         })
     }
 
-    /// Leases the first queued shard to `worker`, or `None` if all are leased or done.
+    /// Leases a shard to `worker`: the queued shard of the oldest data epoch; else a finished
+    /// one, for the next data epoch; else (every shard held) a shared lease. `None` only for an
+    /// empty book.
     pub fn lease(
         &mut self,
         now: Millis,
@@ -257,17 +270,45 @@ impl ShardBook {
         id: LeaseId,
         ttl: Millis,
     ) -> Option<Lease> {
-        let (i, s) =
-            self.shards.iter_mut().enumerate().find(|(_, s)| s.state == ShardState::Queued)?;
+        let oldest = |state: ShardState| {
+            self.shards
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.state == state)
+                .min_by_key(|(i, s)| (s.data_epoch, *i))
+                .map(|(i, _)| i)
+        };
         let expires = now + ttl;
-        s.state = ShardState::Leased { lease: id, worker, expires };
+        if let Some(i) = oldest(ShardState::Queued).or_else(|| oldest(ShardState::Done)) {
+            let s = &mut self.shards[i];
+            if s.state == ShardState::Done {
+                s.data_epoch += 1;
+            }
+            s.state = ShardState::Leased { lease: id, worker, expires };
+            return Some(Lease {
+                id,
+                run: RunId(0),
+                shard: i as u32,
+                info: s.info.clone(),
+                data_epoch: s.data_epoch,
+                expires,
+                shared: false,
+            });
+        }
+        // Every shard is held: share one, spreading the sharers by lease id.
+        let held: Vec<usize> = (0..self.shards.len())
+            .filter(|&i| matches!(self.shards[i].state, ShardState::Leased { worker: w, .. } if w != worker))
+            .collect();
+        let i = *held.get((id.0 % held.len().max(1) as u64) as usize)?;
+        let s = &self.shards[i];
         Some(Lease {
             id,
             run: RunId(0),
             shard: i as u32,
             info: s.info.clone(),
-            data_epoch: self.data_epoch,
+            data_epoch: s.data_epoch,
             expires,
+            shared: true,
         })
     }
 
@@ -278,7 +319,6 @@ impl ShardBook {
         worker: WorkerId,
         lease: LeaseId,
     ) -> Result<u32, LeaseError> {
-        self.rolled = false;
         let i = self
             .shards
             .iter()
@@ -287,20 +327,7 @@ impl ShardBook {
         let s = &mut self.shards[i];
         s.state = ShardState::Done;
         s.completions += 1;
-        if self.shards.iter().all(|s| s.state == ShardState::Done) {
-            self.data_epoch += 1;
-            for s in &mut self.shards {
-                s.state = ShardState::Queued;
-                s.data_epoch = self.data_epoch;
-            }
-            self.rolled = true;
-        }
         Ok(i as u32)
-    }
-
-    /// Whether the last completion finished a data epoch (every shard was then re-queued).
-    pub fn data_epoch_rolled(&self) -> bool {
-        self.rolled
     }
 
     /// Returns expired leases to the queue.
@@ -350,7 +377,11 @@ mod tests {
         let l1 = b.lease(0, w2, LeaseId(2), 100).unwrap();
         let l2 = b.lease(0, w1, LeaseId(3), 100).unwrap();
         assert_eq!((l0.shard, l1.shard, l2.shard), (0, 1, 2));
-        assert!(b.lease(0, w2, LeaseId(4), 100).is_none());
+        assert!(!l0.shared && !l1.shared && !l2.shared);
+        // All held: w2 shares one that another worker holds, untracked.
+        let shared = b.lease(0, w2, LeaseId(4), 100).unwrap();
+        assert!(shared.shared && shared.shard != 1, "{shared:?}");
+        assert_eq!(b.complete(0, w2, shared.id), Err(LeaseError::NotHeld(LeaseId(4))));
         // w2's lease expires; w1 dies.
         assert_eq!(b.expire(100), vec![0, 1, 2]);
         // A stale completion is refused.
@@ -361,11 +392,30 @@ mod tests {
         assert_eq!(b.release_worker(w1), vec![l.shard]);
         let a = b.lease(103, w2, LeaseId(7), 100).unwrap();
         let c = b.lease(103, w2, LeaseId(8), 100).unwrap();
+        assert_eq!(b.data_epoch(), 0);
         b.complete(104, w2, a.id).unwrap();
         b.complete(104, w2, c.id).unwrap();
-        assert!(b.data_epoch_rolled());
         assert_eq!(b.data_epoch(), 1);
-        assert!(b.records().iter().all(|s| s.completions == 1 && s.state == ShardState::Queued));
+        assert!(b.records().iter().all(|s| s.completions == 1 && s.state == ShardState::Done));
+        let next = b.lease(105, w1, LeaseId(9), 100).unwrap();
+        assert_eq!((next.shard, next.data_epoch, next.shared), (0, 1, false));
+    }
+
+    #[test]
+    fn the_next_data_epoch_starts_while_the_last_shards_are_read() {
+        let mut b = ShardBook::new(manifest(2));
+        let (w1, w2) = (WorkerId(1), WorkerId(2));
+        let a = b.lease(0, w1, LeaseId(1), 100).unwrap();
+        let _held = b.lease(0, w2, LeaseId(2), 100).unwrap();
+        b.complete(1, w1, a.id).unwrap();
+        // w2 still reads shard 1 of epoch 0; w1 is not kept waiting for it.
+        let next = b.lease(2, w1, LeaseId(3), 100).unwrap();
+        assert_eq!((next.shard, next.data_epoch, next.shared), (0, 1, false));
+        assert_eq!(b.data_epoch(), 0);
+        // A persisted book restores the same epochs.
+        let restored = ShardBook::restore(b.records().to_vec());
+        assert_eq!(restored.data_epoch(), 0);
+        assert_eq!(restored.record(0).unwrap().data_epoch, 1);
     }
 
     #[test]

@@ -424,6 +424,8 @@ pub struct Lease {
     pub size: u64,
     pub sha256: String,
     pub data_epoch: u64,
+    /// A held shard shared with its holder (nothing to complete).
+    pub shared: bool,
 }
 
 /// Leases the next shard: `Ok(None)` with a wait when nothing is available now.
@@ -443,6 +445,7 @@ pub async fn lease(rpc: &mut AgentRpc) -> Result<Result<Lease, Duration>> {
             size: l.size,
             sha256: l.sha256,
             data_epoch: l.data_epoch,
+            shared: l.shared,
         })),
         Some(pb::lease_shard_response::Result::RetryAfterMs(ms)) => {
             Ok(Err(Duration::from_millis(u64::from(ms).clamp(50, 30_000))))

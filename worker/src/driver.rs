@@ -23,7 +23,7 @@ use proto::pb::agent_message::Msg as Up;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::agent::{self, Attempt, Down, Identity, Lease, TrainerSide};
 use crate::comm::{Comm, RingComm};
@@ -102,7 +102,9 @@ struct RunCtx {
     total: u64,
     trainer: Trainer,
     feeder: Feeder,
-    started: Instant,
+    /// When this worker first trained in a ring of the run: compute, communication and idle
+    /// time are counted from here (model building and waiting for the first epoch are not).
+    started: Option<Instant>,
     totals: Totals,
     window: Window,
     /// Ring bytes (sent + received) already counted in a report.
@@ -318,7 +320,7 @@ impl Driver {
             total: e.total_steps,
             trainer,
             feeder,
-            started: Instant::now(),
+            started: None,
             totals: Totals::default(),
             window: Window::default(),
             bytes_reported: 0,
@@ -472,6 +474,7 @@ impl Driver {
                 hash = %format!("{:016x}", ctx.trainer.hash()), "took over the ring's state (hash verified)");
         }
         let mut slots = agreement.slots;
+        ctx.started.get_or_insert_with(Instant::now);
         info!(
             run = ctx.run,
             epoch = e.epoch,
@@ -596,8 +599,21 @@ impl Driver {
             );
         }
         self.report(ctx, comm, eval.map(|s| s.correct as f64 / s.counted.max(1) as f64));
-        info!(run = ctx.run, step = ctx.trainer.sync_step,
-            hash = %format!("{:016x}", ctx.trainer.hash()), "finished the run's steps");
+        let wall = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
+        let (comm_time, sent, received) = ctx.comm_in(comm);
+        let compute = ctx.trainer.compute;
+        info!(
+            run = ctx.run,
+            step = ctx.trainer.sync_step,
+            wall_s = wall.as_secs_f64(),
+            compute_s = compute.as_secs_f64(),
+            comm_s = comm_time.as_secs_f64(),
+            idle_s = wall.saturating_sub(compute + comm_time).as_secs_f64(),
+            bytes_sent = sent,
+            bytes_received = received,
+            hash = %format!("{:016x}", ctx.trainer.hash()),
+            "finished the run's steps"
+        );
     }
 
     fn checkpoint(&self, ctx: &mut RunCtx) {
@@ -628,7 +644,7 @@ impl Driver {
 
     fn report(&self, ctx: &mut RunCtx, comm: Option<&RingComm>, eval_accuracy: Option<f64>) {
         let elapsed = ctx.last_report.elapsed().as_secs_f64().max(1e-9);
-        let wall = ctx.started.elapsed();
+        let wall = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
         let compute = ctx.trainer.compute;
         let (comm_time, sent, received) = ctx.comm_in(comm);
         let idle = wall.saturating_sub(compute + comm_time);
@@ -741,6 +757,9 @@ impl Feeder {
             let s = shard_seed(seed, lease.shard, lease.data_epoch);
             let data =
                 tokio::task::spawn_blocking(move || format.load(path.as_deref(), s)).await??;
+            if lease.shared {
+                debug!(shard = lease.shard, "sharing a shard another worker holds");
+            }
             Ok((lease, data))
         }));
     }
@@ -751,7 +770,7 @@ impl Feeder {
             if self.current.as_ref().is_some_and(|(_, r)| r.remaining() > 0) {
                 return Ok(());
             }
-            if let Some((lease, reader)) = self.current.take() {
+            if let Some((lease, reader)) = self.current.take().filter(|(l, _)| !l.shared) {
                 let mut rpc = rpc.clone();
                 let samples = reader.next;
                 rt.spawn(async move {
@@ -772,7 +791,11 @@ impl Feeder {
             self.next = None;
             match loaded.map_err(anyhow::Error::from).and_then(|r| r) {
                 Ok((lease, data)) => {
-                    let seed = shard_seed(self.seed, lease.shard, lease.data_epoch);
+                    let mut seed = shard_seed(self.seed, lease.shard, lease.data_epoch);
+                    if lease.shared {
+                        // Not the holder's order: a sharer's batches should differ from its.
+                        seed = shard_seed(seed, self.identity.worker_id as u32, lease.id);
+                    }
                     self.current = Some((lease, ShardReader::new(data, self.seq_len, seed)));
                 }
                 Err(err) => {

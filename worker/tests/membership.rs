@@ -4,13 +4,15 @@
 //! mid-run; the survivors go on, the joiner takes over the ring's state (checked against the
 //! hash the coordinator recorded), and every live worker ends with the same parameters.
 
-mod common;
-
+use std::path::Path;
 use std::time::Duration;
 
-use common::{Coordinator, Worker, dump, run_file};
 use proto::pb::RunState;
+use worker::testing::cluster::{Coordinator, Worker, dump, run_file};
 
+fn spawn(dir: &Path, name: &str, c: &Coordinator, token: &str) -> Worker {
+    Worker::spawn(Path::new(env!("CARGO_BIN_EXE_longhaul-worker")), dir, name, c, token, &[])
+}
 const STEPS: u64 = 1200;
 
 async fn kill_one_then_join_one(sync: &str) {
@@ -19,7 +21,7 @@ async fn kill_one_then_join_one(sync: &str) {
     let token = c.token().await;
     let run = c.submit(&run_file(2, 3, STEPS, sync)).await;
     let mut w: Vec<Worker> =
-        (1..=3).map(|i| Worker::spawn(dir.path(), &format!("w{i}"), &c, &token, &[])).collect();
+        (1..=3).map(|i| spawn(dir.path(), &format!("w{i}"), &c, &token)).collect();
     let result = async {
         let r = c
             .wait_run(run, Duration::from_secs(120), "3 workers training", |r| {
@@ -37,7 +39,7 @@ async fn kill_one_then_join_one(sync: &str) {
         assert_eq!(r.state, RunState::Running as i32);
         let (join_at, epoch) = (r.committed_step, r.epoch);
         eprintln!("survivors reached step {join_at} in epoch {epoch}; w4 joins");
-        w.push(Worker::spawn(dir.path(), "w4", &c, &token, &[]));
+        w.push(spawn(dir.path(), "w4", &c, &token));
         c.wait_run(run, Duration::from_secs(60), "w4 to train with them", |r| {
             r.epoch > epoch && r.workers == 3 && r.committed_step >= join_at + 100
         })

@@ -588,6 +588,7 @@ impl Cluster {
         let id = LeaseId(self.counters.next_lease);
         let lease = book.lease(now, worker, id, self.config.lease_ttl);
         if let Some(l) = &lease {
+            // Shared leases are not tracked, but their ids are never reused either.
             self.counters.next_lease += 1;
             self.dirty.insert(Dirty::Counters);
             self.dirty.insert(Dirty::Shard(run, l.shard));
@@ -611,11 +612,6 @@ impl Cluster {
         let book = self.shards.get_mut(&run).ok_or(LeaseError::NotInRun)?;
         let shard = book.complete(now, worker, lease)?;
         self.dirty.insert(Dirty::Shard(run, shard));
-        if book.data_epoch_rolled() {
-            for i in 0..book.len() {
-                self.dirty.insert(Dirty::Shard(run, i));
-            }
-        }
         tracing::debug!(%worker, shard, samples, "shard completed");
         Ok(())
     }

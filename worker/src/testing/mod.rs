@@ -1,4 +1,7 @@
-//! Small specs and loopback rings for tests, benches and examples.
+//! Small specs and loopback rings for tests, benches and examples, and a whole cluster of
+//! processes ([`cluster`]).
+
+pub mod cluster;
 
 use std::thread;
 

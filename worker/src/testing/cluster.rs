@@ -1,6 +1,5 @@
-//! A coordinator in this process and `longhaul-worker`s as real child processes, on loopback.
-
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+//! A coordinator in this process and `longhaul-worker`s as real child processes, on loopback:
+//! for the membership tests, the utilisation benchmark and the chaos scenarios.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +12,7 @@ use coordinator::testing::{Control, connect_config, control};
 use proto::pb;
 
 /// A coordinator served from this process.
+#[derive(Debug)]
 pub struct Coordinator {
     pub dir: PathBuf,
     pub url: String,
@@ -25,9 +25,10 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts one with fast failure detection (suspect after 600 ms, dead after 1.5 s).
     pub async fn start(dir: &Path) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let shards = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("test cluster");
+        let shards = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("test cluster");
+        let url =
+            format!("https://127.0.0.1:{}", listener.local_addr().expect("test cluster").port());
         let mut config = ServerConfig::new(dir.to_owned());
         config.cluster = cluster::Config {
             suspect_after: 600,
@@ -53,23 +54,27 @@ impl Coordinator {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         let cfg = cfg.expect("the coordinator wrote its CA");
-        let admin = coordinator::testing::admin_token(dir).unwrap();
-        let control = control(&cfg, &admin).unwrap();
+        let admin = coordinator::testing::admin_token(dir).expect("test cluster");
+        let control = control(&cfg, &admin).expect("test cluster");
         Self { dir: dir.to_owned(), url, cfg, control, stop: Some(stop), task }
     }
 
     pub async fn token(&mut self) -> String {
         let req = pb::CreateJoinTokenRequest { ttl_seconds: 3600 };
-        self.control.create_join_token(req).await.unwrap().into_inner().token
+        self.control.create_join_token(req).await.expect("test cluster").into_inner().token
     }
 
     pub async fn submit(&mut self, run_toml: &str) -> u64 {
         let req = pb::SubmitRunRequest { run_toml: run_toml.to_owned() };
-        self.control.submit_run(req).await.unwrap().into_inner().run_id
+        self.control.submit_run(req).await.expect("test cluster").into_inner().run_id
     }
 
     pub async fn run(&mut self, id: u64) -> pb::RunInfo {
-        self.control.get_run(pb::GetRunRequest { run_id: id }).await.unwrap().into_inner()
+        self.control
+            .get_run(pb::GetRunRequest { run_id: id })
+            .await
+            .expect("test cluster")
+            .into_inner()
     }
 
     /// Polls the run until `f` holds, failing after `within`.
@@ -103,8 +108,12 @@ impl Coordinator {
 
     /// Every log line of the run so far.
     pub async fn logs(&mut self, id: u64) -> Vec<String> {
-        let mut stream =
-            self.control.watch_run(pb::WatchRunRequest { run_id: id }).await.unwrap().into_inner();
+        let mut stream = self
+            .control
+            .watch_run(pb::WatchRunRequest { run_id: id })
+            .await
+            .expect("test cluster")
+            .into_inner();
         let mut lines = Vec::new();
         // The stream replays the run's state, then follows: read what is there now.
         while let Ok(Ok(Some(ev))) =
@@ -126,6 +135,7 @@ impl Coordinator {
 }
 
 /// A `longhaul-worker` child process; killed when dropped.
+#[derive(Debug)]
 pub struct Worker {
     pub name: String,
     pub child: Child,
@@ -134,15 +144,24 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts a worker with its own state directory under `dir`.
-    pub fn spawn(dir: &Path, name: &str, c: &Coordinator, token: &str, extra: &[&str]) -> Self {
+    /// Starts `bin` (a `longhaul-worker`) with its own state directory under `dir`.
+    pub fn spawn(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        c: &Coordinator,
+        token: &str,
+        extra: &[&str],
+    ) -> Self {
         let state = dir.join(name);
-        std::fs::create_dir_all(&state).unwrap();
+        std::fs::create_dir_all(&state).expect("test cluster");
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_longhaul-worker"))
+        let out = std::fs::File::create(&log).expect("test cluster");
+        let child = Command::new(bin)
             .args(["--coordinator", &c.url, "--ca-hash", &c.cfg.ca_pin, "--token", token])
-            .args(["--state-dir", state.to_str().unwrap(), "--ring-listen", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--ring-listen", "127.0.0.1:0"])
             .args(["--threads", "1", "--host", name, "--metrics-every", "0.5"])
             .args(extra)
             .env("LONGHAUL_LOG", "info,worker=debug")
