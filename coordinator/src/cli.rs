@@ -367,7 +367,7 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                         r.epoch,
                         format!("{}/{}", r.committed_step, r.total_steps),
                         r.workers,
-                        r.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into())
+                        r.loss.map(fmt_loss).unwrap_or_else(|| "-".into())
                     );
                 }
             }
@@ -388,10 +388,7 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                     "  epoch      {} ({} workers, min {}, max {})",
                     r.epoch, r.workers, r.min_workers, r.max_workers
                 );
-                println!(
-                    "  loss       {}",
-                    r.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into())
-                );
+                println!("  loss       {}", r.loss.map(fmt_loss).unwrap_or_else(|| "-".into()));
                 println!("  accuracy   {}", percent(r.accuracy));
                 println!("  tokens/s   {:.0}", r.tokens_per_sec);
                 println!("  compute    {} of the time", percent(Some(r.compute_utilisation)));
@@ -402,6 +399,9 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                 );
                 println!("  restarts   {}/{}", r.restarts, r.restart_budget);
                 println!("  data epoch {}", r.data_epoch);
+                if !r.latest_checkpoint.is_empty() {
+                    println!("  checkpoint {}", r.latest_checkpoint);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -534,8 +534,13 @@ fn run_json(r: &pb::RunInfo) -> serde_json::Value {
         "message": r.message, "created_unix_ms": r.created_unix_ms, "updated_unix_ms": r.updated_unix_ms,
         "data_epoch": r.data_epoch, "accuracy": r.accuracy,
         "compute_utilisation": r.compute_utilisation, "bytes_moved": r.bytes_moved,
-        "committed_hash": r.committed_hash,
+        "committed_hash": r.committed_hash, "latest_checkpoint": r.latest_checkpoint,
     })
+}
+
+/// A loss with 4 decimals, or in scientific notation when that would show only zeros.
+fn fmt_loss(l: f64) -> String {
+    if l != 0.0 && l.abs() < 1e-3 { format!("{l:.2e}") } else { format!("{l:.4}") }
 }
 
 /// A fraction as a percentage, or "-".
@@ -568,7 +573,7 @@ fn print_event(r: &pb::RunInfo, json: bool) {
             r.committed_step,
             r.total_steps,
             r.workers,
-            r.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+            r.loss.map(fmt_loss).unwrap_or_else(|| "-".into()),
             r.message
         );
     }
@@ -617,7 +622,7 @@ async fn follow_run(c: &mut Control, run: RunId, json: bool) -> Result<ExitCode>
         bar.set_position(r.committed_step);
         bar.set_message(format!(
             "loss {} | acc {} | {:.0} tok/s | compute {} | ring {} | {} workers | epoch {} | params {} | {}",
-            r.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+            r.loss.map(fmt_loss).unwrap_or_else(|| "-".into()),
             percent(r.accuracy),
             r.tokens_per_sec,
             percent(Some(r.compute_utilisation)),

@@ -219,6 +219,7 @@ fn run_info(c: &Cluster, r: &cluster::RunRecord) -> pb::RunInfo {
         compute_utilisation: c.compute_utilisation(r.id),
         bytes_moved: c.bytes_moved(r.id),
         committed_hash: r.committed_hash.clone(),
+        latest_checkpoint: r.latest_checkpoint.clone(),
     }
 }
 
@@ -718,6 +719,10 @@ fn handle_agent_message(
         }
         Msg::CheckpointDone(cp) => {
             let run = convert::run_id(cp.run_id)?;
+            shared.with(|c, _, _| {
+                c.checkpoint_done(id, run, cp.step, &cp.uri);
+                Ok(())
+            })?;
             let rec = CheckpointRecord {
                 step: cp.step,
                 uri: cp.uri,

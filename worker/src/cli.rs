@@ -119,7 +119,7 @@ pub fn main() -> ExitCode {
 
 impl Opts {
     fn connect(&self) -> Result<ConnectConfig> {
-        let Some(pin) = self.ca_hash.clone() else {
+        let Some(pin) = self.ca_hash.clone().filter(|p| !p.trim().is_empty()) else {
             bail!(
                 "--ca-hash (LONGHAUL_CA_HASH) is required: the coordinator's CA pin, printed by \
                  `longhaul ca-hash` on the coordinator"

@@ -107,6 +107,8 @@ struct RunCtx {
     started: Option<Instant>,
     totals: Totals,
     window: Window,
+    /// Tokens trained on since `started`, for the run's average rate in the final report.
+    tokens: u64,
     /// Ring bytes (sent + received) already counted in a report.
     bytes_reported: u64,
     last_report: Instant,
@@ -323,6 +325,7 @@ impl Driver {
             started: None,
             totals: Totals::default(),
             window: Window::default(),
+            tokens: 0,
             bytes_reported: 0,
             last_report: Instant::now(),
             checkpoint_wanted: false,
@@ -486,7 +489,7 @@ impl Driver {
         self.commit(ctx, e.epoch);
 
         loop {
-            // First: the last step synchronised ends the run here, whatever arrived meanwhile.
+            // The ring already holds the last step (this member joined after it).
             if ctx.trainer.sync_step >= ctx.total {
                 self.finish(ctx, Some(comm));
                 return Outcome::Finished;
@@ -505,13 +508,20 @@ impl Driver {
                     s.inner_start = ctx.trainer.inner_start;
                     s.sync_step = ctx.trainer.sync_step;
                 }
+                if ctx.trainer.sync_step >= ctx.total {
+                    // The last step: checkpoint, evaluation and final report go out before the
+                    // commit, which ends the run at the coordinator.
+                    self.finish(ctx, Some(comm));
+                    self.commit(ctx, e.epoch);
+                    return Outcome::Finished;
+                }
                 self.commit(ctx, e.epoch);
                 if ctx.checkpoint_wanted {
                     self.checkpoint(ctx);
                 }
             }
             if ctx.last_report.elapsed() >= self.cfg.metrics_every {
-                self.report(ctx, Some(comm), None);
+                self.report(ctx, Some(comm), None, false);
             }
         }
     }
@@ -565,11 +575,13 @@ impl Driver {
         w.correct += s.correct;
         w.counted += s.counted;
         w.samples += s.samples as u64;
-        w.tokens += if ctx.feeder.format.has_tokens() {
+        let tokens = if ctx.feeder.format.has_tokens() {
             s.samples as u64 * ctx.trainer.spec.seq_len as u64
         } else {
             s.samples as u64
         };
+        w.tokens += tokens;
+        ctx.tokens += tokens;
         Ok(())
     }
 
@@ -598,7 +610,7 @@ impl Driver {
                 "held-out evaluation"
             );
         }
-        self.report(ctx, comm, eval.map(|s| s.correct as f64 / s.counted.max(1) as f64));
+        self.report(ctx, comm, eval.map(|s| s.correct as f64 / s.counted.max(1) as f64), true);
         let wall = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
         let (comm_time, sent, received) = ctx.comm_in(comm);
         let compute = ctx.trainer.compute;
@@ -642,7 +654,13 @@ impl Driver {
         }
     }
 
-    fn report(&self, ctx: &mut RunCtx, comm: Option<&RingComm>, eval_accuracy: Option<f64>) {
+    fn report(
+        &self,
+        ctx: &mut RunCtx,
+        comm: Option<&RingComm>,
+        eval_accuracy: Option<f64>,
+        last: bool,
+    ) {
         let elapsed = ctx.last_report.elapsed().as_secs_f64().max(1e-9);
         let wall = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
         let compute = ctx.trainer.compute;
@@ -653,11 +671,17 @@ impl Driver {
         ctx.bytes_reported = sent + received;
         let accuracy =
             eval_accuracy.or((w.counted > 0).then(|| w.correct as f64 / w.counted as f64));
+        // The final report gives the run's average rate, not the last window's.
+        let tokens_per_sec = if last {
+            ctx.tokens as f64 / wall.as_secs_f64().max(1e-9)
+        } else {
+            w.tokens as f64 / elapsed
+        };
         self.send(Up::Metrics(pb::Metrics {
             run_id: ctx.run,
             step: ctx.trainer.sync_step,
             loss: (w.steps > 0).then(|| w.loss_sum / w.steps as f64),
-            tokens_per_sec: w.tokens as f64 / elapsed,
+            tokens_per_sec,
             samples: w.samples,
             bytes,
             accuracy,

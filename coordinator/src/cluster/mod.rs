@@ -150,6 +150,17 @@ pub struct RunRecord {
     #[serde(default)]
     pub accuracy: Option<f64>,
     pub tokens_per_sec: f64,
+    /// Compute utilisation and ring bytes of the last members, kept when the run ends (the
+    /// live figures are over the current members).
+    #[serde(default)]
+    pub final_utilisation: Option<f64>,
+    #[serde(default)]
+    pub final_bytes: Option<u64>,
+    /// The newest checkpoint a member reported: "worker-N step S uri".
+    #[serde(default)]
+    pub latest_checkpoint: String,
+    #[serde(default)]
+    pub latest_checkpoint_step: u64,
 }
 
 /// A worker's durable record, with its contribution ledger.
@@ -367,6 +378,10 @@ impl Cluster {
             loss: None,
             accuracy: None,
             tokens_per_sec: 0.0,
+            final_utilisation: None,
+            final_bytes: None,
+            latest_checkpoint: String::new(),
+            latest_checkpoint_step: 0,
         };
         let book = ShardBook::new(manifest);
         for i in 0..book.len() {
@@ -572,6 +587,16 @@ impl Cluster {
                 r.tokens_per_sec = m.tokens_per_sec * r.members.len().max(1) as f64;
             }
             r.updated_ms = now;
+            self.dirty.insert(Dirty::Run(run));
+        }
+    }
+
+    /// A member wrote a checkpoint of `run` at `step` (at `uri`, on its own machine).
+    pub fn checkpoint_done(&mut self, worker: WorkerId, run: RunId, step: u64, uri: &str) {
+        let Some(r) = self.runs.get_mut(&run) else { return };
+        if step >= r.latest_checkpoint_step {
+            r.latest_checkpoint = format!("{worker} step {step} {uri}");
+            r.latest_checkpoint_step = step;
             self.dirty.insert(Dirty::Run(run));
         }
     }
@@ -797,7 +822,12 @@ impl Cluster {
     }
 
     fn finish(&mut self, now: Millis, run: RunId, state: RunState, reason: String) {
+        let (utilisation, bytes) = (self.compute_utilisation(run), self.bytes_moved(run));
         let Some(r) = self.runs.get_mut(&run) else { return };
+        if !r.members.is_empty() {
+            r.final_utilisation = Some(utilisation);
+            r.final_bytes = Some(bytes);
+        }
         r.state = state;
         r.message = reason.clone();
         r.updated_ms = now;
@@ -874,6 +904,11 @@ impl Cluster {
     /// 0 if none did.
     pub fn compute_utilisation(&self, run: RunId) -> f64 {
         let Some(r) = self.runs.get(&run) else { return 0.0 };
+        if r.members.is_empty()
+            && let Some(u) = r.final_utilisation
+        {
+            return u;
+        }
         let us: Vec<f64> = r
             .members
             .iter()
@@ -885,6 +920,11 @@ impl Cluster {
     /// The bytes the run's current members sent on the ring, summed (their latest reports).
     pub fn bytes_moved(&self, run: RunId) -> u64 {
         let Some(r) = self.runs.get(&run) else { return 0 };
+        if r.members.is_empty()
+            && let Some(b) = r.final_bytes
+        {
+            return b;
+        }
         r.members
             .iter()
             .filter_map(|m| self.latest.get(&m.worker))
