@@ -11,31 +11,36 @@ use coordinator::server::{self, ServerConfig};
 use coordinator::testing::{Control, connect_config, control};
 use proto::pb;
 
-/// A coordinator served from this process.
+/// A coordinator served from this process, or a `longhaul serve` child process.
 #[derive(Debug)]
 pub struct Coordinator {
     pub dir: PathBuf,
     pub url: String,
     pub cfg: ConnectConfig,
     pub control: Control,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    backend: Backend,
+}
+
+#[derive(Debug)]
+enum Backend {
+    InProcess { stop: Option<tokio::sync::oneshot::Sender<()>>, task: tokio::task::JoinHandle<()> },
+    Process { bin: PathBuf, args: Vec<String>, child: Option<Child>, log: PathBuf },
+}
+
+/// Fast failure detection for tests: suspect after 600 ms, dead after 1.5 s, readmitted at once.
+fn fast_cluster() -> cluster::Config {
+    cluster::Config { suspect_after: 600, dead_after: 1_500, readmit_after: 0, lease_ttl: 60_000 }
 }
 
 impl Coordinator {
-    /// Starts one with fast failure detection (suspect after 600 ms, dead after 1.5 s).
+    /// Starts one in this process with fast failure detection.
     pub async fn start(dir: &Path) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("test cluster");
         let shards = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("test cluster");
         let url =
             format!("https://127.0.0.1:{}", listener.local_addr().expect("test cluster").port());
         let mut config = ServerConfig::new(dir.to_owned());
-        config.cluster = cluster::Config {
-            suspect_after: 600,
-            dead_after: 1_500,
-            readmit_after: 0,
-            lease_ttl: 60_000,
-        };
+        config.cluster = fast_cluster();
         config.tick = Duration::from_millis(50);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
@@ -45,9 +50,43 @@ impl Coordinator {
             .await
             .expect("coordinator failed");
         });
+        Self::connect(dir, url, Backend::InProcess { stop: Some(stop), task }).await
+    }
+
+    /// Starts `bin` (`longhaul`) as `longhaul serve` with its home in `dir` and fast failure
+    /// detection; [`Coordinator::kill`] and [`Coordinator::restart`] act on the process.
+    pub async fn spawn(bin: &Path, dir: &Path) -> Self {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        };
+        let (grpc, shards, metrics) = (free(), free(), free());
+        let c = fast_cluster();
+        let args: Vec<String> = vec![
+            "serve".into(),
+            format!("--listen=127.0.0.1:{grpc}"),
+            format!("--shards-listen=127.0.0.1:{shards}"),
+            format!("--metrics-listen=127.0.0.1:{metrics}"),
+            format!("--suspect-after-ms={}", c.suspect_after),
+            format!("--dead-after-ms={}", c.dead_after),
+            format!("--readmit-after-ms={}", c.readmit_after),
+            format!("--lease-ttl-ms={}", c.lease_ttl),
+        ];
+        std::fs::create_dir_all(dir).expect("test cluster");
+        let log = dir.join("coordinator.log");
+        let mut backend = Backend::Process { bin: bin.to_owned(), args, child: None, log };
+        backend.start_process(dir);
+        Self::connect(dir, format!("https://127.0.0.1:{grpc}"), backend).await
+    }
+
+    async fn connect(dir: &Path, url: String, backend: Backend) -> Self {
         let mut cfg = None;
-        for _ in 0..200 {
-            if let Ok(c) = connect_config(&url, dir) {
+        for _ in 0..400 {
+            if let Ok(c) = connect_config(&url, dir)
+                && coordinator::testing::admin_token(dir).is_ok()
+            {
                 cfg = Some(c);
                 break;
             }
@@ -56,7 +95,38 @@ impl Coordinator {
         let cfg = cfg.expect("the coordinator wrote its CA");
         let admin = coordinator::testing::admin_token(dir).expect("test cluster");
         let control = control(&cfg, &admin).expect("test cluster");
-        Self { dir: dir.to_owned(), url, cfg, control, stop: Some(stop), task }
+        let mut c = Self { dir: dir.to_owned(), url, cfg, control, backend };
+        // Answers once it serves.
+        for _ in 0..400 {
+            if c.control.list_runs(pb::ListRunsRequest {}).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        c
+    }
+
+    /// SIGKILLs a process coordinator.
+    pub fn kill(&mut self) {
+        if let Backend::Process { child: Some(child), .. } = &mut self.backend {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Backend::Process { child, .. } = &mut self.backend {
+            *child = None;
+        }
+    }
+
+    /// Starts a killed process coordinator again, on the same home and ports.
+    pub async fn restart(&mut self) {
+        self.backend.start_process(&self.dir);
+        for _ in 0..400 {
+            if self.control.list_runs(pb::ListRunsRequest {}).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the coordinator did not come back");
     }
 
     pub async fn token(&mut self) -> String {
@@ -127,10 +197,46 @@ impl Coordinator {
     }
 
     pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
+        match &mut self.backend {
+            Backend::InProcess { stop, task } => {
+                if let Some(s) = stop.take() {
+                    let _ = s.send(());
+                }
+                let _ = task.await;
+            }
+            Backend::Process { .. } => self.kill(),
         }
-        let _ = self.task.await;
+    }
+}
+
+impl Backend {
+    fn start_process(&mut self, dir: &Path) {
+        if let Self::Process { bin, args, child, log } = self {
+            let out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&*log)
+                .expect("coordinator log");
+            *child = Some(
+                Command::new(&*bin)
+                    .args(&*args)
+                    .env("LONGHAUL_HOME", dir)
+                    .env("LONGHAUL_LOG", "info")
+                    .stdout(Stdio::null())
+                    .stderr(out)
+                    .spawn()
+                    .expect("starting longhaul serve"),
+            );
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Self::Process { child: Some(c), .. } = self {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -170,6 +276,21 @@ impl Worker {
             .spawn()
             .expect("starting longhaul-worker");
         Self { name: name.to_owned(), child, log, state }
+    }
+
+    /// SIGSTOP: the process freezes (no heartbeats, no ring traffic), as if cut off.
+    pub fn pause(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+
+    /// The times (milliseconds into the UTC day) of the log lines containing `needle`.
+    pub fn log_times(&self, needle: &str) -> Vec<u64> {
+        self.log_text().lines().filter(|l| l.contains(needle)).filter_map(ms_of_day).collect()
     }
 
     /// SIGKILL.
@@ -264,4 +385,26 @@ pub fn dump(workers: &[&Worker]) {
     for w in workers {
         eprintln!("===== {} =====\n{}", w.name, w.log_text());
     }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// Milliseconds into the UTC day of a log line's RFC 3339 timestamp (`...T06:08:04.970207Z`).
+pub fn ms_of_day(line: &str) -> Option<u64> {
+    let t = line.split_whitespace().next()?.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = t.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    let secs: f64 = s.parse().ok()?;
+    Some(
+        (h.parse::<u64>().ok()? * 3600 + m.parse::<u64>().ok()? * 60) * 1000
+            + (secs * 1000.0) as u64,
+    )
+}
+
+/// Milliseconds into the UTC day of a Unix time in milliseconds.
+pub fn unix_ms_of_day(unix_ms: u64) -> u64 {
+    unix_ms % 86_400_000
 }
