@@ -177,6 +177,10 @@ impl Shared {
                 Output::ToWorker(to, cmd) => (to, cmd),
                 Output::Log { run, line } => {
                     warn!(run_id = %run, "{line}");
+                    let rec = crate::store::LogLine { at_ms: now, line: line.clone() };
+                    if let Err(e) = core.store.append_log(run, &rec) {
+                        warn!(run_id = %run, error = %e, "cannot persist a run log line");
+                    }
                     let event = pb::run_event::Event::Log(line);
                     let _ =
                         self.events.send((run, pb::RunEvent { unix_ms: now, event: Some(event) }));
@@ -389,11 +393,12 @@ impl Control for ControlSvc {
     ) -> Result<Response<EventStream>, Status> {
         let id = convert::run_id(req.into_inner().run_id)?;
         let mut rx = self.0.events.subscribe();
-        let first = {
+        let (first, history) = {
             let core = self.0.lock();
             let r =
                 core.cluster.run(id).ok_or_else(|| Status::not_found(format!("no run {id}")))?;
-            run_info(&core.cluster, r)
+            let history = core.store.log(id).map_err(|e| Status::unavailable(e.to_string()))?;
+            (run_info(&core.cluster, r), history)
         };
         let shared = self.0.clone();
         let (tx, out) = mpsc::channel(64);
@@ -405,6 +410,16 @@ impl Control for ControlSvc {
             let ev = |i: pb::RunInfo| {
                 Ok(pb::RunEvent { unix_ms: now_ms(), event: Some(pb::run_event::Event::Status(i)) })
             };
+            // The log so far, then the state now, then every change.
+            for l in history {
+                let e = pb::RunEvent {
+                    unix_ms: l.at_ms,
+                    event: Some(pb::run_event::Event::Log(l.line)),
+                };
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
             if tx.send(ev(last.clone())).await.is_err() || terminal(&last) {
                 return;
             }
@@ -714,6 +729,15 @@ fn handle_agent_message(
             let hash = convert::param_hash("step_committed.param_hash", &s.param_hash)?;
             shared.with(|c, now, _| {
                 c.step_committed(now, id, run, convert::epoch(s.epoch), s.step, &hash);
+                Ok(())
+            })
+        }
+        Msg::MemberFault(f) => {
+            let run = convert::run_id(f.run_id)?;
+            let accused = convert::worker_id(f.worker_id)?;
+            let reason: String = f.reason.chars().take(200).collect();
+            shared.with(|c, now, _| {
+                c.member_fault(now, id, run, convert::epoch(f.epoch), accused, &reason);
                 Ok(())
             })
         }

@@ -22,6 +22,8 @@ const WORKERS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("workers")
 const SHARDS: TableDefinition<'_, (u64, u32), &[u8]> = TableDefinition::new("shards");
 const TOKENS: TableDefinition<'_, &[u8; 32], u64> = TableDefinition::new("join_tokens");
 const CHECKPOINTS: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("checkpoints");
+/// Each run's log lines (epochs' failures, deaths, divergences, evictions), by (run, sequence).
+const RUN_LOG: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("run_log");
 const METRICS: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("metrics");
 
 #[derive(Debug, Error)]
@@ -53,6 +55,13 @@ pub struct MetricPoint {
     pub loss: Option<f64>,
     pub tokens_per_sec: f64,
     pub at_ms: Millis,
+}
+
+/// One line of a run's log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub at_ms: Millis,
+    pub line: String,
 }
 
 /// Everything loaded at start.
@@ -93,6 +102,7 @@ impl Store {
         tx.open_table(TOKENS).map_err(dberr)?;
         tx.open_table(CHECKPOINTS).map_err(dberr)?;
         tx.open_table(METRICS).map_err(dberr)?;
+        tx.open_table(RUN_LOG).map_err(dberr)?;
         tx.commit().map_err(dberr)?;
         Ok(Self { db })
     }
@@ -199,6 +209,35 @@ impl Store {
         for row in t.range((run.0, 0)..=(run.0, u64::MAX)).map_err(dberr)? {
             let (k, v) = row.map_err(dberr)?;
             out.push(parse(format!("checkpoints/{:?}", k.value()), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Appends a line to the run's log.
+    pub fn append_log(&self, run: RunId, l: &LogLine) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut t = tx.open_table(RUN_LOG).map_err(dberr)?;
+            let next = t
+                .range((run.0, 0)..=(run.0, u64::MAX))
+                .map_err(dberr)?
+                .next_back()
+                .transpose()
+                .map_err(dberr)?
+                .map_or(0, |(k, _)| k.value().1 + 1);
+            t.insert((run.0, next), json(l)?.as_slice()).map_err(dberr)?;
+        }
+        tx.commit().map_err(dberr)
+    }
+
+    /// The run's log, oldest first.
+    pub fn log(&self, run: RunId) -> Result<Vec<LogLine>, StoreError> {
+        let tx = self.db.begin_read().map_err(dberr)?;
+        let t = tx.open_table(RUN_LOG).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in t.range((run.0, 0)..=(run.0, u64::MAX)).map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            out.push(parse(format!("run_log/{:?}", k.value()), v.value())?);
         }
         Ok(out)
     }

@@ -253,6 +253,11 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
         assert!(line.contains(needle), "{line:?} lacks {needle:?}");
     }
     assert!(line.contains(&format!("worker-{}", a.id)), "{line}");
+    // The log is kept: a later watcher hears it first, before the run's state.
+    let mut later =
+        control.watch_run(pb::WatchRunRequest { run_id: run }).await.unwrap().into_inner();
+    let first = later.message().await.unwrap().unwrap();
+    assert_eq!(first.event, Some(pb::run_event::Event::Log(line.clone())));
     let info = control.get_run(pb::GetRunRequest { run_id: run }).await.unwrap().into_inner();
     assert!(info.message.contains("diverged"), "{info:?}");
     assert_eq!((info.state, info.committed_hash.as_str()), (pb::RunState::Running as i32, HASH));

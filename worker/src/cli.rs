@@ -91,6 +91,18 @@ struct Opts {
     /// The name this worker reports (default: the host name).
     #[arg(long, global = true, env = "LONGHAUL_HOST")]
     host: Option<String>,
+    /// Fault injection for chaos tests: corrupt what this worker sends on the ring (nan or
+    /// huge) from step `--fault-poison-after` on.
+    #[arg(long, global = true, env = "LONGHAUL_FAULT_POISON", hide = true, value_parser = ["nan", "huge"])]
+    fault_poison: Option<String>,
+    #[arg(
+        long,
+        global = true,
+        env = "LONGHAUL_FAULT_POISON_AFTER",
+        hide = true,
+        default_value_t = 0
+    )]
+    fault_poison_after: u64,
     /// Seconds between metrics reports.
     #[arg(long, global = true, env = "LONGHAUL_METRICS_EVERY", default_value_t = 2.0)]
     metrics_every: f64,
@@ -289,6 +301,14 @@ fn run(opts: Opts) -> Result<ExitCode> {
         ring_bind: opts.ring_listen,
         metrics_every: Duration::from_secs_f64(opts.metrics_every.clamp(0.1, 3600.0)),
         retry_after: Duration::from_secs(2),
+        poison: opts.fault_poison.as_deref().map(|k| crate::trainer::Poison {
+            after_step: opts.fault_poison_after,
+            kind: if k == "nan" {
+                crate::trainer::PoisonKind::Nan
+            } else {
+                crate::trainer::PoisonKind::Huge
+            },
+        }),
     };
     info!(worker = identity.worker_id, %ring, coordinator = %cfg.url, emulate = ?opts.emulate,
         "longhaul-worker {} (libtorch {LIBTORCH_VERSION}) starting", env!("CARGO_PKG_VERSION"));

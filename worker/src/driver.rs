@@ -48,6 +48,8 @@ pub struct DriverConfig {
     pub metrics_every: Duration,
     /// A failed epoch that no newer epoch replaces is re-formed after this long.
     pub retry_after: Duration,
+    /// Fault injection (chaos tests): corrupt what this worker sends.
+    pub poison: Option<crate::trainer::Poison>,
 }
 
 /// What the trainer thread needs.
@@ -303,6 +305,7 @@ impl Driver {
         let ts =
             plan::train_spec(&spec, e.total_steps, device, features).map_err(|m| anyhow!(m))?;
         let mut trainer = Trainer::new(ts).map_err(|err| anyhow!("{err}"))?;
+        trainer.poison = self.cfg.poison;
         info!(run = e.run_id, params = trainer.numel(), ?device, "model built");
         let dir = self.checkpoint_dir();
         if let Some((path, tensors, meta)) = checkpoint::latest(&dir, e.run_id) {
@@ -312,6 +315,7 @@ impl Driver {
                 Err(err) => {
                     warn!(path = %path.display(), "checkpoint does not fit this run ({err}); starting fresh");
                     trainer = Trainer::new(trainer.spec.clone()).map_err(|err| anyhow!("{err}"))?;
+                    trainer.poison = self.cfg.poison;
                 }
             }
         }
@@ -504,6 +508,7 @@ impl Driver {
                 Err(o) => return o,
             };
             if synced {
+                self.report_rejected(ctx, e, comm.rank());
                 for s in &mut slots {
                     s.inner_start = ctx.trainer.inner_start;
                     s.sync_step = ctx.trainer.sync_step;
@@ -583,6 +588,33 @@ impl Driver {
         w.tokens += tokens;
         ctx.tokens += tokens;
         Ok(())
+    }
+
+    /// Reports the members whose contribution the last sync rejected.
+    fn report_rejected(&self, ctx: &mut RunCtx, e: &pb::EpochChange, me: usize) {
+        for r in std::mem::take(&mut ctx.trainer.rejected) {
+            let Some(m) = e.members.get(r) else { continue };
+            if r == me {
+                error!(
+                    run = ctx.run,
+                    step = ctx.trainer.sync_step,
+                    "the ring rejected this worker's contribution (non-finite or absurdly large)"
+                );
+                continue;
+            }
+            warn!(run = ctx.run, step = ctx.trainer.sync_step, member = %m.name,
+                "rejected a member's contribution (non-finite or absurdly large); reporting it");
+            self.send(Up::MemberFault(pb::MemberFault {
+                run_id: ctx.run,
+                epoch: e.epoch,
+                worker_id: m.worker_id,
+                reason: format!(
+                    "its contribution to the sync of step {} was non-finite or over {}x the others'",
+                    ctx.trainer.sync_step,
+                    crate::trainer::REJECT_FACTOR
+                ),
+            }));
+        }
     }
 
     fn commit(&self, ctx: &RunCtx, epoch: u64) {

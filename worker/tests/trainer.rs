@@ -181,3 +181,64 @@ fn checkpoints_round_trip_bitwise_and_resume_continues_the_loss_curve() {
         assert_eq!(meta.step, 10, "fell back past the damaged one to {}", path.display());
     }
 }
+
+/// A member sending NaN, or values 1e30 times too large, is left out of the sum by every
+/// member alike; the others' parameters stay finite and identical.
+#[test]
+fn poisoned_contributions_are_rejected_before_they_are_applied() {
+    use worker::trainer::{Poison, PoisonKind};
+    tch::set_num_threads(1);
+    for kind in [PoisonKind::Nan, PoisonKind::Huge] {
+        for sync in
+            [SyncMode::Ddp, SyncMode::Diloco { inner_steps: 2, outer_lr: 0.7, outer_momentum: 0.9 }]
+        {
+            let spec = gpt_spec(sync, Compression::None, 2, 10);
+            let task = Addition { digits: 2 };
+            let rt = runtime();
+            let comms = ring(&rt, 3, None).unwrap();
+            let trainers: Vec<Trainer> = (0..3)
+                .map(|r| {
+                    let mut t = Trainer::new(spec.clone()).unwrap();
+                    if r == 2 {
+                        t.poison = Some(Poison { after_step: 0, kind });
+                    }
+                    t
+                })
+                .collect();
+            let results =
+                per_rank(trainers.into_iter().zip(comms).collect(), |rank, (mut tr, mut comm)| {
+                    let slots = tr.agree(&mut comm, None).unwrap().slots;
+                    let w = tr.weight(&slots, rank);
+                    let mut rejected = Vec::new();
+                    for step in 0..4 {
+                        tr.forward_backward(&batch(task, rank, step, 8, spec.seq_len)).unwrap();
+                        match sync {
+                            SyncMode::Ddp => tr.ddp_sync(&mut comm, w).unwrap(),
+                            SyncMode::Diloco { .. } => {
+                                tr.apply_local().unwrap();
+                                if tr.diloco_due() {
+                                    tr.diloco_sync(&mut comm, w).unwrap();
+                                } else {
+                                    continue;
+                                }
+                            }
+                        }
+                        rejected.push(std::mem::take(&mut tr.rejected));
+                    }
+                    comm.close();
+                    (tr.hash(), params(&tr), rejected)
+                });
+            for (hash, p, rejected) in &results {
+                assert_eq!(*hash, results[0].0, "{kind:?} {sync:?}: replicas differ");
+                assert!(
+                    p.iter().all(|v| v.is_finite()),
+                    "{kind:?} {sync:?}: non-finite parameters"
+                );
+                assert!(
+                    !rejected.is_empty() && rejected.iter().all(|r| r == &vec![2]),
+                    "{rejected:?}"
+                );
+            }
+        }
+    }
+}

@@ -674,3 +674,33 @@ fn reports_of_the_committed_step_fill_in_an_unknown_hash_and_ignore_outsiders() 
         assert!(!matches!(out, Output::Log { .. }), "{out:?}");
     }
 }
+
+#[test]
+fn a_member_reported_for_a_bad_contribution_is_evicted_for_good() {
+    let mut net = Net::new(config());
+    let run = net.submit(2, 8, 1_000_000, 50);
+    let ids: Vec<WorkerId> = (0..3).map(|_| net.join()).collect();
+    net.run_for(3_000);
+    let (epoch, members) = net.epoch_of(run);
+    assert_eq!(sorted(members), sorted(ids.clone()));
+    // Reports from a non-member, about oneself, or of another epoch change nothing.
+    let outsider = net.join();
+    net.cluster.member_fault(net.now, outsider, run, epoch, ids[2], "x");
+    net.cluster.member_fault(net.now, ids[2], run, epoch, ids[2], "x");
+    net.cluster.member_fault(net.now, ids[0], run, Epoch(epoch.0 + 7), ids[2], "x");
+    assert!(net.cluster.worker(ids[2]).unwrap().banned.is_empty());
+    let (epoch, _) = net.epoch_of(run);
+    net.cluster.member_fault(net.now, ids[0], run, epoch, ids[2], "non-finite contribution");
+    net.run_for(TICK);
+    let (after, members) = net.epoch_of(run);
+    assert!(after > epoch);
+    assert!(!members.contains(&ids[2]), "{members:?}");
+    let (_, _, line) = net.logs.iter().find(|(_, r, _)| *r == run).expect("an eviction line");
+    let want = format!("{} evicted: non-finite contribution (reported by {})", ids[2], ids[0]);
+    assert_eq!(line, &want);
+    assert_eq!(net.cluster.run(run).unwrap().restarts, 1);
+    // It heartbeats on, but is never assigned to this run again.
+    net.run_for(5_000);
+    assert!(!net.epoch_of(run).1.contains(&ids[2]));
+    assert_eq!(net.cluster.worker(ids[2]).unwrap().banned, vec![run]);
+}

@@ -172,6 +172,10 @@ pub struct WorkerRecord {
     pub run: Option<RunId>,
     pub joined_ms: Millis,
     pub ledger: Ledger,
+    /// Runs this worker was evicted from for a bad contribution; it is not assigned to them
+    /// again.
+    #[serde(default)]
+    pub banned: Vec<RunId>,
 }
 
 /// What a worker has contributed, summed over its life.
@@ -418,6 +422,7 @@ impl Cluster {
                 run: None,
                 joined_ms: now,
                 ledger: Ledger::default(),
+                banned: Vec::new(),
             },
         );
         self.live.insert(
@@ -591,6 +596,61 @@ impl Cluster {
         }
     }
 
+    /// A member reports that another member of the same epoch sent a contribution the ring
+    /// rejected (non-finite or absurdly large). The accused is evicted from the run for good
+    /// (it is not assigned to it again), the epoch is aborted and a new one formed without it.
+    /// Reports from outside the current epoch, or about oneself, are ignored.
+    pub fn member_fault(
+        &mut self,
+        now: Millis,
+        reporter: WorkerId,
+        run: RunId,
+        epoch: Epoch,
+        accused: WorkerId,
+        reason: &str,
+    ) {
+        let Some(r) = self.runs.get(&run) else { return };
+        let member = |w: WorkerId| r.members.iter().any(|m| m.worker == w);
+        if r.state != RunState::Running
+            || r.epoch != epoch
+            || reporter == accused
+            || !member(reporter)
+            || !member(accused)
+        {
+            return;
+        }
+        if let Some(w) = self.workers.get_mut(&accused) {
+            if !w.banned.contains(&run) {
+                w.banned.push(run);
+            }
+            self.dirty.insert(Dirty::Worker(accused));
+        }
+        if let Some(book) = self.shards.get_mut(&run) {
+            for shard in book.release_worker(accused) {
+                self.dirty.insert(Dirty::Shard(run, shard));
+            }
+        }
+        self.leave_run(accused);
+        let line = format!("{accused} evicted: {reason} (reported by {reporter})");
+        let Some(r) = self.runs.get_mut(&run) else { return };
+        for m in &r.members {
+            self.outbox.push_back(Output::ToWorker(
+                m.worker,
+                Command::Abort { run, epoch: r.epoch, reason: line.clone() },
+            ));
+        }
+        r.restarts += 1;
+        r.updated_ms = now;
+        r.message = line.clone();
+        self.dirty.insert(Dirty::Run(run));
+        self.changed.insert(run);
+        self.outbox.push_back(Output::Log { run, line: line.clone() });
+        if r.restarts > r.restart_budget {
+            let msg = format!("restart budget ({}) spent; last: {line}", r.restart_budget);
+            self.finish(now, run, RunState::Failed, msg);
+        }
+    }
+
     /// A member wrote a checkpoint of `run` at `step` (at `uri`, on its own machine).
     pub fn checkpoint_done(&mut self, worker: WorkerId, run: RunId, step: u64, uri: &str) {
         let Some(r) = self.runs.get_mut(&run) else { return };
@@ -741,7 +801,11 @@ impl Cluster {
             }
             let have = self.workers.values().filter(|w| w.run == Some(r.id)).count() as u32;
             for _ in have..r.max_workers {
-                let Some(id) = free.pop() else { break };
+                // The smallest free id not banned from this run.
+                let banned =
+                    |id: &WorkerId| self.workers.get(id).is_some_and(|w| w.banned.contains(&r.id));
+                let Some(pos) = free.iter().rposition(|id| !banned(id)) else { break };
+                let id = free.remove(pos);
                 if let Some(w) = self.workers.get_mut(&id) {
                     w.run = Some(r.id);
                 }

@@ -127,6 +127,51 @@ pub struct Trainer {
     /// Samples trained on since the last synchronisation.
     pub samples_since_sync: u64,
     pub last_grad_norm: f64,
+    /// Ranks whose contribution the last sync rejected (see [`screen`]).
+    pub rejected: Vec<usize>,
+    /// Fault injection for tests: from this step on, what this member sends is corrupted.
+    pub poison: Option<Poison>,
+}
+
+/// A corruption of what a member sends (fault injection, for the chaos tests).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Poison {
+    pub after_step: u64,
+    pub kind: PoisonKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoisonKind {
+    /// NaN in every value.
+    Nan,
+    /// Every value times 1e30.
+    Huge,
+}
+
+/// How much larger than the reference (the median of the members' norms, or the smaller with
+/// two members) a contribution's norm may be before it is rejected.
+pub const REJECT_FACTOR: f64 = 1e3;
+
+/// The ranks whose contribution must be rejected, from every member's (norm, weight): a
+/// non-finite norm, or one more than [`REJECT_FACTOR`] times the reference.
+pub fn screen(norms: &[f32]) -> Vec<usize> {
+    let mut finite: Vec<f64> =
+        norms.iter().map(|n| f64::from(*n)).filter(|n| n.is_finite()).collect();
+    finite.sort_by(f64::total_cmp);
+    let reference = match finite.len() {
+        0 => 0.0,
+        1 | 2 => finite[0],
+        n => finite[n / 2],
+    };
+    norms
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| {
+            let n = f64::from(**n);
+            !n.is_finite() || (reference > 0.0 && n > REJECT_FACTOR * reference)
+        })
+        .map(|(r, _)| r)
+        .collect()
 }
 
 impl Trainer {
@@ -174,6 +219,8 @@ impl Trainer {
             compute: Duration::ZERO,
             samples_since_sync: 0,
             last_grad_norm: 0.0,
+            rejected: Vec::new(),
+            poison: None,
         };
         if matches!(t.spec.sync, SyncMode::Diloco { .. }) {
             let global = state::flatten(&t.params);
@@ -277,22 +324,82 @@ impl Trainer {
         if local.iter().any(|v| !v.is_finite()) {
             return Err(TrainError::NonFinite { what: "gradient", step: self.step });
         }
-        let mut buf: Vec<f32> = local.iter().map(|g| (f64::from(*g) * weight) as f32).collect();
         self.compute += t.elapsed();
-        // Buckets are synchronised in order. A failure anywhere discards `buf` (partly reduced)
-        // and keeps the unweighted local gradients for the retry.
-        for chunk in buf.chunks_mut(self.spec.bucket_elems.max(1)) {
-            if let Err(e) = comm.all_reduce(chunk, self.spec.compression) {
+        let weighted = |scale: f64| -> Vec<f32> {
+            local.iter().map(|g| (f64::from(*g) * weight * scale) as f32).collect()
+        };
+        // On failure the unweighted local gradients are kept for the retry.
+        let buf = match self.screened_sum(comm, weight, &weighted, self.spec.bucket_elems) {
+            Ok(b) => b,
+            Err(e) => {
                 self.pending = Some(local);
-                return Err(e.into());
+                return Err(e);
             }
-        }
+        };
         let t = Instant::now();
         state::unflatten_into_grads(&buf, &self.params);
         self.compute += t.elapsed();
         self.apply_local()?;
         self.samples_since_sync = 0;
         Ok(())
+    }
+
+    /// Sums every member's contribution (`contribution(scale)`: this member's, weighted and
+    /// times `scale`) over `comm`, in buckets of `bucket` elements, screening first: every
+    /// member publishes the norm of what it sends (one small exact all-reduce), and a
+    /// contribution that is non-finite or absurdly large ([`screen`]) is left out by every
+    /// member alike. The others' shares are scaled up to make up for it, and the rejected
+    /// ranks are kept in [`Trainer::rejected`] for the driver to report. The sum is checked
+    /// finite before it is returned: nothing non-finite is ever applied.
+    fn screened_sum(
+        &mut self,
+        comm: &mut dyn Comm,
+        weight: f64,
+        contribution: &dyn Fn(f64) -> Vec<f32>,
+        bucket: usize,
+    ) -> Result<Vec<f32>, TrainError> {
+        let (rank, world) = (comm.rank(), comm.world());
+        let mut buf = contribution(1.0);
+        self.corrupt(&mut buf);
+        let norm = buf.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
+        let mut table = vec![0f32; world * 2];
+        table[2 * rank] = norm as f32;
+        table[2 * rank + 1] = weight as f32;
+        comm.all_reduce(&mut table, Compression::None)?;
+        let norms: Vec<f32> = table.chunks(2).map(|c| c[0]).collect();
+        self.rejected = screen(&norms);
+        if !self.rejected.is_empty() {
+            let kept: f64 = (0..world)
+                .filter(|r| !self.rejected.contains(r))
+                .map(|r| f64::from(table[2 * r + 1]))
+                .sum();
+            buf = if self.rejected.contains(&rank) || kept <= 0.0 {
+                vec![0.0; buf.len()]
+            } else {
+                contribution(1.0 / kept)
+            };
+        }
+        for chunk in buf.chunks_mut(bucket.max(1)) {
+            comm.all_reduce(chunk, self.spec.compression)?;
+        }
+        if buf.iter().any(|v| !v.is_finite()) {
+            return Err(TrainError::NonFinite {
+                what: "sum of the contributions",
+                step: self.step,
+            });
+        }
+        Ok(buf)
+    }
+
+    /// Fault injection: corrupts what this member sends, once past the poison's step.
+    fn corrupt(&self, buf: &mut [f32]) {
+        match self.poison {
+            Some(p) if self.step >= p.after_step => match p.kind {
+                PoisonKind::Nan => buf.iter_mut().for_each(|v| *v = f32::NAN),
+                PoisonKind::Huge => buf.iter_mut().for_each(|v| *v *= 1e30),
+            },
+            _ => {}
+        }
     }
 
     /// diloco: whether the replica has done its inner steps and must synchronise.
@@ -333,13 +440,15 @@ impl Trainer {
         };
         let t = Instant::now();
         let o = self.outer.as_ref().ok_or_else(|| TrainError::State("no outer state".into()))?;
-        let delta = (&o.global - state::flatten(&self.params)) * weight;
-        let mut buf = state::to_vec(&delta);
-        if buf.iter().any(|v| !v.is_finite()) {
+        let delta = state::to_vec(&(&o.global - state::flatten(&self.params)));
+        if delta.iter().any(|v| !v.is_finite()) {
             return Err(TrainError::NonFinite { what: "pseudo-gradient", step: self.step });
         }
         self.compute += t.elapsed();
-        comm.all_reduce(&mut buf, self.spec.compression)?;
+        let weighted = |scale: f64| -> Vec<f32> {
+            delta.iter().map(|d| (f64::from(*d) * weight * scale) as f32).collect()
+        };
+        let buf = self.screened_sum(comm, weight, &weighted, usize::MAX)?;
         let t = Instant::now();
         let delta = Tensor::from_slice(&buf);
         let outer = Outer { lr: outer_lr, momentum: outer_momentum };
@@ -595,5 +704,26 @@ impl Trainer {
     /// Optimizer update count (AdamW's bias correction).
     pub fn optimizer_steps(&self) -> u64 {
         self.opt.steps as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::screen;
+
+    #[test]
+    fn screening_rejects_non_finite_and_absurd_contributions_only() {
+        assert_eq!(screen(&[1.0, 2.0, 1.5]), Vec::<usize>::new());
+        assert_eq!(screen(&[1.0, f32::NAN, 1.5]), vec![1]);
+        assert_eq!(screen(&[f32::INFINITY, 1.0, 1.5]), vec![0]);
+        assert_eq!(screen(&[1.0, 1.2, 5e3]), vec![2]);
+        // Honest spread (a member with ten times the others' norm) is kept.
+        assert_eq!(screen(&[1.0, 10.0, 2.0, 3.0]), Vec::<usize>::new());
+        // Two members: the smaller is the reference.
+        assert_eq!(screen(&[1.0, 2e3]), vec![1]);
+        assert_eq!(screen(&[3.0, 2.0]), Vec::<usize>::new());
+        // All zero (nothing trained yet) rejects nothing; all broken rejects all.
+        assert_eq!(screen(&[0.0, 0.0, 0.0]), Vec::<usize>::new());
+        assert_eq!(screen(&[f32::NAN, f32::NAN]), vec![0, 1]);
     }
 }
