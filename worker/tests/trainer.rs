@@ -188,11 +188,16 @@ fn checkpoints_round_trip_bitwise_and_resume_continues_the_loss_curve() {
 fn poisoned_contributions_are_rejected_before_they_are_applied() {
     use worker::trainer::{Poison, PoisonKind};
     tch::set_num_threads(1);
+    let diloco = SyncMode::Diloco { inner_steps: 2, outer_lr: 0.7, outer_momentum: 0.9 };
     for kind in [PoisonKind::Nan, PoisonKind::Huge] {
-        for sync in
-            [SyncMode::Ddp, SyncMode::Diloco { inner_steps: 2, outer_lr: 0.7, outer_momentum: 0.9 }]
-        {
-            let spec = gpt_spec(sync, Compression::None, 2, 10);
+        // Uncompressed (the norms ride with the data) and compressed (a round of their own).
+        for (sync, compression) in [
+            (SyncMode::Ddp, Compression::None),
+            (SyncMode::Ddp, Compression::Bf16),
+            (diloco, Compression::None),
+            (diloco, Compression::Int8),
+        ] {
+            let spec = gpt_spec(sync, compression, 2, 10);
             let task = Addition { digits: 2 };
             let rt = runtime();
             let comms = ring(&rt, 3, None).unwrap();
@@ -229,10 +234,13 @@ fn poisoned_contributions_are_rejected_before_they_are_applied() {
                     (tr.hash(), params(&tr), rejected)
                 });
             for (hash, p, rejected) in &results {
-                assert_eq!(*hash, results[0].0, "{kind:?} {sync:?}: replicas differ");
+                assert_eq!(
+                    *hash, results[0].0,
+                    "{kind:?} {sync:?} {compression:?}: replicas differ"
+                );
                 assert!(
                     p.iter().all(|v| v.is_finite()),
-                    "{kind:?} {sync:?}: non-finite parameters"
+                    "{kind:?} {sync:?} {compression:?}: non-finite parameters"
                 );
                 assert!(
                     !rejected.is_empty() && rejected.iter().all(|r| r == &vec![2]),

@@ -345,12 +345,15 @@ impl Trainer {
     }
 
     /// Sums every member's contribution (`contribution(scale)`: this member's, weighted and
-    /// times `scale`) over `comm`, in buckets of `bucket` elements, screening first: every
-    /// member publishes the norm of what it sends (one small exact all-reduce), and a
-    /// contribution that is non-finite or absurdly large ([`screen`]) is left out by every
-    /// member alike. The others' shares are scaled up to make up for it, and the rejected
-    /// ranks are kept in [`Trainer::rejected`] for the driver to report. The sum is checked
-    /// finite before it is returned: nothing non-finite is ever applied.
+    /// times `scale`) over `comm`, in buckets of `bucket` elements, screened: every member
+    /// publishes the norm of what it sends, and a contribution that is non-finite or absurdly
+    /// large ([`screen`]) is left out by every member alike, the others' shares scaled up to
+    /// make up for it. The rejected ranks are kept in [`Trainer::rejected`] for the driver to
+    /// report. The sum is checked finite before it is returned: nothing non-finite is applied.
+    ///
+    /// Uncompressed, the table of norms rides at the end of the data (no extra round trip); a
+    /// rejection then costs a second sum without the rejected. Compressed, the table goes first
+    /// in its own exact all-reduce (quantizing it could hide an outlier).
     fn screened_sum(
         &mut self,
         comm: &mut dyn Comm,
@@ -361,11 +364,22 @@ impl Trainer {
         let (rank, world) = (comm.rank(), comm.world());
         let mut buf = contribution(1.0);
         self.corrupt(&mut buf);
+        let n = buf.len();
         let norm = buf.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
         let mut table = vec![0f32; world * 2];
         table[2 * rank] = norm as f32;
         table[2 * rank + 1] = weight as f32;
-        comm.all_reduce(&mut table, Compression::None)?;
+        let compression = self.spec.compression;
+        let inline = compression == Compression::None;
+        if inline {
+            buf.extend_from_slice(&table);
+            for chunk in buf.chunks_mut(bucket.max(1)) {
+                comm.all_reduce(chunk, compression)?;
+            }
+            table = buf.split_off(n);
+        } else {
+            comm.all_reduce(&mut table, Compression::None)?;
+        }
         let norms: Vec<f32> = table.chunks(2).map(|c| c[0]).collect();
         self.rejected = screen(&norms);
         if !self.rejected.is_empty() {
@@ -374,13 +388,15 @@ impl Trainer {
                 .map(|r| f64::from(table[2 * r + 1]))
                 .sum();
             buf = if self.rejected.contains(&rank) || kept <= 0.0 {
-                vec![0.0; buf.len()]
+                vec![0.0; n]
             } else {
                 contribution(1.0 / kept)
             };
         }
-        for chunk in buf.chunks_mut(bucket.max(1)) {
-            comm.all_reduce(chunk, self.spec.compression)?;
+        if !inline || !self.rejected.is_empty() {
+            for chunk in buf.chunks_mut(bucket.max(1)) {
+                comm.all_reduce(chunk, compression)?;
+            }
         }
         if buf.iter().any(|v| !v.is_finite()) {
             return Err(TrainError::NonFinite {
