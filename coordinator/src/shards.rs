@@ -279,27 +279,23 @@ impl ShardBook {
                 .map(|(i, _)| i)
         };
         let expires = now + ttl;
-        if let Some(i) = oldest(ShardState::Queued).or_else(|| oldest(ShardState::Done)) {
-            let s = &mut self.shards[i];
-            if s.state == ShardState::Done {
-                s.data_epoch += 1;
+        let (i, shared) = match oldest(ShardState::Queued).or_else(|| oldest(ShardState::Done)) {
+            Some(i) => {
+                let s = &mut self.shards[i];
+                if s.state == ShardState::Done {
+                    s.data_epoch += 1;
+                }
+                s.state = ShardState::Leased { lease: id, worker, expires };
+                (i, false)
             }
-            s.state = ShardState::Leased { lease: id, worker, expires };
-            return Some(Lease {
-                id,
-                run: RunId(0),
-                shard: i as u32,
-                info: s.info.clone(),
-                data_epoch: s.data_epoch,
-                expires,
-                shared: false,
-            });
-        }
-        // Every shard is held: share one, spreading the sharers by lease id.
-        let held: Vec<usize> = (0..self.shards.len())
-            .filter(|&i| matches!(self.shards[i].state, ShardState::Leased { worker: w, .. } if w != worker))
-            .collect();
-        let i = *held.get((id.0 % held.len().max(1) as u64) as usize)?;
+            None => {
+                // Every shard is held: share one, spreading the sharers by lease id.
+                let held: Vec<usize> = (0..self.shards.len())
+                    .filter(|&i| matches!(self.shards[i].state, ShardState::Leased { worker: w, .. } if w != worker))
+                    .collect();
+                (*held.get((id.0 % held.len().max(1) as u64) as usize)?, true)
+            }
+        };
         let s = &self.shards[i];
         Some(Lease {
             id,
@@ -308,7 +304,7 @@ impl ShardBook {
             info: s.info.clone(),
             data_epoch: s.data_epoch,
             expires,
-            shared: true,
+            shared,
         })
     }
 

@@ -625,28 +625,29 @@ impl Cluster {
             }
             self.dirty.insert(Dirty::Worker(accused));
         }
-        if let Some(book) = self.shards.get_mut(&run) {
-            for shard in book.release_worker(accused) {
-                self.dirty.insert(Dirty::Shard(run, shard));
-            }
-        }
-        self.leave_run(accused);
+        self.release_and_leave(run, accused);
         let line = format!("{accused} evicted: {reason} (reported by {reporter})");
+        self.outbox.push_back(Output::Log { run, line: line.clone() });
+        self.restart_epoch(now, run, line);
+    }
+
+    /// Aborts the run's epoch on every member at once, counts a restart (failing the run when
+    /// its budget is spent), and has the next tick form a new epoch.
+    fn restart_epoch(&mut self, now: Millis, run: RunId, reason: String) {
         let Some(r) = self.runs.get_mut(&run) else { return };
         for m in &r.members {
             self.outbox.push_back(Output::ToWorker(
                 m.worker,
-                Command::Abort { run, epoch: r.epoch, reason: line.clone() },
+                Command::Abort { run, epoch: r.epoch, reason: reason.clone() },
             ));
         }
         r.restarts += 1;
         r.updated_ms = now;
-        r.message = line.clone();
+        r.message = reason.clone();
         self.dirty.insert(Dirty::Run(run));
         self.changed.insert(run);
-        self.outbox.push_back(Output::Log { run, line: line.clone() });
         if r.restarts > r.restart_budget {
-            let msg = format!("restart budget ({}) spent; last: {line}", r.restart_budget);
+            let msg = format!("restart budget ({}) spent; last: {reason}", r.restart_budget);
             self.finish(now, run, RunState::Failed, msg);
         }
     }
@@ -747,34 +748,24 @@ impl Cluster {
     fn on_death(&mut self, now: Millis, id: WorkerId) {
         let Some(w) = self.workers.get(&id) else { return };
         let Some(run) = w.run else { return };
-        // Its leases go back to the queue.
+        self.release_and_leave(run, id);
+        let Some(r) = self.runs.get(&run) else { return };
+        if r.state != RunState::Running || !r.members.iter().any(|m| m.worker == id) {
+            return;
+        }
+        // Abort the old epoch at once, on every member.
+        let reason = format!("{id} died (no heartbeat for {} ms)", self.config.dead_after);
+        self.restart_epoch(now, run, reason);
+    }
+
+    /// A worker leaves `run`: its leases go back to the queue.
+    fn release_and_leave(&mut self, run: RunId, id: WorkerId) {
         if let Some(book) = self.shards.get_mut(&run) {
             for shard in book.release_worker(id) {
                 self.dirty.insert(Dirty::Shard(run, shard));
             }
         }
         self.leave_run(id);
-        let Some(r) = self.runs.get_mut(&run) else { return };
-        if r.state != RunState::Running || !r.members.iter().any(|m| m.worker == id) {
-            return;
-        }
-        // Abort the old epoch at once, on every member.
-        let reason = format!("{id} died (no heartbeat for {} ms)", self.config.dead_after);
-        for m in &r.members {
-            self.outbox.push_back(Output::ToWorker(
-                m.worker,
-                Command::Abort { run, epoch: r.epoch, reason: reason.clone() },
-            ));
-        }
-        r.restarts += 1;
-        r.updated_ms = now;
-        r.message = reason.clone();
-        self.dirty.insert(Dirty::Run(run));
-        self.changed.insert(run);
-        if r.restarts > r.restart_budget {
-            let msg = format!("restart budget ({}) spent; last: {reason}", r.restart_budget);
-            self.finish(now, run, RunState::Failed, msg);
-        }
     }
 
     fn leave_run(&mut self, id: WorkerId) {
