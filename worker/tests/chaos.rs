@@ -247,7 +247,8 @@ async fn chaos_cut_a_worker_off_for_20s() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Coordinator::start(&dir.path().join("coordinator")).await;
     let token = c.token().await;
-    let run = c.submit(&run_file(2, 3, 2500, DILOCO)).await;
+    // Long enough that the survivors are still training when w3 comes back.
+    let run = c.submit(&run_file(2, 3, 8000, DILOCO)).await;
     let w: Vec<Worker> = (1..=3)
         .map(|i| Worker::spawn(worker_bin(), dir.path(), &format!("w{i}"), &c, &token, &[]))
         .collect();
