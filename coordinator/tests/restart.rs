@@ -82,7 +82,16 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
     let url = format!("https://127.0.0.1:{port}");
     let mut server = serve(home.path(), port);
     wait_up(port).await;
-    let cfg = testing::connect_config(&url, home.path()).unwrap();
+    // The port can accept before the CA and the admin credential are on disk.
+    let mut cfg = testing::connect_config(&url, home.path());
+    for _ in 0..200 {
+        if cfg.is_ok() && testing::admin_token(home.path()).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        cfg = testing::connect_config(&url, home.path());
+    }
+    let cfg = cfg.unwrap();
 
     // The CLI: init writes a file that validates; token create; ca-hash.
     let runfile = home.path().join("run.toml");
