@@ -222,7 +222,7 @@ fn decode_with(
     codec: Codec,
     bytes: &[u8],
     out: &mut [f32],
-    f: impl Fn(&mut f32, f32),
+    mut f: impl FnMut(&mut f32, f32),
 ) -> Result<(), LengthMismatch> {
     let expected = encoded_len(codec, out.len());
     if bytes.len() != expected {
@@ -266,6 +266,52 @@ pub fn decode_into(codec: Codec, bytes: &[u8], out: &mut [f32]) -> Result<(), Le
 /// Decodes `bytes` and adds them into `out`.
 pub fn decode_add(codec: Codec, bytes: &[u8], out: &mut [f32]) -> Result<(), LengthMismatch> {
     decode_with(codec, bytes, out, |o, v| *o += v)
+}
+
+/// Like [`decode_into`], and returns the sum of the squares of the decoded values (in f64).
+pub fn decode_into_sumsq(
+    codec: Codec,
+    bytes: &[u8],
+    out: &mut [f32],
+) -> Result<f64, LengthMismatch> {
+    let mut sumsq = 0.0f64;
+    decode_with(codec, bytes, out, |o, v| {
+        sumsq += f64::from(v) * f64::from(v);
+        *o = v;
+    })?;
+    Ok(sumsq)
+}
+
+/// Like [`decode_add`], and returns the sum of the squares of the decoded values (in f64).
+pub fn decode_add_sumsq(
+    codec: Codec,
+    bytes: &[u8],
+    out: &mut [f32],
+) -> Result<f64, LengthMismatch> {
+    let mut sumsq = 0.0f64;
+    decode_with(codec, bytes, out, |o, v| {
+        sumsq += f64::from(v) * f64::from(v);
+        *o += v;
+    })?;
+    Ok(sumsq)
+}
+
+/// How much one encoding in `codec` may grow the L2 norm of the values it encodes (a factor):
+/// rounding to the nearest representable value, and for int8 half a step of at most
+/// `absmax / 127` per value plus the bf16 rounding of the scale. Used to bound partial sums
+/// that were encoded once per hop.
+pub fn norm_growth(codec: Codec) -> f64 {
+    match codec {
+        // One f32 addition per hop: relative rounding 2^-24 per value.
+        Codec::F32 | Codec::Bytes => 1.0 + 1e-6,
+        // Round to nearest with 8 significant bits: at most 2^-8 relative per value.
+        Codec::Bf16 => 1.0 + 4e-3,
+        // 11 significant bits: 2^-11.
+        Codec::F16 => 1.0 + 1e-3,
+        // Per value at most 0.5 · absmax/127 + 0.004 · absmax, so per 16-value block
+        // ‖error‖ ≤ 4 · 0.0080 · absmax ≤ 0.032 · ‖block‖.
+        Codec::Int8Block => 1.0 + 0.035,
+    }
 }
 
 #[cfg(test)]
@@ -357,6 +403,28 @@ mod tests {
         fn lengths_match_encoded_len(v in proptest::collection::vec(-1e6f32..1e6, 0..200)) {
             for codec in CODECS {
                 prop_assert_eq!(encode(codec, &v).len(), encoded_len(codec, v.len()));
+            }
+        }
+
+        /// The hop checks of a bounded all-reduce rely on this: one encoding never grows a
+        /// vector's norm by more than [`norm_growth`], whatever its values (tiny, huge, spread
+        /// over many scales).
+        #[test]
+        fn encoding_grows_the_norm_at_most_by_norm_growth(
+            v in proptest::collection::vec(
+                (-1f32..1.0, -30i32..30).prop_map(|(m, e)| m * 10f32.powi(e)), 1..200)
+        ) {
+            let norm = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            for codec in CODECS {
+                // f16 cannot hold values beyond 65504 or below its subnormals: not its use.
+                if codec == Codec::F16 && v.iter().any(|x| x.abs() > 6e4 || (*x != 0.0 && x.abs() < 1e-4)) {
+                    continue;
+                }
+                let mut out = vec![0.0f32; v.len()];
+                let sumsq = decode_into_sumsq(codec, &encode(codec, &v), &mut out).unwrap();
+                let got = sumsq.sqrt();
+                prop_assert!(got <= norm * norm_growth(codec) + 1e-37,
+                    "{codec:?}: {got} > {norm} * {}", norm_growth(codec));
             }
         }
 

@@ -31,12 +31,13 @@ use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{AsyncUdpSocket, Connection, ConnectionError, Endpoint, Runtime, VarInt};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::codec::{self, Compression, Element};
+use crate::io::{self, NetRuntime};
 use crate::schedule::{Action, ChunkId, Phase, RingPlan, RingSchedule};
 use crate::tls::{self, Identity, TlsError, TrustAnchor};
 use crate::transport::{self, NetConfig};
@@ -49,6 +50,10 @@ const CLOSE_DONE: u32 = 0;
 const CLOSE_ABORT: u32 = 1;
 /// Application close code: the connecting member is not this rank's ring neighbour.
 const CLOSE_NOT_NEIGHBOUR: u32 = 2;
+
+/// Frames (and peer failures) read but not yet taken by the operation: the readers wait when it
+/// is full, and QUIC's flow control then holds the peer back.
+const INBOX: usize = 1024;
 
 /// One member of an epoch: its name (as in its certificate) and where it listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +112,10 @@ pub enum OpError {
     RemoteAbort { rank: usize, peer: String, reason: String },
     #[error("peer {peer} (rank {rank}) broke the protocol: {cause}")]
     Protocol { rank: usize, peer: String, cause: String },
+    /// What the peer sent is larger than its contributors declared they would send (see
+    /// [`Bounds`]): the peer, or someone before it that it failed to check, lied.
+    #[error("peer {peer} (rank {rank}) sent more than declared: {detail}")]
+    Exceeded { rank: usize, peer: String, detail: String },
     #[error("aborted: {reason}")]
     Aborted { reason: String },
     #[error("operation {op} missed its deadline of {deadline:?}")]
@@ -208,10 +217,13 @@ pub struct Group {
     endpoint: Endpoint,
     connections: Vec<Connection>,
     senders: Vec<mpsc::UnboundedSender<Out>>,
-    inbox: mpsc::UnboundedReceiver<Event>,
-    /// Frames that arrived for the operation after the current one.
-    early: VecDeque<Frame>,
+    inbox: mpsc::Receiver<Event>,
     next_op: u64,
+    /// How many operations this rank has begun (`next_op`), for the readers: a frame of an
+    /// operation not begun yet waits unread, and one further ahead is a protocol error.
+    begun: watch::Sender<u64>,
+    /// Where the network side runs (see [`crate::io`]).
+    net_runtime: tokio::runtime::Handle,
     /// Connections from the previous rank that it closed normally.
     prev_closed: usize,
     broken: Option<String>,
@@ -251,6 +263,20 @@ impl Group {
         identity: &Identity,
         socket: Option<std::net::UdpSocket>,
     ) -> Result<Self, JoinError> {
+        Self::join_on(spec, anchor, identity, socket, io::handle().clone()).await
+    }
+
+    /// Like [`Group::join_with_socket`], with the network side (QUIC endpoint, connections,
+    /// frame readers and writers) on the runtime `net` instead of the process's network
+    /// runtime. Tests use it to kill one rank's network abruptly, as a process death would, by
+    /// shutting its runtime down.
+    pub async fn join_on(
+        spec: GroupSpec,
+        anchor: &TrustAnchor,
+        identity: &Identity,
+        socket: Option<std::net::UdpSocket>,
+        net_runtime: tokio::runtime::Handle,
+    ) -> Result<Self, JoinError> {
         let GroupSpec { epoch, members, rank, net, emulation } = spec;
         net.check().map_err(JoinError::Config)?;
         let world = members.len();
@@ -289,9 +315,12 @@ impl Group {
             Some(s) => s,
             None => transport::bind(addr, net.socket_buffer).map_err(bind_err)?,
         };
-        let runtime = Arc::new(quinn::TokioRuntime);
+        // Sockets, timers, drivers and the emulation's pump all live on the network runtime
+        // (see `crate::io`), whatever runtime the caller is on.
+        let runtime = NetRuntime::new(net_runtime.clone());
         let mut udp: Arc<dyn AsyncUdpSocket> = runtime.wrap_udp_socket(socket).map_err(bind_err)?;
         if let Some(e) = &emulation {
+            let _in = net_runtime.enter();
             udp = WanSocket::new(udp, e.condition.clone(), e.seed ^ rank as u64);
         }
         let mut endpoint =
@@ -299,7 +328,7 @@ impl Group {
                 .map_err(bind_err)?;
         endpoint.set_default_client_config(client);
 
-        let (events, inbox) = mpsc::unbounded_channel();
+        let (events, inbox) = mpsc::channel(INBOX);
         let mut group = Group {
             epoch,
             rank,
@@ -308,8 +337,9 @@ impl Group {
             connections: Vec::new(),
             senders: Vec::new(),
             inbox,
-            early: VecDeque::new(),
             next_op: 0,
+            begun: watch::Sender::new(0),
+            net_runtime,
             prev_closed: 0,
             broken: None,
             abort: AbortHandle::default(),
@@ -388,30 +418,40 @@ impl Group {
         &mut self,
         dialed: Vec<Connection>,
         accepted: Vec<Connection>,
-        events: mpsc::UnboundedSender<Event>,
+        events: mpsc::Sender<Event>,
     ) {
         let limits = Limits { max_payload: self.net.max_payload(), epoch: self.epoch };
+        let net = &self.net_runtime.clone();
         for (side, conns) in [(Side::Next, &dialed), (Side::Prev, &accepted)] {
             for conn in conns {
-                let (conn, events, counters) =
-                    (conn.clone(), events.clone(), self.counters.clone());
-                self.tasks.spawn(read_loop(conn, side, limits, events, counters));
+                let reader = Reader {
+                    conn: conn.clone(),
+                    side,
+                    limits,
+                    events: events.clone(),
+                    counters: self.counters.clone(),
+                    begun: self.begun.subscribe(),
+                };
+                self.tasks.spawn_on(reader.run(), net);
             }
         }
         for conn in &dialed {
             let (tx, rx) = mpsc::unbounded_channel();
             self.senders.push(tx);
             let (conn, events, counters) = (conn.clone(), events.clone(), self.counters.clone());
-            self.tasks.spawn(send_loop(conn, rx, events, counters));
+            self.tasks.spawn_on(send_loop(conn, rx, events, counters), net);
         }
         // Every legitimate neighbour is connected: later arrivals are refused.
         let endpoint = self.endpoint.clone();
-        self.tasks.spawn(async move {
-            while let Some(incoming) = endpoint.accept().await {
-                debug!(remote = %incoming.remote_address(), "refusing connection to a formed group");
-                incoming.refuse();
-            }
-        });
+        self.tasks.spawn_on(
+            async move {
+                while let Some(incoming) = endpoint.accept().await {
+                    debug!(remote = %incoming.remote_address(), "refusing connection to a formed group");
+                    incoming.refuse();
+                }
+            },
+            net,
+        );
         self.connections = dialed.into_iter().chain(accepted).collect();
     }
 
@@ -423,11 +463,43 @@ impl Group {
         op: ReduceOp,
         compression: Compression,
     ) -> Result<OpStats, OpError> {
+        self.all_reduce_with(buf, op, compression, None).await
+    }
+
+    /// Like [`Group::all_reduce`], with every partial sum checked as it travels: each member
+    /// declared (in `bounds`) the norm of its contribution on every segment, and a rank that
+    /// receives a partial sum larger than its contributors declared (allowing for the codec's
+    /// rounding at every hop) fails the operation with [`OpError::Exceeded`], naming its
+    /// predecessor, who either lied or forwarded a lie without checking it. So a member that
+    /// sends more than it declared is caught by its successor, and nothing reaches anyone's
+    /// buffer. An honest ring never trips the check: the triangle inequality bounds every
+    /// partial sum by its contributors' norms.
+    pub async fn all_reduce_bounded<T: Element>(
+        &mut self,
+        buf: &mut [T],
+        op: ReduceOp,
+        compression: Compression,
+        bounds: &Bounds,
+    ) -> Result<OpStats, OpError> {
+        self.all_reduce_with(buf, op, compression, Some(bounds)).await
+    }
+
+    async fn all_reduce_with<T: Element>(
+        &mut self,
+        buf: &mut [T],
+        op: ReduceOp,
+        compression: Compression,
+        bounds: Option<&Bounds>,
+    ) -> Result<OpStats, OpError> {
         let codec = codec::wire_codec(T::DTYPE, compression);
+        let checks = match bounds {
+            Some(b) => Some(self.hop_checks(b, buf.len(), op, codec)?),
+            None => None,
+        };
         let mut work: Vec<f32> = buf.iter().map(|v| v.to_f32()).collect();
         let start = self.begin()?;
         let guard = self.guard(start.id);
-        let result = guard.run(self.all_reduce_inner(start.id, &mut work, op, codec)).await;
+        let result = guard.run(self.all_reduce_inner(start.id, &mut work, op, codec, checks)).await;
         let stats = self.finish(start, result)?;
         for (b, w) in buf.iter_mut().zip(&work) {
             *b = T::from_f32(*w);
@@ -492,6 +564,7 @@ impl Group {
         }
         let id = self.next_op;
         self.next_op += 1;
+        self.begun.send_replace(self.next_op);
         Ok(OpStart { id, started: Instant::now(), before: self.bytes() })
     }
 
@@ -521,12 +594,51 @@ impl Group {
         }
     }
 
+    /// What every received segment of a bounded all-reduce may weigh (see [`Bounds`]).
+    fn hop_checks(
+        &self,
+        bounds: &Bounds,
+        len: usize,
+        reduce: ReduceOp,
+        codec: Codec,
+    ) -> Result<HopChecks, OpError> {
+        let world = self.world();
+        bounds.check(world).map_err(OpError::Invalid)?;
+        let plan = RingPlan::new(world, self.rank, len, self.net.chunk_elems())
+            .map_err(|e| OpError::Invalid(e.to_string()))?;
+        let growth = codec::norm_growth(codec);
+        let hop = |phase: Phase, step: usize| {
+            let segment = plan.recv_segment(phase, step);
+            // Reduce-scatter step s carries the contributions of the s + 1 ranks before this
+            // one, encoded s + 1 times; the all-gather carries the whole sum, encoded once per
+            // rank on its way to the owner and once more by the owner.
+            let (contributors, encodings) = match phase {
+                Phase::ReduceScatter => (step + 1, step + 1),
+                Phase::AllGather => (world, world),
+            };
+            let declared: f64 = (1..=contributors)
+                .map(|back| bounds.norms[(self.rank + world - back) % world][segment])
+                .sum();
+            let mut bound = declared * growth.powi(encodings as i32);
+            if phase == Phase::AllGather && reduce == ReduceOp::Average {
+                bound /= world as f64;
+            }
+            Hop { segment, bound, chunks: plan.chunk_count(segment), arrived: 0, sumsq: 0.0 }
+        };
+        let steps = plan.steps();
+        Ok(HopChecks {
+            reduce_scatter: (0..steps).map(|s| hop(Phase::ReduceScatter, s)).collect(),
+            all_gather: (0..steps).map(|s| hop(Phase::AllGather, s)).collect(),
+        })
+    }
+
     async fn all_reduce_inner(
         &mut self,
         op: u64,
         work: &mut [f32],
         reduce: ReduceOp,
         codec: Codec,
+        mut checks: Option<HopChecks>,
     ) -> Result<(), OpError> {
         let plan = RingPlan::new(self.world(), self.rank, work.len(), self.net.chunk_elems())
             .map_err(|e| OpError::Invalid(e.to_string()))?;
@@ -541,7 +653,10 @@ impl Group {
         let mut commit_sent = false;
         loop {
             while let Some((action, payload)) = pending.pop_front() {
-                self.perform(op, codec, work, action, payload, reduce, world)?;
+                let received = self.perform(op, codec, work, action, payload, reduce, world)?;
+                if let (Some(checks), Some((id, sumsq))) = (checks.as_mut(), received) {
+                    checks.record(id, sumsq).map_err(|detail| self.exceeded(detail))?;
+                }
             }
             if sched.is_complete() && !commit_sent {
                 self.send_done(op, self.rank);
@@ -582,6 +697,8 @@ impl Group {
         }
     }
 
+    /// Performs one action of the schedule; for a received chunk, returns its id and the sum of
+    /// the squares of its decoded values (for the hop checks).
     #[allow(clippy::too_many_arguments)]
     fn perform(
         &mut self,
@@ -592,16 +709,18 @@ impl Group {
         payload: Option<Bytes>,
         reduce: ReduceOp,
         world: f32,
-    ) -> Result<(), OpError> {
+    ) -> Result<Option<(ChunkId, f64)>, OpError> {
         let bad_len = |g: &Self, e: codec::LengthMismatch| g.protocol(Side::Prev, e.to_string());
         match action {
             Action::Send { id, range } => {
                 let bytes = Bytes::from(codec::encode(codec, &work[range]));
                 self.send_data(op, id, codec, bytes);
             }
-            Action::Reduce { range, .. } => {
+            Action::Reduce { id, range } => {
                 let p = payload.unwrap_or_default();
-                codec::decode_add(codec, &p, &mut work[range]).map_err(|e| bad_len(self, e))?;
+                let sumsq = codec::decode_add_sumsq(codec, &p, &mut work[range])
+                    .map_err(|e| bad_len(self, e))?;
+                return Ok(Some((id, sumsq)));
             }
             Action::Finalize { range, send } => {
                 let values = &mut work[range];
@@ -615,15 +734,17 @@ impl Group {
                     self.send_data(op, id, codec, Bytes::from(bytes));
                 }
             }
-            Action::Store { range, forward, .. } => {
+            Action::Store { id, range, forward } => {
                 let p = payload.unwrap_or_default();
-                codec::decode_into(codec, &p, &mut work[range]).map_err(|e| bad_len(self, e))?;
-                if let Some(id) = forward {
-                    self.send_data(op, id, codec, p);
+                let sumsq = codec::decode_into_sumsq(codec, &p, &mut work[range])
+                    .map_err(|e| bad_len(self, e))?;
+                if let Some(next) = forward {
+                    self.send_data(op, next, codec, p);
                 }
+                return Ok(Some((id, sumsq)));
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn broadcast_inner(
@@ -767,14 +888,10 @@ impl Group {
         let _ = tx.send(Out::Frame { header, payload });
     }
 
-    /// The next frame of operation `op`: early arrivals first, then the inbox. Frames of the
-    /// following operation are kept for it; anything else is a protocol error.
+    /// The next frame of operation `op` from the previous rank. The readers hold back frames of
+    /// an operation not begun yet; a frame from the next rank, which never sends anything, or of
+    /// another operation is a protocol error.
     async fn next_frame(&mut self, op: u64) -> Result<Frame, OpError> {
-        if let Some(pos) = self.early.iter().position(|f| f.header.op == op)
-            && let Some(f) = self.early.remove(pos)
-        {
-            return Ok(f);
-        }
         loop {
             let Some(event) = self.inbox.recv().await else {
                 return Err(OpError::Broken { reason: "every connection task has ended".into() });
@@ -806,10 +923,13 @@ impl Group {
                         PeerError::Protocol(cause) => OpError::Protocol { rank, peer, cause },
                     });
                 }
-                Event::Frame(f) if f.header.op == op => return Ok(f),
-                Event::Frame(f) if f.header.op == op + 1 && self.early.len() < 1 << 20 => {
-                    self.early.push_back(f)
+                Event::Frame(f) if f.side == Side::Next => {
+                    return Err(self.protocol(
+                        Side::Next,
+                        "sent a frame to its ring predecessor (frames travel forward only)".into(),
+                    ));
                 }
+                Event::Frame(f) if f.header.op == op => return Ok(f),
                 Event::Frame(f) => {
                     let got = f.header.op;
                     return Err(self.protocol(
@@ -824,6 +944,11 @@ impl Group {
     fn protocol(&self, side: Side, cause: String) -> OpError {
         let rank = self.side_rank(side);
         OpError::Protocol { rank, peer: self.names[rank].clone(), cause }
+    }
+
+    fn exceeded(&self, detail: String) -> OpError {
+        let rank = self.prev();
+        OpError::Exceeded { rank, peer: self.names[rank].clone(), detail }
     }
 }
 
@@ -865,6 +990,78 @@ impl OpGuard {
     }
 }
 
+/// What each member declared about its contribution to a bounded all-reduce: `norms[rank][s]` is
+/// the L2 norm of `rank`'s contribution on segment `s`, segments as cut by [`segments`] for the
+/// group's size and the buffer's length. Every member passes the same bounds (a plan that
+/// someone every member trusts, in longhaul the coordinator, hands out).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Bounds {
+    pub norms: Vec<Vec<f64>>,
+}
+
+impl Bounds {
+    fn check(&self, world: usize) -> Result<(), String> {
+        if self.norms.len() != world || self.norms.iter().any(|r| r.len() != world) {
+            return Err(format!(
+                "bounds must be {world} × {world} (one norm per member and segment)"
+            ));
+        }
+        if self.norms.iter().flatten().any(|n| !n.is_finite() || *n < 0.0) {
+            return Err("bounds must be finite and not negative".into());
+        }
+        Ok(())
+    }
+}
+
+/// The element ranges of the `world` segments an all-reduce of `len` elements is cut into (the
+/// first `len % world` are one longer): what [`Bounds`] are declared over.
+pub fn segments(world: usize, len: usize) -> Vec<std::ops::Range<usize>> {
+    match RingPlan::new(world.max(1), 0, len, 1) {
+        Ok(plan) => (0..world.max(1)).map(|s| plan.segment_range(s)).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The hop checks of one bounded all-reduce, per phase and step.
+struct HopChecks {
+    reduce_scatter: Vec<Hop>,
+    all_gather: Vec<Hop>,
+}
+
+/// One received segment: its bound and what has arrived of it.
+struct Hop {
+    segment: usize,
+    bound: f64,
+    chunks: usize,
+    arrived: usize,
+    sumsq: f64,
+}
+
+impl HopChecks {
+    /// A chunk arrived with these squared values; once its segment is complete, checks it.
+    fn record(&mut self, id: ChunkId, sumsq: f64) -> Result<(), String> {
+        let (phase, hops) = match id.phase {
+            Phase::ReduceScatter => ("reduce-scatter", &mut self.reduce_scatter),
+            Phase::AllGather => ("all-gather", &mut self.all_gather),
+        };
+        let Some(hop) = hops.get_mut(id.step) else { return Ok(()) };
+        hop.arrived += 1;
+        hop.sumsq += sumsq;
+        if hop.arrived < hop.chunks {
+            return Ok(());
+        }
+        let norm = hop.sumsq.sqrt();
+        // Written so that NaN fails too; the tiny absolute slack covers all-zero segments.
+        if norm <= hop.bound + 1e-30 {
+            return Ok(());
+        }
+        Err(format!(
+            "{phase} step {} of segment {}: norm {norm:.6e}, its contributors declared at most {:.6e}",
+            id.step, hop.segment, hop.bound
+        ))
+    }
+}
+
 /// The commit round's bookkeeping: which ranks' tokens have arrived.
 struct DoneRound {
     seen: Vec<bool>,
@@ -901,46 +1098,60 @@ struct Limits {
     epoch: u64,
 }
 
-/// Accepts the streams of one connection, each carrying one frame, until the connection ends.
-async fn read_loop(
+/// Reads the frames of one connection (one per unidirectional stream) and hands them to the
+/// group's inbox, until the connection ends.
+struct Reader {
     conn: Connection,
     side: Side,
     limits: Limits,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
     counters: Arc<Counters>,
-) {
-    let mut streams = JoinSet::new();
-    let error = loop {
-        tokio::select! {
-            accepted = conn.accept_uni() => match accepted {
-                Ok(stream) => {
-                    let (events, counters) = (events.clone(), counters.clone());
-                    streams.spawn(async move {
-                        match read_frame(stream, limits).await {
-                            Ok(f) => {
-                                counters.received.fetch_add((HEADER_LEN + f.1.len()) as u64, Ordering::Relaxed);
-                                let _ = events.send(Event::Frame(Frame { side, header: f.0, payload: f.1 }));
-                            }
-                            Err(error) => {
-                                let _ = events.send(Event::Failed { side, error });
-                            }
-                        }
-                    });
-                }
-                Err(e) => break peer_error(e),
-            },
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
-        }
-    };
-    // Frames already on their way are delivered before the connection's end is reported, so
-    // the driver sees a neighbour's last frames before its departure.
-    while streams.join_next().await.is_some() {}
-    let _ = events.send(Event::Failed { side, error });
+    begun: watch::Receiver<u64>,
+}
+
+impl Reader {
+    async fn run(self) {
+        let Self { conn, side, limits, events, counters, begun } = self;
+        let mut streams = JoinSet::new();
+        let error = loop {
+            tokio::select! {
+                accepted = conn.accept_uni() => match accepted {
+                    // Frames travel forward only; the next rank has nothing to send this one.
+                    Ok(_) if side == Side::Next => {
+                        break PeerError::Protocol(
+                            "sent a frame to its ring predecessor (frames travel forward only)".into(),
+                        );
+                    }
+                    Ok(stream) => {
+                        let (events, counters, begun) = (events.clone(), counters.clone(), begun.clone());
+                        streams.spawn(async move {
+                            let event = match read_frame(stream, limits, begun).await {
+                                Ok(f) => {
+                                    counters.received.fetch_add((HEADER_LEN + f.1.len()) as u64, Ordering::Relaxed);
+                                    Event::Frame(Frame { side, header: f.0, payload: f.1 })
+                                }
+                                Err(error) => Event::Failed { side, error },
+                            };
+                            let _ = events.send(event).await;
+                        });
+                    }
+                    Err(e) => break peer_error(e),
+                },
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            }
+        };
+        // Frames already on their way are delivered before the connection's end is reported,
+        // so the driver sees a neighbour's last frames before its departure. (Streams held
+        // back for an operation that will never begin end with the connection.)
+        while streams.join_next().await.is_some() {}
+        let _ = events.send(Event::Failed { side, error }).await;
+    }
 }
 
 async fn read_frame(
     mut stream: quinn::RecvStream,
     limits: Limits,
+    mut begun: watch::Receiver<u64>,
 ) -> Result<(Header, Bytes), PeerError> {
     let mut head = [0u8; HEADER_LEN];
     stream.read_exact(&mut head).await.map_err(|e| match e {
@@ -951,9 +1162,24 @@ async fn read_frame(
     })?;
     let header = Header::decode(&head, limits.max_payload, limits.epoch)
         .map_err(|e| PeerError::Protocol(format!("rejected frame: {e}")))?;
-    // `len` is bounded by `max_payload` before this allocation.
+    // A frame of the operation after the current one (a neighbour may finish an operation and
+    // start the next before this rank has) waits here, its payload unread, so what a peer can
+    // push ahead is bounded by QUIC's flow-control windows. An honest peer is never two
+    // operations ahead: it cannot finish one without this rank's commit token.
+    let ahead = *begun.borrow();
+    if header.op > ahead {
+        return Err(PeerError::Protocol(format!(
+            "frame of operation {} when this rank has begun only {ahead} operations",
+            header.op
+        )));
+    }
+    if header.op == ahead && begun.wait_for(|b| *b > header.op).await.is_err() {
+        return Err(PeerError::Closed("the group ended".into()));
+    }
+    // `len` is bounded by `max_payload`; the payload grows as it arrives, so a peer that
+    // announces a large frame and stalls holds no more memory than it sent.
     let len = header.len as usize;
-    let mut payload = Vec::with_capacity(len);
+    let mut payload = Vec::new();
     while payload.len() < len {
         match stream.read_chunk(len - payload.len(), true).await.map_err(read_error)? {
             Some(chunk) => payload.extend_from_slice(&chunk.bytes),
@@ -999,7 +1225,7 @@ fn peer_error(e: ConnectionError) -> PeerError {
 async fn send_loop(
     conn: Connection,
     mut rx: mpsc::UnboundedReceiver<Out>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
     counters: Arc<Counters>,
 ) {
     let mut control: Vec<quinn::SendStream> = Vec::new();
@@ -1015,7 +1241,7 @@ async fn send_loop(
                         }
                     }
                     Err(e) => {
-                        let _ = events.send(Event::Failed { side: Side::Next, error: e });
+                        let _ = events.send(Event::Failed { side: Side::Next, error: e }).await;
                         return;
                     }
                 }

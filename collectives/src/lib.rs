@@ -15,8 +15,11 @@
 //! - [`transport`]: QUIC settings sized from the bandwidth-delay product.
 //! - [`wan`]: link emulation under QUIC (an `AsyncUdpSocket` decorator) and the named presets.
 //! - [`group`]: the driver that runs the schedule over real connections.
+//! - [`io`]: the network runtime every group's QUIC endpoint runs on, apart from the caller's
+//!   threads, so liveness never waits on the caller's computation.
 pub mod codec;
 pub mod group;
+pub mod io;
 pub mod schedule;
 pub mod testing;
 pub mod tls;
@@ -26,7 +29,8 @@ pub mod wire;
 
 pub use codec::{Compression, DType, Element};
 pub use group::{
-    AbortHandle, Emulation, Group, GroupSpec, JoinError, Member, OpError, OpStats, ReduceOp,
+    AbortHandle, Bounds, Emulation, Group, GroupSpec, JoinError, Member, OpError, OpStats,
+    ReduceOp, segments,
 };
 pub use tls::{DevCa, Identity, TrustAnchor};
 pub use transport::{Congestion, NetConfig};

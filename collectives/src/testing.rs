@@ -21,6 +21,11 @@ impl RankParts {
     pub async fn join(self) -> Result<Group, JoinError> {
         Group::join_with_socket(self.spec, &self.anchor, &self.identity, Some(self.socket)).await
     }
+
+    /// Joins with the network side on `net` (see [`Group::join_on`]).
+    pub async fn join_on(self, net: tokio::runtime::Handle) -> Result<Group, JoinError> {
+        Group::join_on(self.spec, &self.anchor, &self.identity, Some(self.socket), net).await
+    }
 }
 
 /// Member names of a local ring: `rank-0`, `rank-1`, ...

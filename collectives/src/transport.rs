@@ -164,7 +164,10 @@ impl NetConfig {
         // One chunk per stream: a whole chunk fits the stream's window, so a writer never waits
         // on one stream's credit while others could proceed.
         t.stream_receive_window(var((2 * self.chunk_bytes as u64 + 4096).min(window)));
-        t.max_concurrent_uni_streams(VarInt::from_u32(4096));
+        // Each frame is one stream. A window holds at most `window / chunk` data frames, and
+        // commit tokens are tiny; streams beyond this wait for credit (a bound on what a
+        // misbehaving neighbour can make this rank track).
+        t.max_concurrent_uni_streams(VarInt::from_u32(1024));
         t.max_concurrent_bidi_streams(VarInt::from_u32(0));
         t.keep_alive_interval(Some(self.keep_alive));
         t.max_idle_timeout(Some(

@@ -52,7 +52,13 @@ fn killed_peer_fails_every_survivor() {
         .map(|(rank, p)| {
             std::thread::spawn(move || {
                 let rt = runtime();
-                let mut g = rt.block_on(p.join()).unwrap();
+                // The victim's network runs on its own runtime, so shutting that down kills it
+                // abruptly, as a process death would.
+                let mut g = if rank == victim {
+                    rt.block_on(p.join_on(rt.handle().clone())).unwrap()
+                } else {
+                    rt.block_on(p.join()).unwrap()
+                };
                 let original = data(rank, len);
                 let mut buf = original.clone();
                 if rank == victim {
@@ -238,6 +244,18 @@ fn non_member_dialer_is_refused_and_the_ring_still_forms() {
 /// The impostor speaks QUIC and TLS correctly (it holds rank 1's real certificate) but writes
 /// `frame` on a stream instead of a real chunk.
 fn malformed(frame: Vec<u8>, needle: &str) {
+    malformed_on(frame, needle, Via::Dialed);
+}
+
+/// Which of the rogue's connections to the honest rank carries the frame: the one it dialed
+/// (it is the honest rank's predecessor there) or the one it accepted (its successor there).
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    Dialed,
+    Accepted,
+}
+
+fn malformed_on(frame: Vec<u8>, needle: &str, via: Via) {
     let rt = runtime();
     let net = net();
     let mut parts = LocalRing::build(2, 5, &net, None).unwrap().into_iter();
@@ -274,7 +292,8 @@ fn malformed(frame: Vec<u8>, needle: &str) {
             hello.write_all(&collectives::wire::admission(5)).await.unwrap();
             hello.finish().unwrap();
             let dialed = endpoint.connect(rank0.addr, &rank0.name).unwrap().await.unwrap();
-            let mut s = dialed.open_uni().await.unwrap();
+            let conn = if via == Via::Dialed { &dialed } else { &accepted };
+            let mut s = conn.open_uni().await.unwrap();
             s.write_all(&frame).await.unwrap();
             s.finish().unwrap();
             (accepted, dialed)
@@ -345,6 +364,23 @@ fn chunk_outside_the_schedule_is_rejected() {
 #[test]
 fn wrong_codec_is_rejected() {
     malformed(Header { codec: Codec::Int8Block, len: 0, ..header() }.encode().to_vec(), "disagree");
+}
+
+#[test]
+fn a_frame_from_the_successor_is_rejected() {
+    // Frames travel forward only: a successor cannot pre-empt the predecessor's chunks (and
+    // have the honest predecessor blamed for a duplicate).
+    malformed_on(header().encode().to_vec(), "forward only", Via::Accepted);
+}
+
+#[test]
+fn a_frame_two_operations_ahead_is_rejected() {
+    // An honest peer is at most one operation ahead; anything further is refused before its
+    // payload is read.
+    malformed(
+        Header { op: 2, len: 0, ..header() }.encode().to_vec(),
+        "when this rank has begun only",
+    );
 }
 
 #[test]

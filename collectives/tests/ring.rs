@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use collectives::testing::{LocalRing, RankParts};
 use collectives::{
-    Compression, Element, Emulation, Group, LinkPreset, NetConfig, OpError, ReduceOp,
+    Bounds, Compression, Element, Emulation, Group, LinkPreset, NetConfig, OpError, ReduceOp,
+    segments,
 };
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -333,4 +334,122 @@ fn transatlantic_emulation() {
     }
     assert!(rel_rms(&results[0].0, &want_a) < 1e-6);
     assert!(rel_rms(&results[0].1, &want_b) < 2e-2);
+}
+
+/// Every member's declared per-segment norms of `inputs` (times `scale[rank]`).
+fn declared(inputs: &[Vec<f32>], scale: &[f64]) -> Bounds {
+    let world = inputs.len();
+    let segs = segments(world, inputs[0].len());
+    let norms = inputs
+        .iter()
+        .zip(scale)
+        .map(|(v, k)| {
+            segs.iter()
+                .map(|r| k * v[r.clone()].iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt())
+                .collect()
+        })
+        .collect();
+    Bounds { norms }
+}
+
+/// An honest ring never trips the hop checks, whatever the codec, length or world: every
+/// partial sum is within what its contributors declared.
+#[test]
+fn bounded_all_reduce_passes_honest_rings() {
+    let rt = runtime();
+    for world in [2, 3, 5] {
+        let parts = LocalRing::build(world, 1, &net(), None).unwrap();
+        let results = rt.block_on(on_ring(parts, move |rank, mut g| async move {
+            let mut outs = Vec::new();
+            for (i, len) in [0usize, 1, world + 1, 16_411, 100_003].into_iter().enumerate() {
+                for compression in Compression::ALL {
+                    for op in [ReduceOp::Sum, ReduceOp::Average] {
+                        let ins = inputs(world, len, i as u64);
+                        let bounds = declared(&ins, &vec![1.0; world]);
+                        let mut buf = ins[rank].clone();
+                        g.all_reduce_bounded(&mut buf, op, compression, &bounds)
+                            .await
+                            .unwrap_or_else(|e| {
+                                panic!("world {world} len {len} {compression}: {e}")
+                            });
+                        outs.push(buf);
+                    }
+                }
+            }
+            g.close().await;
+            outs
+        }));
+        for r in &results[1..] {
+            assert_eq!(r, &results[0], "world {world}: ranks disagree");
+        }
+    }
+}
+
+/// A member that sends ten times what it declared is caught by its successor, which names it;
+/// every member fails and no buffer changes.
+#[test]
+fn a_member_sending_more_than_it_declared_is_named_by_its_successor() {
+    let rt = runtime();
+    let world = 4;
+    let liar = 2;
+    for compression in Compression::ALL {
+        let parts = LocalRing::build(world, 1, &net(), None).unwrap();
+        let len = 50_000;
+        let ins = inputs(world, len, 7);
+        let bounds = declared(&ins, &vec![1.0; world]);
+        let results = rt.block_on(on_ring(parts, {
+            let (ins, bounds) = (ins.clone(), bounds.clone());
+            move |rank, mut g| {
+                let (ins, bounds) = (ins.clone(), bounds.clone());
+                async move {
+                    let mut buf = ins[rank].clone();
+                    if rank == liar {
+                        // A sign flip ×10, declared as the honest contribution.
+                        buf.iter_mut().for_each(|v| *v *= -10.0);
+                    }
+                    let before = buf.clone();
+                    let r =
+                        g.all_reduce_bounded(&mut buf, ReduceOp::Sum, compression, &bounds).await;
+                    assert_eq!(buf, before, "rank {rank}: the buffer changed on failure");
+                    r
+                }
+            }
+        }));
+        for (rank, r) in results.iter().enumerate() {
+            let err = r.as_ref().expect_err("every rank fails");
+            if rank == (liar + 1) % world {
+                match err {
+                    OpError::Exceeded { rank: named, peer, detail } => {
+                        assert_eq!((*named, peer.as_str()), (liar, "rank-2"), "{detail}");
+                        println!("{compression}: {err}");
+                    }
+                    other => panic!("{compression}: the liar's successor reported {other}"),
+                }
+            } else {
+                assert!(
+                    !matches!(err, OpError::Exceeded { .. }),
+                    "{compression}: rank {rank} accused someone: {err}"
+                );
+            }
+        }
+    }
+}
+
+/// Bounds of the wrong shape are refused before anything is sent.
+#[test]
+fn malformed_bounds_are_refused() {
+    let rt = runtime();
+    let parts = LocalRing::build(2, 1, &net(), None).unwrap();
+    let results = rt.block_on(on_ring(parts, |_, mut g| async move {
+        let mut buf = vec![1.0f32; 10];
+        let wrong = Bounds { norms: vec![vec![1.0; 2]] };
+        let e1 = g.all_reduce_bounded(&mut buf, ReduceOp::Sum, Compression::None, &wrong).await;
+        let nan = Bounds { norms: vec![vec![f64::NAN; 2]; 2] };
+        let e2 = g.all_reduce_bounded(&mut buf, ReduceOp::Sum, Compression::None, &nan).await;
+        (e1.unwrap_err(), e2.unwrap_err())
+    }));
+    for (e1, e2) in results {
+        assert!(matches!(e1, OpError::Invalid(_)), "{e1}");
+        assert!(matches!(e2, OpError::Invalid(_)), "{e2}");
+    }
 }
