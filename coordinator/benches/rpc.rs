@@ -57,7 +57,7 @@ async fn bench(n: usize, secs: u64) -> Result<()> {
         })
         .await?;
     let token = control
-        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 3600 })
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 3600, uses: n as u32 })
         .await?
         .into_inner()
         .token;

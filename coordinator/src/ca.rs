@@ -38,6 +38,8 @@ pub enum SignError {
     BadCsr(rcgen::Error),
     #[error("signing failed: {0}")]
     Sign(rcgen::Error),
+    #[error("unreadable certificate: {0}")]
+    BadCert(String),
 }
 
 /// The CA with its key, the server identity and the admin credential.
@@ -188,13 +190,20 @@ impl Pki {
         hashes_equal(&secret_hash(token), &self.admin_hash)
     }
 
-    /// Signs a worker's CSR for `member` (its public key is kept; every other field is ours).
+    /// Signs a worker's CSR for `member` (its public key is kept; every other field is ours:
+    /// not a CA, digital signatures only, a random serial).
     pub fn sign_worker(&self, csr_pem: &str, member: &str) -> Result<String, SignError> {
         let mut csr =
             rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(SignError::BadCsr)?;
         let mut params =
             rcgen::CertificateParams::new(vec![member.to_owned()]).map_err(SignError::Sign)?;
         params.distinguished_name.push(rcgen::DnType::CommonName, member);
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let mut serial = [0u8; 16];
+        rand::rng().fill_bytes(&mut serial);
+        serial[0] &= 0x7f;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         params.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -205,6 +214,37 @@ impl Pki {
         let cert = csr.signed_by(&self.issuer).map_err(SignError::Sign)?;
         Ok(cert.pem())
     }
+}
+
+/// The identity of the key a CSR carries: SHA-256 of its SubjectPublicKeyInfo, hex. A worker is
+/// its key: `Join` with the same key is the same worker, and bans apply to it.
+pub fn csr_key_id(csr_pem: &str) -> Result<String, SignError> {
+    use rcgen::PublicKeyData;
+    let csr =
+        rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(SignError::BadCsr)?;
+    Ok(hex(&Sha256::digest(csr.public_key.subject_public_key_info())))
+}
+
+/// A certificate's remaining and total validity.
+pub fn cert_validity(
+    cert_pem: &str,
+) -> Result<(std::time::Duration, std::time::Duration), SignError> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| SignError::BadCert(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| SignError::BadCert(e.to_string()))?;
+    let v = cert.validity();
+    let (from, until) = (v.not_before.timestamp(), v.not_after.timestamp());
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let secs = |s: i64| std::time::Duration::from_secs(s.max(0) as u64);
+    Ok((secs(until - now), secs(until - from)))
+}
+
+/// A CSR for an existing key (a worker renewing its certificate keeps its key, its identity).
+pub fn csr_for_key(key_pem: &str) -> Result<String, SignError> {
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(SignError::Sign)?;
+    let params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(SignError::Sign)?;
+    params.serialize_request(&key).and_then(|c| c.pem()).map_err(SignError::Sign)
 }
 
 /// A key pair and CSR for a worker (used by agents, tests and the benchmark).

@@ -86,9 +86,15 @@ enum Command {
         /// A worker that died must be healthy this long before it rejoins an epoch.
         #[arg(long, env = "LONGHAUL_READMIT_AFTER_MS", default_value_t = 30_000)]
         readmit_after_ms: u64,
-        /// Shard lease lifetime.
-        #[arg(long, env = "LONGHAUL_LEASE_TTL_MS", default_value_t = 300_000)]
+        /// Shard lease lifetime (at most a week).
+        #[arg(long, env = "LONGHAUL_LEASE_TTL_MS", default_value_t = 300_000,
+              value_parser = clap::value_parser!(u64).range(1_000..=604_800_000))]
         lease_ttl_ms: u64,
+        /// How long a worker sits out after an accusation the coordinator cannot verify (both
+        /// the accuser and the accused), or after it was dropped from a ring it could not form.
+        #[arg(long, env = "LONGHAUL_BENCH_FOR_MS", default_value_t = 60_000,
+              value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+        bench_for_ms: u64,
     },
     /// Write an annotated example run file.
     Init {
@@ -138,6 +144,10 @@ enum TokenCommand {
         /// Lifetime: 90s, 30m, 12h, 7d.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
+        /// How many distinct workers may join with it (a worker that joins again with the
+        /// same key uses none).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        uses: u32,
     },
 }
 
@@ -214,6 +224,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dead_after_ms,
             readmit_after_ms,
             lease_ttl_ms,
+            bench_for_ms,
         } => {
             let mut config = ServerConfig::new(home);
             // The first name given is the one the shard URLs use.
@@ -225,6 +236,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 dead_after: dead_after_ms.max(suspect_after_ms),
                 readmit_after: readmit_after_ms,
                 lease_ttl: lease_ttl_ms,
+                bench_for: bench_for_ms,
+                ..Default::default()
             };
             runtime()?.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(listen)
@@ -349,8 +362,20 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
         }
         Command::Runs => {
             let mut c = connect(conn, home)?;
-            let runs =
-                c.list_runs(pb::ListRunsRequest {}).await.map_err(rpc_err)?.into_inner().runs;
+            let mut runs = Vec::new();
+            let mut after = 0;
+            loop {
+                let page = c
+                    .list_runs(pb::ListRunsRequest { page_size: 1000, after })
+                    .await
+                    .map_err(rpc_err)?
+                    .into_inner();
+                runs.extend(page.runs);
+                if page.next_after == 0 {
+                    break;
+                }
+                after = page.next_after;
+            }
             if json {
                 println!("{}", serde_json::Value::Array(runs.iter().map(run_json).collect()));
             } else {
@@ -407,12 +432,20 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
         }
         Command::Workers => {
             let mut c = connect(conn, home)?;
-            let ws = c
-                .list_workers(pb::ListWorkersRequest {})
-                .await
-                .map_err(rpc_err)?
-                .into_inner()
-                .workers;
+            let mut ws = Vec::new();
+            let mut after = 0;
+            loop {
+                let page = c
+                    .list_workers(pb::ListWorkersRequest { page_size: 1000, after })
+                    .await
+                    .map_err(rpc_err)?
+                    .into_inner();
+                ws.extend(page.workers);
+                if page.next_after == 0 {
+                    break;
+                }
+                after = page.next_after;
+            }
             if json {
                 let v: Vec<_> = ws
                     .iter()
@@ -424,6 +457,8 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                             "steps": w.steps, "bytes": w.bytes, "uptime_ms": w.uptime_ms,
                             "joined_unix_ms": w.joined_unix_ms, "loss": w.loss,
                             "param_hash": w.param_hash, "compute_utilisation": w.compute_utilisation,
+                            "syncs": w.syncs, "excluded": w.excluded,
+                            "benched_until_unix_ms": w.benched_until_unix_ms, "banned_from": w.banned_from,
                         })
                     })
                     .collect();
@@ -493,10 +528,10 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
             eprintln!("run {} {}", r.run_id, state_name(r.state));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Token { command: TokenCommand::Create { ttl } } => {
+        Command::Token { command: TokenCommand::Create { ttl, uses } } => {
             let mut c = connect(conn, home)?;
             let t = c
-                .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: ttl.as_secs() })
+                .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: ttl.as_secs(), uses })
                 .await
                 .map_err(rpc_err)?
                 .into_inner();
@@ -507,7 +542,11 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                 );
             } else {
                 println!("{}", t.token);
-                eprintln!("expires in {}s", ttl.as_secs());
+                eprintln!(
+                    "expires in {}s; {uses} worker{} may join with it",
+                    ttl.as_secs(),
+                    if uses == 1 { "" } else { "s" }
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod floats;
 pub mod metrics;
 pub mod runfile;
 pub mod server;

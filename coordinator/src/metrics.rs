@@ -66,12 +66,17 @@ impl Telemetry {
 type Series =
     (&'static str, &'static str, fn(&crate::cluster::Cluster, &crate::cluster::RunRecord) -> f64);
 
+/// A label value with `\`, `"` and line breaks escaped (Prometheus' text format).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 /// Renders the exposition text.
 pub(crate) fn render(shared: &Shared) -> String {
     let mut out = String::new();
     {
-        let core = shared.lock();
-        let c = &core.cluster;
+        let guard = shared.lock();
+        let c = &*guard;
         let _ = writeln!(out, "# HELP longhaul_runs Runs by state.\n# TYPE longhaul_runs gauge");
         for s in [
             RunState::Pending,
@@ -122,14 +127,28 @@ pub(crate) fn render(shared: &Shared) -> String {
         for (name, help, f) in series {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             for r in c.runs().filter(|r| !r.state.is_terminal()) {
-                let _ = writeln!(out, "{name}{{run=\"{}\",name=\"{}\"}} {}", r.id, r.name, f(c, r));
+                let _ = writeln!(
+                    out,
+                    "{name}{{run=\"{}\",name=\"{}\"}} {}",
+                    r.id,
+                    label(&r.name),
+                    f(c, r)
+                );
             }
         }
+        // Per-worker series only for the members of running runs: the number of series stays
+        // bounded by what is live, never by every worker ever seen.
+        let members: Vec<&crate::cluster::WorkerRecord> = c
+            .runs()
+            .filter(|r| r.state == RunState::Running)
+            .flat_map(|r| r.members.iter())
+            .filter_map(|m| c.worker(m.worker))
+            .collect();
         let _ = writeln!(
             out,
-            "# HELP longhaul_worker_bytes_total Bytes each worker reported moving.\n# TYPE longhaul_worker_bytes_total counter"
+            "# HELP longhaul_worker_bytes_total Bytes each member reported moving.\n# TYPE longhaul_worker_bytes_total counter"
         );
-        for w in c.workers() {
+        for w in &members {
             let _ = writeln!(
                 out,
                 "longhaul_worker_bytes_total{{worker=\"{}\"}} {}",
@@ -138,9 +157,9 @@ pub(crate) fn render(shared: &Shared) -> String {
         }
         let _ = writeln!(
             out,
-            "# HELP longhaul_worker_samples_total Samples each worker trained on.\n# TYPE longhaul_worker_samples_total counter"
+            "# HELP longhaul_worker_samples_total Samples of recorded steps each member trained on.\n# TYPE longhaul_worker_samples_total counter"
         );
-        for w in c.workers() {
+        for w in &members {
             let _ = writeln!(
                 out,
                 "longhaul_worker_samples_total{{worker=\"{}\"}} {}",

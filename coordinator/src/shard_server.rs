@@ -134,11 +134,19 @@ async fn shard(
         return refuse(StatusCode::FORBIDDEN, format!("the client certificate is not {worker}'s"));
     }
     let info = {
-        let core = shared.lock();
-        if core.cluster.worker(worker).is_none() {
+        let c = shared.lock();
+        if c.worker(worker).is_none() {
             return refuse(StatusCode::FORBIDDEN, format!("{worker} is not a known worker"));
         }
-        core.cluster.shards(RunId(run)).and_then(|b| b.record(index)).map(|r| r.info.clone())
+        // Shard bytes go to the members of that run's current epoch, nobody else (not a banned
+        // or benched worker, not a member of another run).
+        if c.shards(RunId(run)).is_some() && !c.is_member(RunId(run), worker) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!("{worker} is not a member of run {run}'s current epoch"),
+            );
+        }
+        c.shards(RunId(run)).and_then(|b| b.record(index)).map(|r| r.info.clone())
     };
     let Some(info) = info else {
         return refuse(StatusCode::NOT_FOUND, format!("run {run} has no shard {index}"));

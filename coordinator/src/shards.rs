@@ -279,23 +279,32 @@ impl ShardBook {
                 .map(|(i, _)| i)
         };
         let expires = now + ttl;
-        let (i, shared) = match oldest(ShardState::Queued).or_else(|| oldest(ShardState::Done)) {
-            Some(i) => {
-                let s = &mut self.shards[i];
-                if s.state == ShardState::Done {
-                    s.data_epoch += 1;
-                }
-                s.state = ShardState::Leased { lease: id, worker, expires };
-                (i, false)
-            }
-            None => {
-                // Every shard is held: share one, spreading the sharers by lease id.
-                let held: Vec<usize> = (0..self.shards.len())
-                    .filter(|&i| matches!(self.shards[i].state, ShardState::Leased { worker: w, .. } if w != worker))
-                    .collect();
-                (*held.get((id.0 % held.len().max(1) as u64) as usize)?, true)
-            }
+        let Some(i) = oldest(ShardState::Queued).or_else(|| oldest(ShardState::Done)) else {
+            return self.share(worker, id, expires);
         };
+        let s = &mut self.shards[i];
+        if s.state == ShardState::Done {
+            s.data_epoch += 1;
+        }
+        s.state = ShardState::Leased { lease: id, worker, expires };
+        Some(Lease {
+            id,
+            run: RunId(0),
+            shard: i as u32,
+            info: s.info.clone(),
+            data_epoch: s.data_epoch,
+            expires,
+            shared: false,
+        })
+    }
+
+    /// A shared lease (untracked, nothing to complete) on a shard another worker holds,
+    /// spreading the sharers by lease id; `None` if no other worker holds one.
+    pub fn share(&self, worker: WorkerId, id: LeaseId, expires: Millis) -> Option<Lease> {
+        let held: Vec<usize> = (0..self.shards.len())
+            .filter(|&i| matches!(self.shards[i].state, ShardState::Leased { worker: w, .. } if w != worker))
+            .collect();
+        let i = *held.get((id.0 % held.len().max(1) as u64) as usize)?;
         let s = &self.shards[i];
         Some(Lease {
             id,
@@ -304,7 +313,7 @@ impl ShardBook {
             info: s.info.clone(),
             data_epoch: s.data_epoch,
             expires,
-            shared,
+            shared: true,
         })
     }
 

@@ -225,6 +225,63 @@ impl ScriptedAgent {
         }
     }
 
+    /// Reports the state it holds (`StepCommitted`): at the start of an epoch, after a sync.
+    pub async fn report(&self, run: u64, epoch: u64, step: u64, hash: &str) -> anyhow::Result<()> {
+        self.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
+            run_id: run,
+            epoch,
+            step,
+            param_hash: hash.to_owned(),
+        }))
+        .await
+    }
+
+    /// Commits its contribution's segment norms to the sync at `step`.
+    pub async fn commit(
+        &self,
+        run: u64,
+        epoch: u64,
+        step: u64,
+        norms: Vec<f32>,
+    ) -> anyhow::Result<()> {
+        self.send(pb::agent_message::Msg::SyncCommit(pb::SyncCommit {
+            run_id: run,
+            epoch,
+            step,
+            segment_norms: norms,
+        }))
+        .await
+    }
+
+    /// Waits for the agreement of `epoch`.
+    pub async fn expect_agreement(
+        &mut self,
+        epoch: u64,
+        within: Duration,
+    ) -> anyhow::Result<pb::Agreement> {
+        self.expect(within, |m| match m {
+            pb::coordinator_message::Msg::Agreement(a) if a.epoch == epoch => Some(a.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits for the plan of the sync at `step` in `epoch`.
+    pub async fn expect_plan(
+        &mut self,
+        epoch: u64,
+        step: u64,
+        within: Duration,
+    ) -> anyhow::Result<pb::SyncPlan> {
+        self.expect(within, |m| match m {
+            pb::coordinator_message::Msg::SyncPlan(p) if p.epoch == epoch && p.step == step => {
+                Some(p.clone())
+            }
+            _ => None,
+        })
+        .await
+    }
+
     /// Waits for an epoch announcement at least `min_epoch`.
     pub async fn expect_epoch(
         &mut self,
@@ -301,4 +358,47 @@ pub async fn https_get(
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect();
     Ok(HttpResponse { status, headers, body: raw[split + 4..].to_vec() })
+}
+
+/// Every agent of `epoch` reports holding (`step`, `hash`) and waits for the agreement.
+pub async fn agree(
+    agents: &mut [&mut ScriptedAgent],
+    run: u64,
+    epoch: u64,
+    step: u64,
+    hash: &str,
+    within: Duration,
+) -> anyhow::Result<pb::Agreement> {
+    for a in agents.iter() {
+        a.report(run, epoch, step, hash).await?;
+    }
+    let mut last = None;
+    for a in agents.iter_mut() {
+        last = Some(a.expect_agreement(epoch, within).await?);
+    }
+    last.ok_or_else(|| anyhow::anyhow!("no agents"))
+}
+
+/// One synchronisation as honest members make it: every agent commits (one unit norm per
+/// segment), waits for the plan, and reports `hash` after it.
+pub async fn sync(
+    agents: &mut [&mut ScriptedAgent],
+    run: u64,
+    epoch: u64,
+    step: u64,
+    hash: &str,
+    within: Duration,
+) -> anyhow::Result<pb::SyncPlan> {
+    let n = agents.len();
+    for a in agents.iter() {
+        a.commit(run, epoch, step, vec![1.0; n]).await?;
+    }
+    let mut plan = None;
+    for a in agents.iter_mut() {
+        plan = Some(a.expect_plan(epoch, step, within).await?);
+    }
+    for a in agents.iter() {
+        a.report(run, epoch, step, hash).await?;
+    }
+    plan.ok_or_else(|| anyhow::anyhow!("no agents"))
 }

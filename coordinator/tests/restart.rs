@@ -99,7 +99,7 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
     assert!(out.status.success(), "{out:?}");
     let out = cli(home.path(), &url, &["ca-hash"]);
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), cfg.ca_pin);
-    let out = cli(home.path(), &url, &["token", "create", "--ttl", "10m"]);
+    let out = cli(home.path(), &url, &["token", "create", "--ttl", "10m", "--uses", "2"]);
     assert!(out.status.success(), "{out:?}");
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert!(token.starts_with("lh_join_"));
@@ -117,14 +117,9 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
     let hb = b.keep_beating(Duration::from_millis(200));
     let e1 = a.expect_epoch(1, T).await.unwrap();
     b.expect_epoch(e1.epoch, T).await.unwrap();
-    a.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
-        run_id: run,
-        epoch: e1.epoch,
-        step: 100,
-        param_hash: "0123456789abcdef".into(),
-    }))
-    .await
-    .unwrap();
+    const HASH: &str = "0123456789abcdef";
+    testing::agree(&mut [&mut a, &mut b], run, e1.epoch, 0, "000000000000abcd", T).await.unwrap();
+    testing::sync(&mut [&mut a, &mut b], run, e1.epoch, 50, HASH, T).await.unwrap();
     let held = match a
         .rpc
         .lease_shard(pb::LeaseShardRequest {})
@@ -151,19 +146,21 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
     let mut b = reconnect(&cfg, &b, "127.0.0.1:7102").await;
     let ha = a.keep_beating(Duration::from_millis(200));
     let hb = b.keep_beating(Duration::from_millis(200));
-    // The same epoch is announced again: both members came back in time.
-    let again = a.expect_epoch(e1.epoch, T).await.unwrap();
-    assert_eq!(again.epoch, e1.epoch);
-    assert_eq!(again.committed_step, 100);
-    assert_eq!(again.committed_hash, "0123456789abcdef", "the committed hash is durable");
+    // A new epoch (what the old one did in memory is gone) with both members and the record.
+    let again = a.expect_epoch(e1.epoch + 1, T).await.unwrap();
+    assert_eq!(again.members.len(), 2);
+    assert_eq!(again.committed_step, 50);
+    assert_eq!(again.committed_hash, HASH, "the recorded hash is durable");
 
     let out = cli(home.path(), &url, &["status", &run.to_string(), "--output", "json"]);
     assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["state"], "running");
-    assert_eq!(v["epoch"], e1.epoch);
-    assert_eq!(v["committed_step"], 100);
-    assert_eq!(v["committed_hash"], "0123456789abcdef");
+    assert_eq!(v["epoch"], again.epoch);
+    assert_eq!(v["committed_step"], 50);
+    assert_eq!(v["committed_hash"], HASH);
+    b.expect_epoch(again.epoch, T).await.unwrap();
+    testing::agree(&mut [&mut a, &mut b], run, again.epoch, 50, HASH, T).await.unwrap();
 
     // The lease survived: the held shard is not handed out again, and it can be completed.
     let next = match b
@@ -185,23 +182,20 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
         .await
         .unwrap();
 
-    // A stale step report is ignored; progress continues; a death makes a strictly newer epoch.
-    a.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
-        run_id: run,
-        epoch: e1.epoch,
-        step: 101,
-        param_hash: String::new(),
-    }))
-    .await
-    .unwrap();
+    // A stale report is ignored; progress continues by quorum; a death makes a newer epoch.
+    a.report(run, e1.epoch, 100, "00000000000000ff").await.unwrap();
+    testing::sync(&mut [&mut a, &mut b], run, again.epoch, 100, "0000000000000100", T)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     hb.abort();
     drop(b);
     let e2 = a.expect_epoch(e1.epoch + 1, Duration::from_secs(5)).await;
     // min_workers = 2: with one left, the run waits (no epoch); check the store said so.
     let out = cli(home.path(), &url, &["status", &run.to_string(), "--output", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["committed_step"], 101);
-    assert!(e2.is_err() || e2.unwrap().epoch > e1.epoch);
+    assert_eq!(v["committed_step"], 100);
+    assert!(e2.is_err() || e2.unwrap().epoch > again.epoch);
     assert!(
         v["message"].as_str().unwrap().contains("died")
             || v["message"].as_str().unwrap().contains("waiting"),
@@ -221,16 +215,15 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let e = a.expect_epoch(1, T).await.unwrap();
-    assert_ne!(e.run_id, run);
-    a.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
-        run_id: e.run_id,
-        epoch: e.epoch,
-        step: 3,
-        param_hash: String::new(),
-    }))
-    .await
-    .unwrap();
+    let e = a
+        .expect(T, |m| match m {
+            pb::coordinator_message::Msg::Epoch(e) if e.run_id != run => Some(e.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    testing::agree(&mut [&mut a], e.run_id, e.epoch, 0, "000000000000abcd", T).await.unwrap();
+    testing::sync(&mut [&mut a], e.run_id, e.epoch, 3, "0000000000000003", T).await.unwrap();
     let status =
         tokio::task::spawn_blocking(move || follow.wait_with_output().unwrap()).await.unwrap();
     assert!(status.status.success(), "--follow exits 0 on completion: {status:?}");

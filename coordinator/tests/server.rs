@@ -37,6 +37,7 @@ async fn start_with(dir: &Path, shards: bool) -> Running {
         dead_after: 1_500,
         readmit_after: 0,
         lease_ttl: 60_000,
+        ..cluster::Config::default()
     };
     config.tick = Duration::from_millis(50);
     config.max_message_bytes = 1 << 20;
@@ -69,7 +70,7 @@ async fn submit(control: &mut testing::Control, run_toml: String) -> u64 {
 
 async fn join_token(control: &mut testing::Control) -> String {
     control
-        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600 })
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600, uses: 10 })
         .await
         .unwrap()
         .into_inner()
@@ -151,19 +152,52 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
-    // Progress through the session.
+    // Progress through the session, by quorum: both report the state they hold, get the
+    // agreement, commit their contributions to the first sync (diloco, 50 inner steps), get the
+    // same plan, and report the same hash after it.
+    const H0: &str = "000000000000abcd";
     const HASH: &str = "00000000deadbeef";
-    a.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
-        run_id: run,
-        epoch: e1.epoch,
-        step: 42,
-        param_hash: HASH.into(),
-    }))
-    .await
-    .unwrap();
+    let held = |step, hash: &str| {
+        pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
+            run_id: run,
+            epoch: e1.epoch,
+            step,
+            param_hash: hash.into(),
+        })
+    };
+    a.send(held(0, H0)).await.unwrap();
+    b.send(held(0, H0)).await.unwrap();
+    let agreement = |m: &pb::coordinator_message::Msg| match m {
+        pb::coordinator_message::Msg::Agreement(x) => Some(x.clone()),
+        _ => None,
+    };
+    let ag = a.expect(T, agreement).await.unwrap();
+    assert_eq!((ag.epoch, ag.step, ag.param_hash.as_str()), (e1.epoch, 0, H0));
+    assert!(ag.receivers.is_empty() && ag.contributors == vec![0, 1], "{ag:?}");
+    let commit = |epoch, step| {
+        pb::agent_message::Msg::SyncCommit(pb::SyncCommit {
+            run_id: run,
+            epoch,
+            step,
+            segment_norms: vec![0.5, 0.5],
+        })
+    };
+    a.send(commit(e1.epoch, 50)).await.unwrap();
+    b.send(commit(e1.epoch, 50)).await.unwrap();
+    let plan = |m: &pb::coordinator_message::Msg| match m {
+        pb::coordinator_message::Msg::SyncPlan(x) => Some(x.clone()),
+        _ => None,
+    };
+    let p = b.expect(T, plan).await.unwrap();
+    assert_eq!((p.step, p.coefficients.clone()), (50, vec![0.5, 0.5]));
+    assert_eq!(p.declared, vec![0.5; 4]);
+    a.send(held(50, HASH)).await.unwrap();
+    let info = control.get_run(pb::GetRunRequest { run_id: run }).await.unwrap().into_inner();
+    assert_eq!(info.committed_step, 0, "one member's report records nothing");
+    b.send(held(50, HASH)).await.unwrap();
     let metrics = |bytes_sent, compute_ms, loss| pb::Metrics {
         run_id: run,
-        step: 42,
+        step: 50,
         loss: Some(loss),
         tokens_per_sec: 1000.0,
         samples: 5,
@@ -180,11 +214,11 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
     };
     a.send(pb::agent_message::Msg::Metrics(metrics(1000, 800.0, 2.5))).await.unwrap();
     // Two sessions are not ordered with each other: let a's report land first.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     b.send(pb::agent_message::Msg::Metrics(metrics(3000, 200.0, 2.0))).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let info = control.get_run(pb::GetRunRequest { run_id: run }).await.unwrap().into_inner();
-    assert_eq!(info.committed_step, 42);
+    assert_eq!(info.committed_step, 50);
     assert_eq!(info.committed_hash, HASH);
     assert_eq!(info.loss, Some(2.0), "the latest report wins");
     assert_eq!(info.accuracy, Some(0.25));
@@ -192,23 +226,14 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
     assert!((info.compute_utilisation - 0.65).abs() < 1e-9, "{info:?}");
     assert_eq!(info.bytes_moved, 4000);
     assert_eq!(info.state, pb::RunState::Running as i32);
-    // b agrees at the committed step: nothing happens.
-    b.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
-        run_id: run,
-        epoch: e1.epoch,
-        step: 42,
-        param_hash: HASH.into(),
-    }))
-    .await
-    .unwrap();
 
     // A third worker joins: epoch 2 for everyone.
     let mut c = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7003").await.unwrap();
     let beat_c = c.keep_beating(Duration::from_millis(100));
     let e2 = a.expect_epoch(e1.epoch + 1, T).await.unwrap();
     assert_eq!(e2.members.len(), 3);
-    assert_eq!(e2.committed_step, 42);
-    assert_eq!(e2.committed_hash, HASH, "the committed hash travels with the epoch");
+    assert_eq!(e2.committed_step, 50);
+    assert_eq!(e2.committed_hash, HASH, "the recorded hash travels with the epoch");
     assert_eq!(c.expect_epoch(e2.epoch, T).await.unwrap().epoch, e2.epoch);
 
     // c dies: the others get an abort of epoch 2 and then epoch 3.
@@ -227,21 +252,31 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
     assert_eq!(e3.members.len(), 2);
     assert_eq!(e3.committed_hash, HASH);
 
-    // b reports another hash for the committed step: the run's log and message say so, naming
-    // both workers and hashes; the run goes on.
+    // In epoch 3 they sync again and report different states: no majority, the run's log and
+    // message say so, naming both workers and hashes, and the ring re-forms.
     let mut watch =
         control.watch_run(pb::WatchRunRequest { run_id: run }).await.unwrap().into_inner();
-    b.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
-        run_id: run,
-        epoch: e3.epoch,
-        step: 42,
-        param_hash: "00000000deadbeee".into(),
-    }))
-    .await
-    .unwrap();
+    let held3 = |step, hash: &str| {
+        pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
+            run_id: run,
+            epoch: e3.epoch,
+            step,
+            param_hash: hash.into(),
+        })
+    };
+    a.send(held3(50, HASH)).await.unwrap();
+    b.send(held3(50, HASH)).await.unwrap();
+    a.expect(T, |m| agreement(m).filter(|x| x.epoch == e3.epoch)).await.unwrap();
+    a.send(commit(e3.epoch, 100)).await.unwrap();
+    b.send(commit(e3.epoch, 100)).await.unwrap();
+    a.expect(T, |m| plan(m).filter(|x| x.step == 100)).await.unwrap();
+    a.send(held3(100, "00000000deadbeee")).await.unwrap();
+    b.send(held3(100, "00000000deadbeed")).await.unwrap();
     let line = tokio::time::timeout(T, async {
         while let Some(ev) = watch.message().await.unwrap() {
-            if let Some(pb::run_event::Event::Log(line)) = ev.event {
+            if let Some(pb::run_event::Event::Log(line)) = ev.event
+                && line.contains("no majority")
+            {
                 return line;
             }
         }
@@ -249,29 +284,53 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
     })
     .await
     .unwrap();
-    for needle in ["diverged at step 42", HASH, "00000000deadbeee", &format!("worker-{}", b.id)] {
+    for needle in [
+        "step 100",
+        "00000000deadbeee",
+        "00000000deadbeed",
+        &format!("worker-{}", b.id),
+        &format!("worker-{}", a.id),
+    ] {
         assert!(line.contains(needle), "{line:?} lacks {needle:?}");
     }
-    assert!(line.contains(&format!("worker-{}", a.id)), "{line}");
-    // The log is kept: a later watcher hears it first, before the run's state.
+    // The log is kept: a later watcher hears it, before the run's state.
     let mut later =
         control.watch_run(pb::WatchRunRequest { run_id: run }).await.unwrap().into_inner();
-    let first = later.message().await.unwrap().unwrap();
-    assert_eq!(first.event, Some(pb::run_event::Event::Log(line.clone())));
+    let mut seen = false;
+    while let Some(ev) = later.message().await.unwrap() {
+        match ev.event {
+            Some(pb::run_event::Event::Log(l)) => seen |= l == line,
+            _ => break,
+        }
+    }
+    assert!(seen, "the log line is replayed to a later watcher");
     let info = control.get_run(pb::GetRunRequest { run_id: run }).await.unwrap().into_inner();
-    assert!(info.message.contains("diverged"), "{info:?}");
-    assert_eq!((info.state, info.committed_hash.as_str()), (pb::RunState::Running as i32, HASH));
+    assert_eq!((info.state, info.committed_step), (pb::RunState::Running as i32, 50));
 
-    // Workers are listed with their ledger.
+    // Workers are listed with their ledger: what the quorum recorded, not what they claimed.
     let workers =
-        control.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+        control.list_workers(pb::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
     assert_eq!(workers.len(), 3);
     let wa = workers.iter().find(|w| w.worker_id == a.id).unwrap();
     assert_eq!(wa.liveness, pb::Liveness::Alive as i32);
-    // The ledger counts the metrics' increments; CompleteShard's count is informational.
-    assert!(wa.samples == 5 && wa.bytes == 1 << 20, "{wa:?}");
+    // 50 steps of a batch of 32 in the one recorded sync; the reported 5 samples do not count.
+    assert_eq!((wa.steps, wa.syncs, wa.samples), (50, 1, 50 * 32), "{wa:?}");
+    assert_eq!(wa.bytes, 1 << 20);
     assert_eq!((wa.loss, wa.param_hash.as_str()), (Some(2.5), HASH));
     assert!((wa.compute_utilisation - 0.8).abs() < 1e-9, "{wa:?}");
+    // Pages.
+    let page = control
+        .list_workers(pb::ListWorkersRequest { page_size: 2, after: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.workers.len(), 2);
+    let rest = control
+        .list_workers(pb::ListWorkersRequest { page_size: 2, after: page.next_after })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((rest.workers.len(), rest.next_after), (1, 0));
 
     // Stop: members hear it.
     control.stop_run(pb::StopRunRequest { run_id: run, reason: String::new() }).await.unwrap();
@@ -304,7 +363,7 @@ async fn refusals_are_clear() {
 
     // An expired token.
     let t = control
-        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 1 })
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 1, uses: 1 })
         .await
         .unwrap()
         .into_inner()
@@ -317,7 +376,7 @@ async fn refusals_are_clear() {
 
     // A token longer-lived than allowed.
     let st = control
-        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 365 * 86400 })
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 365 * 86400, uses: 1 })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
@@ -343,11 +402,11 @@ async fn refusals_are_clear() {
     let mut plain = proto::pb::control_client::ControlClient::new(
         coordinator::client::channel(&srv.cfg, None).unwrap(),
     );
-    let st = plain.list_runs(pb::ListRunsRequest {}).await.unwrap_err();
+    let st = plain.list_runs(pb::ListRunsRequest::default()).await.unwrap_err();
     assert_eq!(st.code(), Code::Unauthenticated);
     assert!(st.message().contains("admin credential"), "{st}");
     let mut bad_admin = testing::control(&srv.cfg, "lh_admin_wrong").unwrap();
-    let st = bad_admin.list_runs(pb::ListRunsRequest {}).await.unwrap_err();
+    let st = bad_admin.list_runs(pb::ListRunsRequest::default()).await.unwrap_err();
     assert_eq!(st.code(), Code::PermissionDenied);
 
     // An oversized message (the limit here is 1 MiB).
@@ -355,7 +414,7 @@ async fn refusals_are_clear() {
     let st = control.submit_run(pb::SubmitRunRequest { run_toml: huge }).await.unwrap_err();
     assert!(matches!(st.code(), Code::OutOfRange | Code::ResourceExhausted), "{st:?}");
     // The server is fine afterwards.
-    control.list_runs(pb::ListRunsRequest {}).await.unwrap();
+    control.list_runs(pb::ListRunsRequest::default()).await.unwrap();
 
     // Malformed run files, over the wire: the error names the field.
     let manifest = testing::write_dataset(&dir.path().join("data"), 2).unwrap();

@@ -9,7 +9,7 @@ use std::time::Instant;
 use collectives::Compression;
 use rand::SeedableRng;
 use tch::Device;
-use worker::comm::Solo;
+use worker::comm::{Solo, SoloPlan};
 use worker::testing::gpt_spec;
 use worker::trainer::data::{ShardData, ShardReader};
 use worker::trainer::model::{Arch, Input, ModelConfig};
@@ -49,14 +49,14 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..3 {
         let b = reader.next_batch(batch as usize).ok_or_else(|| anyhow::anyhow!("no data"))?;
         tr.forward_backward(&b)?;
-        tr.ddp_sync(&mut Solo, 1.0)?;
+        tr.ddp_sync(&mut Solo, &mut SoloPlan)?;
     }
     let t = Instant::now();
     let mut loss = 0.0;
     for _ in 0..steps {
         let b = reader.next_batch(batch as usize).ok_or_else(|| anyhow::anyhow!("no data"))?;
         loss = tr.forward_backward(&b)?.loss;
-        tr.ddp_sync(&mut Solo, 1.0)?;
+        tr.ddp_sync(&mut Solo, &mut SoloPlan)?;
     }
     let secs = t.elapsed().as_secs_f64();
     println!(

@@ -144,6 +144,10 @@ pub async fn join(
 #[derive(Clone, Debug)]
 pub enum Down {
     Epoch(pb::EpochChange),
+    /// The coordinator's decision for an epoch's start.
+    Agreement(pb::Agreement),
+    /// The plan of one synchronisation.
+    Plan(pb::SyncPlan),
     Checkpoint {
         run: u64,
         step: u64,
@@ -241,6 +245,7 @@ impl Backoff {
 pub async fn run_session(
     cfg: ConnectConfig,
     identity: Identity,
+    state_dir: Option<PathBuf>,
     ring_addr: String,
     mut side: AgentSide,
     shutdown: CancellationToken,
@@ -248,9 +253,16 @@ pub async fn run_session(
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
     let mut pending: VecDeque<Up> = VecDeque::new();
     let mut seq = 0u64;
+    let mut identity = identity;
     loop {
         if shutdown.is_cancelled() {
             return;
+        }
+        // A certificate past two thirds of its life is renewed (same key) before the session.
+        if let Some(dir) = &state_dir
+            && let Err(e) = renew_if_due(&cfg, &mut identity, dir).await
+        {
+            warn!("renewing the certificate: {e:#}");
         }
         let started = tokio::time::Instant::now();
         match session_once(
@@ -288,6 +300,30 @@ pub async fn run_session(
 enum SessionEnd {
     Lost(String),
     Fatal(String),
+}
+
+/// Renews the certificate over the authenticated channel when less than a third of its
+/// validity is left, and saves the identity (the driver reads it at the next epoch).
+async fn renew_if_due(
+    cfg: &ConnectConfig,
+    identity: &mut Identity,
+    state_dir: &Path,
+) -> Result<()> {
+    let (left, total) = coordinator::ca::cert_validity(&identity.cert_pem)?;
+    if left > total / 3 {
+        return Ok(());
+    }
+    let csr = coordinator::ca::csr_for_key(&identity.key_pem)?;
+    let mut rpc = identity.client(cfg)?;
+    let resp = rpc
+        .renew(pb::RenewRequest { csr_pem: csr })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    identity.cert_pem = resp.cert_pem;
+    identity.save(state_dir)?;
+    info!(worker = identity.worker_id, "certificate renewed");
+    Ok(())
 }
 
 async fn session_once(
@@ -369,8 +405,12 @@ fn classify(s: &tonic::Status) -> SessionEnd {
 }
 
 fn push_pending(pending: &mut VecDeque<Up>, m: Up) {
+    // Metrics are superseded by later ones: only the newest waits (the coordinator bounds how
+    // many a session may send at once).
+    if matches!(m, Up::Metrics(_)) {
+        pending.retain(|p| !matches!(p, Up::Metrics(_)));
+    }
     if pending.len() >= PENDING_CAP {
-        // Metrics are superseded by later ones; drop the oldest report.
         pending.pop_front();
     }
     pending.push_back(m);
@@ -401,6 +441,12 @@ fn on_command(side: &AgentSide, msg: DownMsg) {
         }
         DownMsg::Checkpoint(c) => {
             let _ = side.down.send(Down::Checkpoint { run: c.run_id, step: c.step });
+        }
+        DownMsg::Agreement(a) => {
+            let _ = side.down.send(Down::Agreement(a));
+        }
+        DownMsg::SyncPlan(p) => {
+            let _ = side.down.send(Down::Plan(p));
         }
         DownMsg::Stop(s) => {
             // A completed run's last synchronisation has committed: members still finishing

@@ -91,10 +91,16 @@ struct Opts {
     /// The name this worker reports (default: the host name).
     #[arg(long, global = true, env = "LONGHAUL_HOST")]
     host: Option<String>,
-    /// Fault injection for chaos tests: corrupt what this worker sends on the ring (nan or
-    /// huge) from step `--fault-poison-after` on.
-    #[arg(long, global = true, env = "LONGHAUL_FAULT_POISON", hide = true, value_parser = ["nan", "huge"])]
-    fault_poison: Option<String>,
+    /// Fault injection for chaos and adversary tests: corrupt what this worker sends on the
+    /// ring (nan, huge, zero, or lie:<factor>: scaled after declaring the honest norms) from
+    /// step `--fault-poison-after` on.
+    #[arg(long, global = true, env = "LONGHAUL_FAULT_POISON", hide = true,
+          value_parser = crate::trainer::PoisonKind::parse)]
+    fault_poison: Option<crate::trainer::PoisonKind>,
+    /// Fault injection for adversary tests: lie to the coordinator (see `driver::Attack`).
+    #[arg(long, global = true, env = "LONGHAUL_FAULT_ATTACK", hide = true,
+          value_parser = crate::driver::Attack::parse)]
+    fault_attack: Option<crate::driver::Attack>,
     #[arg(
         long,
         global = true,
@@ -287,6 +293,7 @@ fn run(opts: Opts) -> Result<ExitCode> {
     let session = rt.spawn(agent::run_session(
         cfg.clone(),
         identity.clone(),
+        Some(state_dir.clone()),
         ring.clone(),
         agent_side,
         shutdown.clone(),
@@ -301,14 +308,11 @@ fn run(opts: Opts) -> Result<ExitCode> {
         ring_bind: opts.ring_listen,
         metrics_every: Duration::from_secs_f64(opts.metrics_every.clamp(0.1, 3600.0)),
         retry_after: Duration::from_secs(2),
-        poison: opts.fault_poison.as_deref().map(|k| crate::trainer::Poison {
-            after_step: opts.fault_poison_after,
-            kind: if k == "nan" {
-                crate::trainer::PoisonKind::Nan
-            } else {
-                crate::trainer::PoisonKind::Huge
-            },
-        }),
+        poison: opts
+            .fault_poison
+            .map(|kind| crate::trainer::Poison { after_step: opts.fault_poison_after, kind }),
+        attack: opts.fault_attack,
+        connect: cfg.clone(),
     };
     info!(worker = identity.worker_id, %ring, coordinator = %cfg.url, emulate = ?opts.emulate,
         "longhaul-worker {} (libtorch {LIBTORCH_VERSION}) starting", env!("CARGO_PKG_VERSION"));

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use collectives::Compression;
 use collectives::group::{Group, OpError, OpStats, ReduceOp};
+use collectives::{Bounds, Compression};
 use tokio::runtime::Handle;
 
 /// What the trainer needs from a collective group. Every call is all-or-nothing (see
@@ -14,6 +14,14 @@ pub trait Comm {
     fn world(&self) -> usize;
     /// Sums `buf` over the group.
     fn all_reduce(&mut self, buf: &mut [f32], compression: Compression) -> Result<(), OpError>;
+    /// Sums `buf` over the group with every partial sum checked against `bounds` (see
+    /// `collectives::Group::all_reduce_bounded`).
+    fn all_reduce_bounded(
+        &mut self,
+        buf: &mut [f32],
+        compression: Compression,
+        bounds: &Bounds,
+    ) -> Result<(), OpError>;
     /// Copies `buf` of `root` to every member.
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), OpError>;
     /// Bytes sent and received, and time spent, so far.
@@ -72,6 +80,23 @@ impl Comm for RingComm {
         Ok(())
     }
 
+    fn all_reduce_bounded(
+        &mut self,
+        buf: &mut [f32],
+        compression: Compression,
+        bounds: &Bounds,
+    ) -> Result<(), OpError> {
+        let t = Instant::now();
+        let s = self.rt.block_on(self.group.all_reduce_bounded(
+            buf,
+            ReduceOp::Sum,
+            compression,
+            bounds,
+        ))?;
+        self.traffic.add(&s, t.elapsed());
+        Ok(())
+    }
+
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), OpError> {
         let t = Instant::now();
         let s = self.rt.block_on(self.group.broadcast(buf, root))?;
@@ -84,7 +109,7 @@ impl Comm for RingComm {
     }
 }
 
-/// A group of one: every collective is the identity.
+/// A group of one: every collective is the identity (and plans itself, see [`SoloPlan`]).
 #[derive(Debug, Default)]
 pub struct Solo;
 
@@ -98,10 +123,36 @@ impl Comm for Solo {
     fn all_reduce(&mut self, _: &mut [f32], _: Compression) -> Result<(), OpError> {
         Ok(())
     }
+    fn all_reduce_bounded(
+        &mut self,
+        _: &mut [f32],
+        _: Compression,
+        _: &Bounds,
+    ) -> Result<(), OpError> {
+        Ok(())
+    }
     fn broadcast(&mut self, _: &mut [u8], _: usize) -> Result<(), OpError> {
         Ok(())
     }
     fn traffic(&self) -> Traffic {
         Traffic::default()
+    }
+}
+
+/// The plan of a group of one: the member takes its whole contribution (for tests and runs
+/// without a coordinator).
+#[derive(Debug, Default)]
+pub struct SoloPlan;
+
+impl crate::trainer::Coordinate for SoloPlan {
+    fn plan(
+        &mut self,
+        c: &crate::trainer::Commitment,
+    ) -> Result<crate::trainer::Plan, crate::trainer::TrainError> {
+        Ok(crate::trainer::Plan {
+            step: c.step,
+            coefficients: vec![1.0],
+            declared: c.segment_norms.clone(),
+        })
     }
 }

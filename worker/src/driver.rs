@@ -1,13 +1,16 @@
 //! The trainer thread's loop: epochs in, training steps, reports out.
 //!
-//! For each epoch the coordinator announces, the driver forms the ring (a `collectives`
-//! group), runs the epoch's agreement (the freshest state matching the coordinator's record
-//! goes to whoever lacks it, checked by hash), then trains: `ddp` synchronises every step,
-//! `diloco` every `inner_steps`. Every successful synchronisation is reported with the
-//! parameter hash (`StepCommitted`). When the agent cancels the attempt (a newer epoch, an
-//! abort, a stop), the collective in flight fails on every member and the driver goes back to
-//! waiting for the next epoch; the failed step (ddp) or outer sync (diloco) is retried there.
-//! A failed epoch that no newer one replaces is re-formed after [`DriverConfig::retry_after`].
+//! For each epoch the coordinator announces, the driver reports the state it holds
+//! (`StepCommitted`), forms the ring (a `collectives` group), waits for the coordinator's
+//! agreement (who sends the recorded state to whom) and runs it, then trains: `ddp`
+//! synchronises every step, `diloco` every `inner_steps`. Every synchronisation goes by plan:
+//! the driver commits the trainer's statistics (`SyncCommit`) and hands it the coordinator's
+//! `SyncPlan` ([`Planner`]); after it, it reports the state hash (`StepCommitted`). When the
+//! agent cancels the attempt (a newer epoch, an abort, a stop), the collective in flight fails
+//! on every member and the driver goes back to waiting for the next epoch; the failed step
+//! (ddp) or outer sync (diloco) is retried there. A ring that fails is reported (`RingFault`,
+//! naming the peer to blame where there is one); a failed epoch that no newer one replaces is
+//! re-formed after [`DriverConfig::retry_after`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,8 +33,9 @@ use crate::comm::{Comm, RingComm};
 use crate::trainer::checkpoint::{self, Cursor};
 use crate::trainer::data::{Batch, ShardData, ShardReader, shard_seed};
 use crate::trainer::plan::{self, DeviceChoice, ShardFormat};
-use crate::trainer::state::Slot;
-use crate::trainer::{SyncMode, TrainError, Trainer};
+use crate::trainer::{Agreement, Commitment, Coordinate, Plan, SyncMode, TrainError, Trainer};
+use collectives::group::{JoinError, OpError};
+use proto::pb::FaultKind;
 
 /// How the driver runs.
 #[derive(Clone, Debug)]
@@ -50,6 +54,56 @@ pub struct DriverConfig {
     pub retry_after: Duration,
     /// Fault injection (chaos tests): corrupt what this worker sends.
     pub poison: Option<crate::trainer::Poison>,
+    /// Fault injection (adversary tests): lie to the coordinator.
+    pub attack: Option<Attack>,
+    /// How to reach the coordinator (for a client with a renewed certificate).
+    pub connect: coordinator::client::ConnectConfig,
+}
+
+/// A hostile worker's lies to the coordinator, for the adversary tests (hidden
+/// `--fault-attack`). Each is something a stranger's machine could do; the tests check that it
+/// gains nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attack {
+    /// At every epoch, report the run's last step with a made-up hash (forged completion).
+    ForgeComplete,
+    /// After every sync, report a made-up hash instead of its own.
+    ForgeHash,
+    /// After every sync, accuse its ring successor of misbehaving.
+    Accuse,
+    /// At every epoch, claim to hold a state far ahead of the record.
+    ClaimAhead,
+    /// With every metrics report, a flood of hundreds more, some non-finite.
+    MetricsFlood,
+    /// With every metrics report, checkpoint reports for runs it is not in, and huge ones.
+    CheckpointSpam,
+    /// Heartbeat and report, but never join the ring.
+    NoRing,
+}
+
+impl Attack {
+    pub const NAMES: [&'static str; 7] = [
+        "forge-complete",
+        "forge-hash",
+        "accuse",
+        "claim-ahead",
+        "metrics-flood",
+        "checkpoint-spam",
+        "no-ring",
+    ];
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "forge-complete" => Self::ForgeComplete,
+            "forge-hash" => Self::ForgeHash,
+            "accuse" => Self::Accuse,
+            "claim-ahead" => Self::ClaimAhead,
+            "metrics-flood" => Self::MetricsFlood,
+            "checkpoint-spam" => Self::CheckpointSpam,
+            "no-ring" => Self::NoRing,
+            other => return Err(format!("unknown attack {other:?}: {}", Self::NAMES.join(", "))),
+        })
+    }
 }
 
 /// What the trainer thread needs.
@@ -61,6 +115,9 @@ pub struct Driver {
     identity: Identity,
     rpc: AgentRpc,
     latest: Option<pb::EpochChange>,
+    /// The latest agreement and plan the coordinator sent (for the epoch in progress).
+    agreement: Option<pb::Agreement>,
+    plan: Option<pb::SyncPlan>,
     ctx: Option<RunCtx>,
     /// A stop that arrived while the run's state was out in an epoch.
     stop: Option<(u64, String)>,
@@ -73,8 +130,12 @@ enum Outcome {
     Finished,
     /// A newer epoch, an abort or a stop ended it.
     Interrupted(String),
-    /// The ring or the agreement failed; the same epoch may be retried.
+    /// Something local failed; the same epoch may be retried.
     Failed(String),
+    /// The ring could not be formed.
+    Ring(JoinError),
+    /// A sync or the agreement failed in the ring.
+    Train(TrainError),
 }
 
 /// Totals of one run on this worker.
@@ -141,7 +202,18 @@ impl Driver {
         identity: Identity,
         rpc: AgentRpc,
     ) -> Self {
-        Self { cfg, rt, link, identity, rpc, latest: None, ctx: None, stop: None }
+        Self {
+            cfg,
+            rt,
+            link,
+            identity,
+            rpc,
+            latest: None,
+            agreement: None,
+            plan: None,
+            ctx: None,
+            stop: None,
+        }
     }
 
     fn checkpoint_dir(&self) -> PathBuf {
@@ -193,8 +265,14 @@ impl Driver {
                         c.failed = Some((e.epoch, Instant::now()));
                     }
                 }
-                Outcome::Failed(why) => {
-                    warn!(run = e.run_id, epoch = e.epoch, "epoch failed: {why}");
+                failed => {
+                    warn!(
+                        run = e.run_id,
+                        epoch = e.epoch,
+                        "epoch failed: {}",
+                        outcome_text(&failed)
+                    );
+                    self.report_fault(&e, &failed);
                     if let Some(c) = self.ctx.as_mut() {
                         c.failed = Some((e.epoch, Instant::now()));
                     }
@@ -240,6 +318,8 @@ impl Driver {
                     c.checkpoint_wanted = true;
                 }
             }
+            Down::Agreement(a) => self.agreement = Some(a),
+            Down::Plan(p) => self.plan = Some(p),
             Down::Stop { run, reason, .. } => {
                 if self.latest.as_ref().is_some_and(|e| e.run_id == run) {
                     self.latest = None;
@@ -306,6 +386,16 @@ impl Driver {
             plan::train_spec(&spec, e.total_steps, device, features).map_err(|m| anyhow!(m))?;
         let mut trainer = Trainer::new(ts).map_err(|err| anyhow!("{err}"))?;
         trainer.poison = self.cfg.poison;
+        // A certificate renewed by the agent since this worker started: leases use it.
+        if let Ok(Some(id)) = Identity::load(&self.cfg.state_dir, &self.identity.ca_pin)
+            && id.worker_id == self.identity.worker_id
+            && id.cert_pem != self.identity.cert_pem
+        {
+            if let Ok(rpc) = id.client(&self.cfg.connect) {
+                self.rpc = rpc;
+            }
+            self.identity = Identity { coordinator: self.identity.coordinator.clone(), ..id };
+        }
         info!(run = e.run_id, params = trainer.numel(), ?device, "model built");
         let dir = self.checkpoint_dir();
         if let Some((path, tensors, meta)) = checkpoint::latest(&dir, e.run_id) {
@@ -365,6 +455,12 @@ impl Driver {
     }
 
     fn form_ring(&self, e: &pb::EpochChange, attempt: &Attempt) -> Result<Group, Outcome> {
+        // The certificate may have been renewed since this worker started.
+        let identity = Identity::load(&self.cfg.state_dir, &self.identity.ca_pin)
+            .ok()
+            .flatten()
+            .filter(|id| id.worker_id == self.identity.worker_id)
+            .unwrap_or_else(|| self.identity.clone());
         let me = &self.identity.member_name;
         let rank =
             e.members.iter().position(|m| &m.name == me).ok_or_else(|| {
@@ -384,7 +480,7 @@ impl Driver {
             })
             .collect::<Result<Vec<_>, Outcome>>()?;
         let (identity, anchor) =
-            self.identity.ring_tls().map_err(|err| Outcome::Failed(format!("{err:#}")))?;
+            identity.ring_tls().map_err(|err| Outcome::Failed(format!("{err:#}")))?;
         let spec = GroupSpec {
             epoch: e.epoch,
             members,
@@ -416,13 +512,21 @@ impl Driver {
             tokio::select! {
                 _ = token.cancelled() => Err(Outcome::Interrupted("cancelled while forming the ring".into())),
                 r = Group::join_with_socket(spec, &anchor, &identity, Some(socket)) => {
-                    r.map_err(|err| Outcome::Failed(format!("forming the ring: {err}")))
+                    r.map_err(|err| Outcome::Ring(err))
                 }
             }
         })
     }
 
     fn train_epoch(&mut self, ctx: &mut RunCtx, e: &pb::EpochChange, attempt: &Attempt) -> Outcome {
+        // The state this member brings: the coordinator names the epoch's source from these.
+        self.report_held(ctx, e);
+        if self.cfg.attack == Some(Attack::NoRing) {
+            // Hostile: answers, never joins. Waits until the coordinator gives up on it.
+            let token = attempt.token.clone();
+            self.rt.block_on(token.cancelled());
+            return Outcome::Interrupted("cancelled".into());
+        }
         let group = match self.form_ring(e, attempt) {
             Ok(g) => g,
             Err(o) => return o,
@@ -460,27 +564,17 @@ impl Driver {
         attempt: &Attempt,
         comm: &mut RingComm,
     ) -> Outcome {
-        let committed = u64::from_str_radix(&e.committed_hash, 16)
-            .ok()
-            .filter(|_| e.committed_hash.len() == 16)
-            .map(|h| (e.committed_step, h));
-        let agreement = match ctx.trainer.agree(comm, committed) {
+        let agreement = match self.wait_agreement(e, attempt) {
             Ok(a) => a,
-            Err(err) => return interrupted_or_failed(attempt, err),
+            Err(o) => return o,
         };
-        if let Some(from) = agreement.rewound_from {
-            warn!(
-                run = ctx.run,
-                "the coordinator recorded step {from}, but no member holds it: \
-                resuming from step {}",
-                ctx.trainer.sync_step
-            );
+        if let Err(err) = ctx.trainer.agree(comm, &agreement) {
+            return interrupted_or_failed(attempt, err);
         }
-        if agreement.receivers[comm.rank()] {
+        if agreement.receivers.contains(&comm.rank()) {
             info!(run = ctx.run, step = ctx.trainer.sync_step, source = agreement.source,
                 hash = %format!("{:016x}", ctx.trainer.hash()), "took over the ring's state (hash verified)");
         }
-        let mut slots = agreement.slots;
         ctx.started.get_or_insert_with(Instant::now);
         info!(
             run = ctx.run,
@@ -490,7 +584,6 @@ impl Driver {
             step = ctx.trainer.sync_step,
             "training in the ring"
         );
-        self.commit(ctx, e.epoch);
 
         loop {
             // The ring already holds the last step (this member joined after it).
@@ -503,15 +596,17 @@ impl Driver {
                 Ok(true) => return Outcome::Interrupted(reason(attempt, "superseded")),
                 Err(err) => return Outcome::Interrupted(format!("{err:#}")),
             }
-            let synced = match self.step(ctx, comm, &slots, attempt) {
+            let synced = match self.step(ctx, comm, e, attempt) {
                 Ok(s) => s,
                 Err(o) => return o,
             };
             if synced {
-                self.report_rejected(ctx, e, comm.rank());
-                for s in &mut slots {
-                    s.inner_start = ctx.trainer.inner_start;
-                    s.sync_step = ctx.trainer.sync_step;
+                if ctx.trainer.last_coefficient == 0.0 {
+                    debug!(
+                        run = ctx.run,
+                        step = ctx.trainer.sync_step,
+                        "left out of this sync by the plan"
+                    );
                 }
                 if ctx.trainer.sync_step >= ctx.total {
                     // The last step: checkpoint, evaluation and final report go out before the
@@ -536,24 +631,24 @@ impl Driver {
         &mut self,
         ctx: &mut RunCtx,
         comm: &mut RingComm,
-        slots: &[Slot],
+        e: &pb::EpochChange,
         attempt: &Attempt,
     ) -> Result<bool, Outcome> {
-        let rank = comm.rank();
         let fail = |err: TrainError| interrupted_or_failed(attempt, err);
         match ctx.trainer.spec.sync {
             SyncMode::Ddp => {
                 if !ctx.trainer.has_pending() {
                     self.forward_backward(ctx, attempt)?;
                 }
-                let w = ctx.trainer.weight(slots, rank);
-                ctx.trainer.ddp_sync(comm, w).map_err(fail)?;
+                let mut planner = Planner { driver: self, attempt, run: e.run_id, epoch: e.epoch };
+                ctx.trainer.ddp_sync(comm, &mut planner).map_err(fail)?;
                 Ok(true)
             }
             SyncMode::Diloco { .. } => {
                 if ctx.trainer.diloco_due() {
-                    let w = ctx.trainer.weight(slots, rank);
-                    ctx.trainer.diloco_sync(comm, w).map_err(fail)?;
+                    let mut planner =
+                        Planner { driver: self, attempt, run: e.run_id, epoch: e.epoch };
+                    ctx.trainer.diloco_sync(comm, &mut planner).map_err(fail)?;
                     Ok(true)
                 } else {
                     self.forward_backward(ctx, attempt)?;
@@ -590,39 +685,154 @@ impl Driver {
         Ok(())
     }
 
-    /// Reports the members whose contribution the last sync rejected.
-    fn report_rejected(&self, ctx: &mut RunCtx, e: &pb::EpochChange, me: usize) {
-        for r in std::mem::take(&mut ctx.trainer.rejected) {
-            let Some(m) = e.members.get(r) else { continue };
-            if r == me {
-                error!(
-                    run = ctx.run,
-                    step = ctx.trainer.sync_step,
-                    "the ring rejected this worker's contribution (non-finite or absurdly large)"
-                );
-                continue;
-            }
-            warn!(run = ctx.run, step = ctx.trainer.sync_step, member = %m.name,
-                "rejected a member's contribution (non-finite or absurdly large); reporting it");
-            self.send(Up::MemberFault(pb::MemberFault {
-                run_id: ctx.run,
-                epoch: e.epoch,
-                worker_id: m.worker_id,
-                reason: format!(
-                    "its contribution to the sync of step {} was non-finite or over {}x the others'",
-                    ctx.trainer.sync_step,
-                    crate::trainer::REJECT_FACTOR
-                ),
-            }));
-        }
-    }
-
+    /// Reports the state held after a sync (the coordinator records a step once a majority of
+    /// the epoch reports the same hash).
     fn commit(&self, ctx: &RunCtx, epoch: u64) {
+        let mut hash = format!("{:016x}", ctx.trainer.hash());
+        if self.cfg.attack == Some(Attack::ForgeHash) {
+            hash = format!("{:016x}", ctx.trainer.hash() ^ 0x5a5a_5a5a);
+        }
         self.send(Up::StepCommitted(pb::StepCommitted {
             run_id: ctx.run,
             epoch,
             step: ctx.trainer.sync_step,
-            param_hash: format!("{:016x}", ctx.trainer.hash()),
+            param_hash: hash,
+        }));
+        if self.cfg.attack == Some(Attack::Accuse)
+            && let Some(next) = self.successor(epoch)
+        {
+            self.send(Up::RingFault(pb::RingFault {
+                run_id: ctx.run,
+                epoch,
+                peer_worker_id: next,
+                kind: FaultKind::Misbehaved as i32,
+                detail: "sent more than it declared (a lie)".into(),
+            }));
+        }
+    }
+
+    /// The worker id of this member's ring successor in the latest epoch.
+    fn successor(&self, epoch: u64) -> Option<u64> {
+        let e = self.latest.as_ref().filter(|e| e.epoch == epoch)?;
+        let me = e.members.iter().position(|m| m.name == self.identity.member_name)?;
+        e.members
+            .get((me + 1) % e.members.len())
+            .map(|m| m.worker_id)
+            .filter(|w| *w != self.identity.worker_id)
+    }
+
+    /// Reports the state this member brings to an epoch.
+    fn report_held(&self, ctx: &RunCtx, e: &pb::EpochChange) {
+        let (mut step, mut hash) = (ctx.trainer.sync_step, format!("{:016x}", ctx.trainer.hash()));
+        match self.cfg.attack {
+            Some(Attack::ClaimAhead) => {
+                step += 1_000_000;
+                hash = "feedfacefeedface".into();
+            }
+            Some(Attack::ForgeComplete) => {
+                self.send(Up::StepCommitted(pb::StepCommitted {
+                    run_id: ctx.run,
+                    epoch: e.epoch,
+                    step: e.total_steps,
+                    param_hash: "deadbeefdeadbeef".into(),
+                }));
+            }
+            _ => {}
+        }
+        self.send(Up::StepCommitted(pb::StepCommitted {
+            run_id: ctx.run,
+            epoch: e.epoch,
+            step,
+            param_hash: hash,
+        }));
+    }
+
+    /// Waits for the coordinator's agreement of epoch `e` (it may have come already).
+    fn wait_agreement(
+        &mut self,
+        e: &pb::EpochChange,
+        attempt: &Attempt,
+    ) -> Result<Agreement, Outcome> {
+        let (run, epoch) = (e.run_id, e.epoch);
+        let a = self
+            .wait_for(attempt, |d| {
+                d.agreement.as_ref().filter(|a| a.run_id == run && a.epoch == epoch).cloned()
+            })
+            .map_err(Outcome::Interrupted)?;
+        let hash = match a.param_hash.as_str() {
+            "" => None,
+            h => Some(u64::from_str_radix(h, 16).map_err(|_| {
+                Outcome::Failed(format!("the agreement's hash {h:?} is not 16 hex digits"))
+            })?),
+        };
+        let ranks = |v: &[u32]| v.iter().map(|r| *r as usize).collect::<Vec<_>>();
+        Ok(Agreement {
+            step: a.step,
+            hash,
+            source: a.source as usize,
+            receivers: ranks(&a.receivers),
+            contributors: ranks(&a.contributors),
+        })
+    }
+
+    /// Handles commands until `take` finds what it waits for; cancelled with the attempt.
+    fn wait_for<T>(
+        &mut self,
+        attempt: &Attempt,
+        mut take: impl FnMut(&mut Self) -> Option<T>,
+    ) -> Result<T, String> {
+        loop {
+            if let Some(t) = take(self) {
+                return Ok(t);
+            }
+            if attempt.token.is_cancelled() {
+                return Err(reason(attempt, "cancelled"));
+            }
+            let token = attempt.token.clone();
+            let down = &mut self.link.down;
+            let cmd = self.rt.block_on(async {
+                tokio::select! {
+                    _ = token.cancelled() => None,
+                    c = down.recv() => Some(c),
+                }
+            });
+            match cmd {
+                None => return Err(reason(attempt, "cancelled")),
+                Some(None) => return Err("the worker is shutting down".into()),
+                Some(Some(cmd)) => self.on_command(cmd).map_err(|e| format!("{e:#}"))?,
+            }
+        }
+    }
+
+    /// Reports why this member's ring failed, naming the peer to blame where there is one.
+    fn report_fault(&self, e: &pb::EpochChange, outcome: &Outcome) {
+        let peer_of = |name: &str| proto::WorkerId::from_member_name(name).map_or(0, |w| w.0);
+        let (peer, kind, detail) = match outcome {
+            Outcome::Ring(JoinError::Timeout { peer, .. } | JoinError::Refused { peer, .. }) => {
+                (peer_of(peer), FaultKind::Unreachable, outcome_text(outcome))
+            }
+            Outcome::Ring(_) | Outcome::Failed(_) => (0, FaultKind::Failed, outcome_text(outcome)),
+            Outcome::Train(TrainError::Comm(err)) => match err {
+                OpError::PeerLost { peer, .. } => (peer_of(peer), FaultKind::Lost, err.to_string()),
+                OpError::Protocol { peer, .. } | OpError::Exceeded { peer, .. } => {
+                    (peer_of(peer), FaultKind::Misbehaved, err.to_string())
+                }
+                OpError::Aborted { .. } => return,
+                _ => (0, FaultKind::Failed, err.to_string()),
+            },
+            Outcome::Train(TrainError::BadState { rank, detail }) => {
+                let peer = e.members.get(*rank).map_or(0, |m| m.worker_id);
+                (peer, FaultKind::BadState, detail.clone())
+            }
+            Outcome::Train(err) => (0, FaultKind::Failed, err.to_string()),
+            Outcome::Finished | Outcome::Interrupted(_) => return,
+        };
+        self.send(Up::RingFault(pb::RingFault {
+            run_id: e.run_id,
+            epoch: e.epoch,
+            peer_worker_id: peer,
+            kind: kind as i32,
+            detail: detail.chars().take(300).collect(),
         }));
     }
 
@@ -727,6 +937,32 @@ impl Driver {
             epoch: ctx.epoch,
         }));
         ctx.last_report = Instant::now();
+        match self.cfg.attack {
+            Some(Attack::MetricsFlood) => {
+                for i in 0..300u64 {
+                    self.send(Up::Metrics(pb::Metrics {
+                        run_id: ctx.run,
+                        step: u64::MAX - i,
+                        loss: Some(if i % 2 == 0 { f64::NAN } else { 1e308 }),
+                        tokens_per_sec: f64::MAX,
+                        samples: u64::MAX,
+                        epoch: ctx.epoch,
+                        ..Default::default()
+                    }));
+                }
+            }
+            Some(Attack::CheckpointSpam) => {
+                for run in 1..=30u64 {
+                    self.send(Up::CheckpointDone(pb::CheckpointDone {
+                        run_id: run,
+                        step: u64::MAX,
+                        uri: format!("\u{1b}]0;pwned\u{7}{}", "A".repeat(2_000)),
+                        sha256: "zz".into(),
+                    }));
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -739,7 +975,47 @@ fn interrupted_or_failed(attempt: &Attempt, err: TrainError) -> Outcome {
     if attempt.token.is_cancelled() {
         Outcome::Interrupted(format!("{}: {err}", reason(attempt, "cancelled")))
     } else {
-        Outcome::Failed(err.to_string())
+        Outcome::Train(err)
+    }
+}
+
+fn outcome_text(o: &Outcome) -> String {
+    match o {
+        Outcome::Finished => "finished".into(),
+        Outcome::Interrupted(why) | Outcome::Failed(why) => why.clone(),
+        Outcome::Ring(err) => format!("forming the ring: {err}"),
+        Outcome::Train(err) => err.to_string(),
+    }
+}
+
+/// The trainer's way to the coordinator's plans: commits go up the session, the plan comes back
+/// down; waiting ends with the attempt.
+struct Planner<'a> {
+    driver: &'a mut Driver,
+    attempt: &'a Attempt,
+    run: u64,
+    epoch: u64,
+}
+
+impl Coordinate for Planner<'_> {
+    fn plan(&mut self, c: &Commitment) -> Result<Plan, TrainError> {
+        let (run, epoch, step) = (self.run, self.epoch, c.step);
+        self.driver.send(Up::SyncCommit(pb::SyncCommit {
+            run_id: run,
+            epoch,
+            step,
+            segment_norms: c.segment_norms.clone(),
+        }));
+        let p = self
+            .driver
+            .wait_for(self.attempt, |d| {
+                d.plan
+                    .as_ref()
+                    .filter(|p| p.run_id == run && p.epoch == epoch && p.step == step)
+                    .cloned()
+            })
+            .map_err(TrainError::NoPlan)?;
+        Ok(Plan { step: p.step, coefficients: p.coefficients, declared: p.declared })
     }
 }
 

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use collectives::Compression;
 use rand::SeedableRng;
-use worker::comm::Solo;
+use worker::comm::{Solo, SoloPlan};
 use worker::testing::gpt_spec;
 use worker::trainer::data::Addition;
 use worker::trainer::{ModelSource, SyncMode, Trainer};
@@ -48,7 +48,7 @@ fn an_exported_torchscript_module_trains_and_its_loss_falls() {
     for _ in 0..200 {
         let b = task.batch(&mut rng, spec.batch_size, spec.seq_len);
         losses.push(tr.forward_backward(&b).unwrap().loss);
-        tr.ddp_sync(&mut Solo, 1.0).unwrap();
+        tr.ddp_sync(&mut Solo, &mut SoloPlan).unwrap();
     }
     let first: f64 = losses[..10].iter().sum::<f64>() / 10.0;
     let last: f64 = losses[190..].iter().sum::<f64>() / 10.0;

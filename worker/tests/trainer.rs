@@ -5,8 +5,8 @@ use collectives::Compression;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::Tensor;
-use worker::comm::{Comm, Solo};
-use worker::testing::{gpt_spec, per_rank, ring};
+use worker::comm::{Comm, Solo, SoloPlan};
+use worker::testing::{LocalPlans, fresh_agreement, gpt_spec, local_plans, per_rank, ring};
 use worker::trainer::data::{Addition, Batch};
 use worker::trainer::state::flatten;
 use worker::trainer::{SyncMode, Trainer};
@@ -39,18 +39,20 @@ fn ddp_matches_one_process_on_the_union_of_batches() {
     let mut reference = Trainer::new(spec.clone()).unwrap();
     assert_eq!(params(&reference), params(&trainers[0]), "same seed, same initial bits");
 
-    let per_step: Vec<Vec<(Vec<f32>, u64)>> =
-        per_rank(trainers.into_iter().zip(comms).collect(), |rank, (mut tr, mut comm)| {
+    let per_step: Vec<Vec<(Vec<f32>, u64)>> = per_rank(
+        trainers.into_iter().zip(comms).zip(local_plans(3)).collect(),
+        |rank, ((mut tr, mut comm), mut plans)| {
             let mut out = Vec::new();
             for step in 0..steps {
                 tr.forward_backward(&batch(task, rank, step, n, t)).unwrap();
-                tr.ddp_sync(&mut comm, 1.0 / 3.0).unwrap();
+                tr.ddp_sync(&mut comm, &mut plans).unwrap();
                 out.push((params(&tr), tr.hash()));
             }
             assert!(comm.traffic().bytes_sent > 0);
             comm.close();
             out
-        });
+        },
+    );
 
     for step in 0..steps as usize {
         let union: Vec<Batch> = (0..3).map(|r| batch(task, r, step as u64, n, t)).collect();
@@ -81,23 +83,24 @@ fn diloco_reaches_the_target_accuracy_on_addition() {
     let rt = runtime();
     let comms = ring(&rt, 3, None).unwrap();
     let trainers: Vec<Trainer> = (0..3).map(|_| Trainer::new(spec.clone()).unwrap()).collect();
-    let results =
-        per_rank(trainers.into_iter().zip(comms).collect(), |rank, (mut tr, mut comm)| {
-            let slots = tr.agree(&mut comm, None).unwrap().slots;
-            let w = tr.weight(&slots, rank);
-            assert!((w - 1.0 / 3.0).abs() < 1e-12);
+    let results = per_rank(
+        trainers.into_iter().zip(comms).zip(local_plans(3)).collect(),
+        |rank, ((mut tr, mut comm), mut plans)| {
+            tr.agree(&mut comm, &fresh_agreement(3)).unwrap();
             for step in 0..steps {
                 tr.forward_backward(&batch(task, rank, step, n, t)).unwrap();
                 tr.apply_local().unwrap();
                 if tr.diloco_due() {
-                    tr.diloco_sync(&mut comm, w).unwrap();
+                    tr.diloco_sync(&mut comm, &mut plans).unwrap();
+                    assert!((tr.last_coefficient - 1.0 / 3.0).abs() < 1e-6, "equal shares");
                 }
             }
             comm.close();
             let held_out = batch(task, 99, 99_999, 512, t);
             let eval = tr.evaluate(&held_out).unwrap();
             (tr.hash(), eval.correct as f64 / eval.counted as f64, eval.loss, params(&tr))
-        });
+        },
+    );
     let (hash, acc, loss, p) = &results[0];
     println!("diloco: exact-match accuracy {acc:.3}, loss {loss:.4}, hash {hash:016x}");
     for r in &results[1..] {
@@ -117,7 +120,7 @@ fn solo_sync_is_a_local_step() {
     let mut b = Trainer::new(spec.clone()).unwrap();
     let x = batch(task, 0, 0, spec.batch_size, spec.seq_len);
     a.forward_backward(&x).unwrap();
-    a.ddp_sync(&mut Solo, 1.0).unwrap();
+    a.ddp_sync(&mut Solo, &mut SoloPlan).unwrap();
     b.forward_backward(&x).unwrap();
     b.apply_local().unwrap();
     assert_eq!(params(&a), params(&b));
@@ -140,11 +143,11 @@ fn checkpoints_round_trip_bitwise_and_resume_continues_the_loss_curve() {
         let train = |tr: &mut Trainer, step: u64| {
             let loss = tr.forward_backward(&batch(task, 0, step, n, t)).unwrap().loss;
             match sync {
-                SyncMode::Ddp => tr.ddp_sync(&mut Solo, 1.0).unwrap(),
+                SyncMode::Ddp => tr.ddp_sync(&mut Solo, &mut SoloPlan).unwrap(),
                 SyncMode::Diloco { .. } => {
                     tr.apply_local().unwrap();
                     if tr.diloco_due() {
-                        tr.diloco_sync(&mut Solo, 1.0).unwrap();
+                        tr.diloco_sync(&mut Solo, &mut SoloPlan).unwrap();
                     }
                 }
             }
@@ -182,71 +185,105 @@ fn checkpoints_round_trip_bitwise_and_resume_continues_the_loss_curve() {
     }
 }
 
-/// A member sending NaN, or values 1e30 times too large, is left out of the sum by every
-/// member alike; the others' parameters stay finite and identical.
+/// A member whose contribution is broken or a lie never changes anyone's parameters:
+/// - NaN, declared as such: its commitment is evidence (the coordinator bans it; here the plan
+///   leaves it out), it sends zeros, the others' sum is applied;
+/// - ×1e30, declared truthfully: left out as an outlier;
+/// - zeros (a lazy worker): left out;
+/// - ×−999 (ddp) or ×1e30 (diloco) after declaring the honest norms: its successor catches the
+///   partial sum that exceeds the declaration, names it, and the sync fails on every member with
+///   nothing applied.
+///
+/// In every case the replicas stay finite and bitwise identical.
 #[test]
-fn poisoned_contributions_are_rejected_before_they_are_applied() {
-    use worker::trainer::{Poison, PoisonKind};
+fn broken_or_lying_contributions_never_reach_the_parameters() {
+    use worker::trainer::{Poison, PoisonKind, TrainError};
     tch::set_num_threads(1);
     let diloco = SyncMode::Diloco { inner_steps: 2, outer_lr: 0.7, outer_momentum: 0.9 };
-    for kind in [PoisonKind::Nan, PoisonKind::Huge] {
-        // Uncompressed (the norms ride with the data) and compressed (a round of their own).
-        for (sync, compression) in [
-            (SyncMode::Ddp, Compression::None),
-            (SyncMode::Ddp, Compression::Bf16),
-            (diloco, Compression::None),
-            (diloco, Compression::Int8),
-        ] {
-            let spec = gpt_spec(sync, compression, 2, 10);
-            let task = Addition { digits: 2 };
-            let rt = runtime();
-            let comms = ring(&rt, 3, None).unwrap();
-            let trainers: Vec<Trainer> = (0..3)
-                .map(|r| {
-                    let mut t = Trainer::new(spec.clone()).unwrap();
-                    if r == 2 {
-                        t.poison = Some(Poison { after_step: 0, kind });
-                    }
-                    t
-                })
-                .collect();
-            let results =
-                per_rank(trainers.into_iter().zip(comms).collect(), |rank, (mut tr, mut comm)| {
-                    let slots = tr.agree(&mut comm, None).unwrap().slots;
-                    let w = tr.weight(&slots, rank);
-                    let mut rejected = Vec::new();
-                    for step in 0..4 {
-                        tr.forward_backward(&batch(task, rank, step, 8, spec.seq_len)).unwrap();
-                        match sync {
-                            SyncMode::Ddp => tr.ddp_sync(&mut comm, w).unwrap(),
-                            SyncMode::Diloco { .. } => {
-                                tr.apply_local().unwrap();
-                                if tr.diloco_due() {
-                                    tr.diloco_sync(&mut comm, w).unwrap();
-                                } else {
-                                    continue;
-                                }
+    let cases = [
+        (PoisonKind::Nan, SyncMode::Ddp, Compression::None),
+        (PoisonKind::Huge, diloco, Compression::Int8),
+        (PoisonKind::Zero, SyncMode::Ddp, Compression::Bf16),
+        (PoisonKind::Lie(-999.0), SyncMode::Ddp, Compression::None),
+        (PoisonKind::Lie(-999.0), SyncMode::Ddp, Compression::Int8),
+        (PoisonKind::Lie(1e30), diloco, Compression::Int8),
+        (PoisonKind::Lie(1e30), diloco, Compression::None),
+    ];
+    for (kind, sync, compression) in cases {
+        let spec = gpt_spec(sync, compression, 2, 10);
+        let task = Addition { digits: 2 };
+        let rt = runtime();
+        let comms = ring(&rt, 3, None).unwrap();
+        let liar = 2;
+        let trainers: Vec<Trainer> = (0..3)
+            .map(|r| {
+                let mut t = Trainer::new(spec.clone()).unwrap();
+                if r == liar {
+                    t.poison = Some(Poison { after_step: 0, kind });
+                }
+                t
+            })
+            .collect();
+        let results = per_rank(
+            trainers.into_iter().zip(comms).zip(local_plans(3)).collect(),
+            |rank, ((mut tr, mut comm), mut plans): ((Trainer, _), LocalPlans)| {
+                tr.agree(&mut comm, &fresh_agreement(3)).unwrap();
+                let before = tr.hash();
+                let mut outcome = Ok(());
+                let mut coefficients = Vec::new();
+                for step in 0..4 {
+                    tr.forward_backward(&batch(task, rank, step, 8, spec.seq_len)).unwrap();
+                    let r = match sync {
+                        SyncMode::Ddp => tr.ddp_sync(&mut comm, &mut plans),
+                        SyncMode::Diloco { .. } => {
+                            tr.apply_local().unwrap();
+                            if !tr.diloco_due() {
+                                continue;
                             }
+                            tr.diloco_sync(&mut comm, &mut plans)
                         }
-                        rejected.push(std::mem::take(&mut tr.rejected));
+                    };
+                    coefficients.push(tr.last_coefficient);
+                    if r.is_err() {
+                        outcome = r;
+                        break;
                     }
-                    comm.close();
-                    (tr.hash(), params(&tr), rejected)
-                });
-            for (hash, p, rejected) in &results {
-                assert_eq!(
-                    *hash, results[0].0,
-                    "{kind:?} {sync:?} {compression:?}: replicas differ"
-                );
-                assert!(
-                    p.iter().all(|v| v.is_finite()),
-                    "{kind:?} {sync:?} {compression:?}: non-finite parameters"
-                );
-                assert!(
-                    !rejected.is_empty() && rejected.iter().all(|r| r == &vec![2]),
-                    "{rejected:?}"
-                );
+                }
+                comm.close();
+                (tr.hash(), params(&tr), outcome, before, coefficients)
+            },
+        );
+        let label = format!("{kind:?} {sync:?} {compression:?}");
+        for (rank, (hash, p, outcome, before, coefficients)) in results.iter().enumerate() {
+            assert_eq!(*hash, results[0].0, "{label}: replicas differ");
+            assert!(p.iter().all(|v| v.is_finite()), "{label}: non-finite parameters");
+            match kind {
+                PoisonKind::Lie(_) => {
+                    // The first sync fails everywhere, nothing applied.
+                    assert_eq!(hash, before, "{label}: rank {rank} applied a lie");
+                    let err = outcome.as_ref().expect_err("the lie fails the sync");
+                    if rank == (liar + 1) % 3 {
+                        let named = matches!(err, TrainError::Comm(collectives::OpError::Exceeded { rank: r, .. }) if *r == liar);
+                        assert!(named, "{label}: the liar's successor said {err}");
+                    }
+                }
+                _ => {
+                    assert!(outcome.is_ok(), "{label}: {outcome:?}");
+                    assert_ne!(hash, before, "{label}: the honest sum is applied");
+                    if rank == liar {
+                        assert!(
+                            coefficients.iter().all(|c| *c == 0.0),
+                            "{label}: {coefficients:?}"
+                        );
+                    } else {
+                        assert!(
+                            coefficients.iter().all(|c| (*c - 0.5).abs() < 1e-6),
+                            "{label}: {coefficients:?}"
+                        );
+                    }
+                }
             }
         }
+        println!("{label}: held");
     }
 }

@@ -2,54 +2,69 @@
 //!
 //! [`Cluster`] does no IO and reads no clock: the shell (the gRPC server, or the test harness)
 //! calls it with the current time ([`Millis`], wall-clock milliseconds) and what happened (a
-//! join, a heartbeat, a step committed, a lease request), calls [`Cluster::tick`] periodically,
-//! and then:
+//! join, a heartbeat, a report, a lease request), calls [`Cluster::tick`] periodically, and then:
 //!
-//! 1. persists the records named by [`Cluster::take_dirty`] (write-ahead: an epoch is stored
-//!    before anyone hears of it, so no epoch id is ever reused), and only then
+//! 1. persists the records named by [`Cluster::take_dirty`] and the appends among the outputs
+//!    (write-ahead: an epoch is stored before anyone hears of it, so no epoch id is ever
+//!    reused), and only then
 //! 2. delivers the [`Output`]s from [`Cluster::poll_output`] to the workers.
 //!
-//! What it decides:
+//! # Trust
+//!
+//! Every worker may lie, and nothing one member says is taken on its word (see `ARCHITECTURE.md`,
+//! threat model). What it decides, and on what evidence:
 //!
 //! - **Liveness** from heartbeats: alive, then suspect after `suspect_after` without one, then
-//!   dead after `dead_after`. Suspicion changes nothing; death removes the worker from its run.
+//!   dead after `dead_after`. Death removes the worker from its run and counts a restart. A
+//!   worker is assignable only once it opened a session.
 //! - **Epochs**: any change of a run's membership makes epoch e+1, announced to every member as
-//!   a ring ordered to minimise the round-trip times the workers report (deterministic for equal
-//!   inputs). Changes are batched per tick, so simultaneous joins make one epoch. A death sends
-//!   an abort to the old epoch's members in the same tick as it is noticed.
-//! - **Progress**: a run's committed step only grows; reports from an old epoch are ignored.
-//!   The first report of a step records its parameter hash, which travels with the next epoch;
-//!   a member reporting another hash for the committed step has diverged, and the run's log
-//!   says so ([`Output::Log`]).
-//! - **Metrics**: the latest report of each worker (volatile); run-level loss and accuracy are
-//!   the latest any member reported, utilisation and bytes are over the current members.
-//! - **Lifecycle**: pending → running (min workers reached) → completed (step budget reached) |
-//!   failed (restart budget spent) | stopped (by a user).
-//! - **Shards** ([`crate::shards::ShardBook`]): leases with expiry, returned to the queue when
-//!   their holder dies.
+//!   a ring ordered to minimise the round-trip times the workers report. Changes are batched per
+//!   tick. A restarted coordinator forms a new epoch for every running run.
+//! - **Agreement** ([`progress`]): every member reports the state it holds at the start of an
+//!   epoch; the coordinator names the source (a member holding the recorded state) and the
+//!   receivers. A state ahead of the record counts only once a majority of the members of the
+//!   epoch that planned it hold it.
+//! - **Synchronisations** ([`progress`]): every member commits statistics of its own
+//!   contribution; once all have, every member gets the same plan ([`aggregate`]). A step is
+//!   recorded when a majority of the epoch that planned it report the same hash, and it may
+//!   advance only to the next sync point; a run completes only through that record; the ledger
+//!   credits the members of that majority.
+//! - **Disputes**: an accusation the coordinator cannot verify benches accuser and accused (both
+//!   sit out `bench_for`); a peer that two members cannot reach is dropped from the ring (it sits
+//!   out too); a member whose own commitments contradict themselves is banned from the run (its
+//!   id, its key, and its public address).
+//! - **Quotas**: one ring-address change per session, a bounded number per window; tokens with a
+//!   use count; bounded leases per worker.
+//! - **Lifecycle**: pending → running (min workers reached) → completed (step budget recorded) |
+//!   failed (restart budget spent by deaths) | stopped (by a user).
 
+pub mod aggregate;
+mod progress;
 mod ring;
 
 #[cfg(test)]
 mod harness;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use proto::{Epoch, LeaseId, Liveness, RunId, RunState, WorkerId};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::runfile::RunSpec;
+use crate::runfile::{RunSpec, SyncMode};
 use crate::shards::{Lease, LeaseError, Manifest, ShardBook};
+use crate::store::{CheckpointRecord, MetricPoint};
 
+pub use progress::{AgreementInfo, Fault, FaultKind, PendingSync, PlanInfo};
 pub use ring::order_ring;
 
 /// Wall-clock time in milliseconds since the Unix epoch (virtual in tests).
 pub type Millis = u64;
 
-/// Deadlines of the state machine. The defaults suit workers that heartbeat every second over
-/// links of up to 300 ms RTT: a worker is suspect after 3 missed beats and dead after 10.
+/// Deadlines and quotas of the state machine. The defaults suit workers that heartbeat every
+/// second over links of up to 300 ms RTT: a worker is suspect after 3 missed beats and dead
+/// after 10.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub suspect_after: Millis,
@@ -58,11 +73,39 @@ pub struct Config {
     /// epoch again, so a flapping worker does not churn epochs.
     pub readmit_after: Millis,
     pub lease_ttl: Millis,
+    /// How long a worker sits out after an unverifiable dispute, or after being dropped from a
+    /// ring it could not form.
+    pub bench_for: Millis,
+    /// How long an epoch's agreement waits for every member's report before it is decided with
+    /// the reports at hand (a member that sent none receives the state).
+    pub agree_wait: Millis,
+    /// The least time a sync waits for its last commitments once every other member committed;
+    /// it grows with the rounds' length (four times the time the others took).
+    pub commit_grace: Millis,
+    /// Tracked leases one worker may hold at once (one shard read, one prefetched).
+    pub max_leases_per_worker: usize,
+    /// Ring-address changes a worker may make within `addr_change_window`.
+    pub max_addr_changes: usize,
+    pub addr_change_window: Millis,
+    /// Log lines kept per run; the rest are dropped (with one line saying so).
+    pub max_log_lines: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { suspect_after: 3_000, dead_after: 10_000, readmit_after: 30_000, lease_ttl: 300_000 }
+        Self {
+            suspect_after: 3_000,
+            dead_after: 10_000,
+            readmit_after: 30_000,
+            lease_ttl: 300_000,
+            bench_for: 60_000,
+            agree_wait: 30_000,
+            commit_grace: 60_000,
+            max_leases_per_worker: 2,
+            max_addr_changes: 3,
+            addr_change_window: 600_000,
+            max_log_lines: 10_000,
+        }
     }
 }
 
@@ -73,16 +116,28 @@ pub enum Dirty {
     Worker(WorkerId),
     Shard(RunId, u32),
     Counters,
+    /// A join token (removed when the cluster no longer holds it).
+    Token([u8; 32]),
 }
 
-/// What the cluster asks the shell to deliver.
+/// What the cluster asks the shell to persist and deliver.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
     ToWorker(WorkerId, Command),
-    /// A line for the run's log (watchers see it; the shell also logs it as a warning).
+    /// A line for the run's log (persisted; watchers see it; the shell also logs it).
     Log {
         run: RunId,
         line: String,
+    },
+    /// A metric point of the run (persisted, one per step).
+    Metric {
+        run: RunId,
+        point: MetricPoint,
+    },
+    /// A checkpoint a member reported (persisted in the run's checkpoint index).
+    Checkpoint {
+        run: RunId,
+        record: CheckpointRecord,
     },
 }
 
@@ -97,6 +152,10 @@ pub enum Command {
     Checkpoint { run: RunId, step: u64 },
     /// Leave the run: it ended.
     Stop { run: RunId, state: RunState, reason: String },
+    /// The epoch's starting state: who sends it, who receives it.
+    Agreement(AgreementInfo),
+    /// The plan of one synchronisation.
+    Plan(PlanInfo),
 }
 
 /// One epoch of a run, as announced to its members.
@@ -106,7 +165,7 @@ pub struct EpochInfo {
     pub epoch: Epoch,
     pub members: Vec<Member>,
     pub committed_step: u64,
-    /// The parameter hash recorded with `committed_step` ("" if none yet).
+    /// The state hash recorded with `committed_step` ("" if none yet).
     #[serde(default)]
     pub committed_hash: String,
     pub total_steps: u64,
@@ -129,12 +188,14 @@ pub struct RunRecord {
     pub epoch: Epoch,
     pub members: Vec<Member>,
     pub committed_step: u64,
-    /// The parameter hash the first report of `committed_step` carried ("" if unknown), and
-    /// who reported it.
+    /// The state hash a majority of the epoch that planned `committed_step` reported ("" if
+    /// unknown).
     #[serde(default)]
     pub committed_hash: String,
+    /// The synchronisation planned and not yet recorded (persisted with the plan, so that the
+    /// members' reports still count after a coordinator restart).
     #[serde(default)]
-    pub committed_by: Option<WorkerId>,
+    pub pending: Option<PendingSync>,
     pub total_steps: u64,
     pub min_workers: u32,
     pub max_workers: u32,
@@ -145,14 +206,16 @@ pub struct RunRecord {
     pub message: String,
     pub created_ms: Millis,
     pub updated_ms: Millis,
+    #[serde(with = "crate::floats::opt_f64", default)]
     pub loss: Option<f64>,
     /// The latest accuracy any member reported.
-    #[serde(default)]
+    #[serde(with = "crate::floats::opt_f64", default)]
     pub accuracy: Option<f64>,
+    #[serde(with = "crate::floats::f64")]
     pub tokens_per_sec: f64,
     /// Compute utilisation and ring bytes of the last members, kept when the run ends (the
     /// live figures are over the current members).
-    #[serde(default)]
+    #[serde(with = "crate::floats::opt_f64", default)]
     pub final_utilisation: Option<f64>,
     #[serde(default)]
     pub final_bytes: Option<u64>,
@@ -161,6 +224,14 @@ pub struct RunRecord {
     pub latest_checkpoint: String,
     #[serde(default)]
     pub latest_checkpoint_step: u64,
+    /// Keys (SHA-256 of the public key, hex) and public addresses banned from this run.
+    #[serde(default)]
+    pub banned_keys: Vec<String>,
+    #[serde(default)]
+    pub banned_ips: Vec<IpAddr>,
+    /// Lines in the run's log so far (bounded by `Config::max_log_lines`).
+    #[serde(default)]
+    pub log_lines: u64,
 }
 
 /// A worker's durable record, with its contribution ledger.
@@ -172,19 +243,36 @@ pub struct WorkerRecord {
     pub run: Option<RunId>,
     pub joined_ms: Millis,
     pub ledger: Ledger,
-    /// Runs this worker was evicted from for a bad contribution; it is not assigned to them
-    /// again.
+    /// Runs this worker was banned from on evidence; it is not assigned to them again.
     #[serde(default)]
     pub banned: Vec<RunId>,
+    /// SHA-256 of its public key, hex: `Join` with the same key is the same worker.
+    #[serde(default)]
+    pub key: String,
+    /// The first 8 hex digits of the hash of the join token it joined with (its operator).
+    #[serde(default)]
+    pub token: String,
+    /// The address its latest session came from.
+    #[serde(default)]
+    pub ip: Option<IpAddr>,
 }
 
-/// What a worker has contributed, summed over its life.
+/// What a worker has contributed, summed over its life. Everything but `bytes` is what the
+/// coordinator verified: steps and syncs a quorum recorded with this worker among it, samples
+/// from the run file's batch size for those steps, uptime from heartbeats.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ledger {
     pub samples: u64,
     pub steps: u64,
+    /// Ring bytes, as the worker reported them (not verified).
     pub bytes: u64,
     pub uptime_ms: u64,
+    /// Recorded synchronisations it contributed to.
+    #[serde(default)]
+    pub syncs: u64,
+    /// Recorded synchronisations it was left out of (zero or outlying contribution).
+    #[serde(default)]
+    pub excluded: u64,
 }
 
 /// Counters that must never repeat.
@@ -193,6 +281,13 @@ pub struct Counters {
     pub next_run: u64,
     pub next_worker: u64,
     pub next_lease: u64,
+}
+
+/// A join token: its expiry and how many new workers may still join with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub expires_ms: Millis,
+    pub uses_left: u32,
 }
 
 /// A worker's volatile state (rebuilt from heartbeats after a restart).
@@ -210,14 +305,42 @@ struct Live {
     uptime_mark: Option<Millis>,
     /// Uptime accrued but not yet moved to the ledger (see [`UPTIME_FLUSH_MS`]).
     uptime_pending: Millis,
+    /// Whether it opened a session since it joined or the coordinator started: only then is
+    /// it assigned to a run (a worker that joined and never connected is a ghost).
+    session_seen: bool,
+    /// It sits out (is not assigned) until then.
+    benched_until: Millis,
+    /// When its ring address changed, within the window.
+    addr_changes: VecDeque<Millis>,
 }
+
+impl Live {
+    fn new(now: Millis, liveness: Liveness, uptime_mark: Option<Millis>) -> Self {
+        Self {
+            last_heartbeat: now,
+            alive_since: now,
+            died_at: None,
+            liveness,
+            rtts: BTreeMap::new(),
+            uptime_mark,
+            uptime_pending: 0,
+            session_seen: false,
+            benched_until: 0,
+            addr_changes: VecDeque::new(),
+        }
+    }
+}
+
+/// How long an expired join token is kept (to say "expired" rather than "not recognised").
+pub const TOKEN_KEPT_MS: Millis = 86_400_000;
 
 /// Accrued uptime moves to the persisted ledger in batches of at least this much (or when the
 /// worker falls silent), so heartbeats cost no store write; a crash loses less than this.
 pub const UPTIME_FLUSH_MS: Millis = 10_000;
 
-/// A metrics report from a worker about `run`. `samples` and `bytes` are increments (for the
-/// ledger); the times and ring bytes are cumulative since the worker started on the run.
+/// A metrics report from a worker about `run`, validated ([`Metrics::check`]). `bytes` is an
+/// increment (for the ledger); the times and ring bytes are cumulative since the worker started
+/// on the run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Metrics {
     pub run: RunId,
@@ -234,11 +357,48 @@ pub struct Metrics {
     pub idle_ms: f64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    /// The worker's parameter hash (16 hex digits, or "").
+    /// The worker's state hash (16 hex digits, or "").
     pub param_hash: String,
 }
 
+/// The largest rate, time or byte count a metrics report may carry: beyond anything real, and
+/// small enough that sums over thousands of workers stay finite and exact.
+pub const METRIC_MAX: f64 = 1e15;
+
 impl Metrics {
+    /// Checks every value: finite, not negative, within [`METRIC_MAX`]; accuracy a fraction.
+    pub fn check(&self) -> Result<(), String> {
+        let field = |name: &str, v: f64| {
+            if v.is_finite() && (0.0..=METRIC_MAX).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("metrics.{name} = {v}: expected a finite value in [0, {METRIC_MAX:e}]"))
+            }
+        };
+        if let Some(l) = self.loss {
+            field("loss", l)?;
+        }
+        if let Some(a) = self.accuracy
+            && !(0.0..=1.0).contains(&a)
+        {
+            return Err(format!("metrics.accuracy = {a}: expected a fraction in [0, 1]"));
+        }
+        field("grad_norm", self.grad_norm)?;
+        field("tokens_per_sec", self.tokens_per_sec)?;
+        field("compute_ms", self.compute_ms)?;
+        field("comm_ms", self.comm_ms)?;
+        field("idle_ms", self.idle_ms)?;
+        for (name, v) in [
+            ("samples", self.samples),
+            ("bytes", self.bytes),
+            ("bytes_sent", self.bytes_sent),
+            ("bytes_received", self.bytes_received),
+        ] {
+            field(name, v as f64)?;
+        }
+        Ok(())
+    }
+
     /// compute / (compute + comm + idle), if the times are known.
     pub fn compute_utilisation(&self) -> Option<f64> {
         let (c, m, i) = (self.compute_ms, self.comm_ms, self.idle_ms);
@@ -270,6 +430,28 @@ pub enum WorkerError {
     Unknown(WorkerId),
     #[error("{0} is not in a run")]
     NoRun(WorkerId),
+    #[error(
+        "{0} changed its ring address {1} times within {2} s; keep --ring-advertise stable \
+         (the change was refused)"
+    )]
+    AddressFlapping(WorkerId, usize, u64),
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum JoinError {
+    #[error("join token not recognised")]
+    UnknownToken,
+    #[error("join token expired {0} s ago; create a new one with `longhaul token create`")]
+    Expired(u64),
+    #[error("join token used up; create a new one with `longhaul token create --uses N`")]
+    UsedUp,
+}
+
+/// Why a report was refused (the session is told, and closed for the malformed ones).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ReportError {
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// The whole cluster.
@@ -278,11 +460,26 @@ pub struct Cluster {
     config: Config,
     counters: Counters,
     runs: BTreeMap<RunId, RunRecord>,
+    /// Each run's parsed run file.
+    specs: BTreeMap<RunId, RunSpec>,
     shards: BTreeMap<RunId, ShardBook>,
     workers: BTreeMap<WorkerId, WorkerRecord>,
+    /// Workers by key.
+    keys: BTreeMap<String, WorkerId>,
     live: BTreeMap<WorkerId, Live>,
+    tokens: BTreeMap<[u8; 32], TokenRecord>,
     /// Runs whose membership changed since the last epoch was formed.
     changed: BTreeSet<RunId>,
+    /// Runs that get a new epoch at the next tick even with the same members (after a restart,
+    /// or a corroborated ring failure).
+    force_epoch: BTreeSet<RunId>,
+    /// What each run's current epoch is doing (volatile).
+    syncs: BTreeMap<RunId, progress::EpochSync>,
+    /// How often each member of a run held another state than the majority (volatile).
+    divergences: BTreeMap<(RunId, WorkerId), u32>,
+    /// Each run's last recorded sync and the steps it advanced, for crediting members whose
+    /// report arrives after the majority's (volatile).
+    recorded: BTreeMap<RunId, (PendingSync, u64)>,
     /// The latest metrics report of each worker in its current run (volatile).
     latest: BTreeMap<WorkerId, Metrics>,
     dirty: BTreeSet<Dirty>,
@@ -295,10 +492,17 @@ impl Cluster {
             config,
             counters: Counters { next_run: 1, next_worker: 1, next_lease: 1 },
             runs: BTreeMap::new(),
+            specs: BTreeMap::new(),
             shards: BTreeMap::new(),
             workers: BTreeMap::new(),
+            keys: BTreeMap::new(),
             live: BTreeMap::new(),
+            tokens: BTreeMap::new(),
             changed: BTreeSet::new(),
+            force_epoch: BTreeSet::new(),
+            syncs: BTreeMap::new(),
+            divergences: BTreeMap::new(),
+            recorded: BTreeMap::new(),
             latest: BTreeMap::new(),
             dirty: BTreeSet::new(),
             outbox: VecDeque::new(),
@@ -306,36 +510,56 @@ impl Cluster {
     }
 
     /// Rebuilds the cluster from its persisted records after a restart at `now`. Every known
-    /// worker starts suspect with a full `dead_after` to reconnect; epochs and steps continue.
-    pub fn restore(
-        config: Config,
-        now: Millis,
-        counters: Counters,
-        runs: Vec<RunRecord>,
-        workers: Vec<WorkerRecord>,
-        shards: BTreeMap<RunId, ShardBook>,
-    ) -> Self {
+    /// worker starts suspect with a full `dead_after` to reconnect; every running run gets a new
+    /// epoch (what the old one was doing in memory is gone). A run whose file no longer parses
+    /// is failed with the reason, not a reason not to start.
+    pub fn restore(config: Config, now: Millis, state: Restored) -> Self {
         let mut c = Self::new(config);
-        c.counters = counters;
-        for w in workers {
-            c.live.insert(
-                w.id,
-                Live {
-                    last_heartbeat: now,
-                    alive_since: now,
-                    died_at: None,
-                    liveness: Liveness::Suspect,
-                    rtts: BTreeMap::new(),
-                    uptime_mark: None,
-                    uptime_pending: 0,
-                },
-            );
+        c.counters = state.counters;
+        for w in state.workers {
+            c.live.insert(w.id, Live::new(now, Liveness::Suspect, None));
+            if !w.key.is_empty() {
+                c.keys.insert(w.key.clone(), w.id);
+            }
             c.workers.insert(w.id, w);
         }
-        for r in runs {
+        c.tokens = state.tokens;
+        c.shards = state.shards;
+        for mut r in state.runs {
+            match RunSpec::parse(&r.spec_toml) {
+                Ok(spec) => {
+                    c.specs.insert(r.id, spec);
+                }
+                Err(e) if !r.state.is_terminal() => {
+                    r.state = RunState::Failed;
+                    r.members.clear();
+                    r.message = format!("its run file no longer parses: {e}");
+                    c.dirty.insert(Dirty::Run(r.id));
+                }
+                Err(_) => {}
+            }
+            if !r.state.is_terminal() && !c.shards.contains_key(&r.id) {
+                r.state = RunState::Failed;
+                r.members.clear();
+                r.message = "its shard records could not be read (quarantined)".into();
+                c.dirty.insert(Dirty::Run(r.id));
+            }
+            if r.state == RunState::Running {
+                c.changed.insert(r.id);
+                c.force_epoch.insert(r.id);
+            }
             c.runs.insert(r.id, r);
         }
-        c.shards = shards;
+        // Workers assigned to a run that ended (or vanished) are free.
+        let stale: Vec<WorkerId> = c
+            .workers
+            .values()
+            .filter(|w| w.run.is_some_and(|r| c.runs.get(&r).is_none_or(|r| r.state.is_terminal())))
+            .map(|w| w.id)
+            .collect();
+        for id in stale {
+            c.leave_run(id);
+        }
         c
     }
 
@@ -343,7 +567,7 @@ impl Cluster {
         &self.config
     }
 
-    // ---- inputs ----
+    // ---- inputs: runs and tokens ----
 
     /// Submits a validated run with its dataset manifest.
     pub fn submit(
@@ -368,7 +592,7 @@ impl Cluster {
             members: Vec::new(),
             committed_step: 0,
             committed_hash: String::new(),
-            committed_by: None,
+            pending: None,
             total_steps: spec.total_steps(spec.min_workers),
             min_workers: spec.min_workers,
             max_workers: spec.max_workers,
@@ -386,12 +610,16 @@ impl Cluster {
             final_bytes: None,
             latest_checkpoint: String::new(),
             latest_checkpoint_step: 0,
+            banned_keys: Vec::new(),
+            banned_ips: Vec::new(),
+            log_lines: 0,
         };
         let book = ShardBook::new(manifest);
         for i in 0..book.len() {
             self.dirty.insert(Dirty::Shard(id, i));
         }
         self.shards.insert(id, book);
+        self.specs.insert(id, spec.clone());
         self.runs.insert(id, run);
         self.dirty.insert(Dirty::Run(id));
         self.changed.insert(id);
@@ -408,8 +636,42 @@ impl Cluster {
         Ok(())
     }
 
-    /// Admits a new worker (its join token already checked) and returns its id.
-    pub fn join(&mut self, now: Millis, host: &str, addr: SocketAddr) -> WorkerId {
+    /// Adds a join token (by hash) for `uses` new workers until `expires_ms`.
+    pub fn add_token(&mut self, hash: [u8; 32], expires_ms: Millis, uses: u32) {
+        self.tokens.insert(hash, TokenRecord { expires_ms, uses_left: uses.max(1) });
+        self.dirty.insert(Dirty::Token(hash));
+    }
+
+    pub fn token(&self, hash: &[u8; 32]) -> Option<TokenRecord> {
+        self.tokens.get(hash).copied()
+    }
+
+    // ---- inputs: workers ----
+
+    /// Admits a worker with the join token `token` (by hash) and its key (`key`, the SHA-256 of
+    /// its public key), and returns its id. Idempotent: a key that joined before gets its
+    /// worker back (the token must still be valid, but no use is spent), so a retried or
+    /// duplicated `Join` never makes a ghost.
+    pub fn join(
+        &mut self,
+        now: Millis,
+        token: &[u8; 32],
+        key: &str,
+        host: &str,
+        addr: SocketAddr,
+    ) -> Result<WorkerId, JoinError> {
+        let t = self.tokens.get(token).copied().ok_or(JoinError::UnknownToken)?;
+        if t.expires_ms <= now {
+            return Err(JoinError::Expired((now - t.expires_ms) / 1000));
+        }
+        if let Some(&id) = self.keys.get(key) {
+            return Ok(id);
+        }
+        if t.uses_left == 0 {
+            return Err(JoinError::UsedUp);
+        }
+        self.tokens.insert(*token, TokenRecord { uses_left: t.uses_left - 1, ..t });
+        self.dirty.insert(Dirty::Token(*token));
         let id = WorkerId(self.counters.next_worker);
         self.counters.next_worker += 1;
         self.dirty.insert(Dirty::Counters);
@@ -423,51 +685,62 @@ impl Cluster {
                 joined_ms: now,
                 ledger: Ledger::default(),
                 banned: Vec::new(),
+                key: key.to_owned(),
+                token: crate::ca::hex(&token[..4]),
+                ip: None,
             },
         );
-        self.live.insert(
-            id,
-            Live {
-                last_heartbeat: now,
-                alive_since: now,
-                died_at: None,
-                liveness: Liveness::Alive,
-                rtts: BTreeMap::new(),
-                uptime_mark: Some(now),
-                uptime_pending: 0,
-            },
-        );
+        if !key.is_empty() {
+            self.keys.insert(key.to_owned(), id);
+        }
+        self.live.insert(id, Live::new(now, Liveness::Alive, Some(now)));
         self.dirty.insert(Dirty::Worker(id));
-        id
+        Ok(id)
     }
 
-    /// A worker (re)opened its session: it hears its run's current epoch again.
+    /// The worker that joined with `key`, if any.
+    pub fn worker_by_key(&self, key: &str) -> Option<WorkerId> {
+        self.keys.get(key).copied()
+    }
+
+    /// A worker opened a session (from `ip`), announcing its ring address: it hears its run's
+    /// current epoch, agreement and plan again. A changed address re-forms its ring, within the
+    /// quota of changes.
     pub fn session_opened(
         &mut self,
         now: Millis,
         worker: WorkerId,
+        ip: Option<IpAddr>,
         addr: Option<SocketAddr>,
     ) -> Result<(), WorkerError> {
         self.heartbeat(now, worker, None)?;
-        if let Some(addr) = addr {
-            let w = self.workers.get_mut(&worker).ok_or(WorkerError::Unknown(worker))?;
-            if w.addr != addr {
-                // Its ring address changed: the ring must be re-formed.
-                w.addr = addr;
-                self.dirty.insert(Dirty::Worker(worker));
-                if let Some(run) = w.run {
-                    self.changed.insert(run);
-                }
+        let window = self.config.addr_change_window;
+        let max = self.config.max_addr_changes;
+        let live = self.live.get_mut(&worker).ok_or(WorkerError::Unknown(worker))?;
+        live.session_seen = true;
+        let w = self.workers.get_mut(&worker).ok_or(WorkerError::Unknown(worker))?;
+        if ip.is_some() && w.ip != ip {
+            w.ip = ip;
+            self.dirty.insert(Dirty::Worker(worker));
+        }
+        if let Some(addr) = addr
+            && w.addr != addr
+        {
+            while live.addr_changes.front().is_some_and(|t| now.saturating_sub(*t) > window) {
+                live.addr_changes.pop_front();
+            }
+            if live.addr_changes.len() >= max {
+                return Err(WorkerError::AddressFlapping(worker, max, window / 1000));
+            }
+            live.addr_changes.push_back(now);
+            // Its ring address changed: the ring must be re-formed.
+            w.addr = addr;
+            self.dirty.insert(Dirty::Worker(worker));
+            if let Some(run) = w.run {
+                self.changed.insert(run);
             }
         }
-        let run = self.workers.get(&worker).and_then(|w| w.run);
-        if let Some(r) = run.and_then(|run| self.runs.get(&run))
-            && r.state == RunState::Running
-            && r.members.iter().any(|m| m.worker == worker)
-        {
-            let info = epoch_info(r);
-            self.outbox.push_back(Output::ToWorker(worker, Command::Epoch(info)));
-        }
+        self.resend(worker);
         Ok(())
     }
 
@@ -501,168 +774,96 @@ impl Cluster {
         Ok(())
     }
 
-    /// A member reports that its epoch committed `step`, with its parameter hash after that
-    /// step's synchronisation (`hash`, 16 hex digits, or "" if unknown).
-    ///
-    /// A new step is recorded with its hash. A report of the committed step itself (every
-    /// member sends one; a member that joined sends one after taking over the state) is
-    /// compared: a different hash means the replicas diverged, which goes to the run's log and
-    /// message naming both workers and hashes.
-    pub fn step_committed(
+    /// A metrics report: the worker's latest metrics, the run's summary, and a metric point.
+    /// Only a member of the run's current epoch reports; values were checked
+    /// ([`Metrics::check`]), and a step must be one the run could have reached.
+    pub fn metrics(
+        &mut self,
+        now: Millis,
+        worker: WorkerId,
+        m: &Metrics,
+    ) -> Result<(), ReportError> {
+        m.check().map_err(ReportError::Invalid)?;
+        let Some(r) = self.runs.get(&m.run) else { return Ok(()) };
+        if r.state != RunState::Running || !r.members.iter().any(|x| x.worker == worker) {
+            return Ok(()); // stale or foreign: ignored
+        }
+        let limit = self.next_sync_point(m.run).unwrap_or(r.committed_step);
+        if m.step > limit {
+            return Err(ReportError::Invalid(format!(
+                "metrics.step {} is beyond the run's next synchronisation ({limit})",
+                m.step
+            )));
+        }
+        let run = m.run;
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.ledger.bytes = w.ledger.bytes.saturating_add(m.bytes);
+            self.dirty.insert(Dirty::Worker(worker));
+        }
+        self.latest.insert(worker, m.clone());
+        let members = r.members.len().max(1) as f64;
+        let r = self.runs.get_mut(&run).expect("run looked up above");
+        if m.loss.is_some() {
+            r.loss = m.loss;
+        }
+        if m.accuracy.is_some() {
+            r.accuracy = m.accuracy;
+        }
+        r.tokens_per_sec = (m.tokens_per_sec * members).min(METRIC_MAX);
+        r.updated_ms = now;
+        self.dirty.insert(Dirty::Run(run));
+        let point = MetricPoint {
+            step: m.step,
+            loss: m.loss,
+            tokens_per_sec: m.tokens_per_sec,
+            at_ms: now,
+        };
+        self.outbox.push_back(Output::Metric { run, point });
+        Ok(())
+    }
+
+    /// A member wrote a checkpoint of `run` at `step` (at `uri`, on its own machine). Only a
+    /// current member of that running run, for a step the run reached; `uri` and `sha256` were
+    /// checked by the shell (bounded, printable).
+    pub fn checkpoint_done(
         &mut self,
         now: Millis,
         worker: WorkerId,
         run: RunId,
-        epoch: Epoch,
         step: u64,
-        hash: &str,
-    ) {
-        let Some(r) = self.runs.get_mut(&run) else { return };
-        if r.state != RunState::Running
-            || r.epoch != epoch
-            || !r.members.iter().any(|m| m.worker == worker)
-            || step < r.committed_step
-        {
-            return; // stale, foreign or old news
+        uri: &str,
+        sha256: &str,
+    ) -> Result<(), ReportError> {
+        let Some(r) = self.runs.get(&run) else { return Ok(()) };
+        if r.state != RunState::Running || !r.members.iter().any(|m| m.worker == worker) {
+            return Ok(());
         }
-        if step == r.committed_step {
-            if hash.is_empty() || hash == r.committed_hash {
-                return;
-            }
-            if r.committed_hash.is_empty() {
-                // The first report of this step did not know its hash; this one does.
-                r.committed_hash = hash.to_owned();
-                r.committed_by = Some(worker);
-                self.dirty.insert(Dirty::Run(run));
-                return;
-            }
-            let first = r.committed_by.map_or_else(|| "a member".to_owned(), |w| w.to_string());
-            let line = format!(
-                "parameters diverged at step {step}: {first} reported hash {}, {worker} {hash}",
-                r.committed_hash
-            );
-            r.message = line.clone();
-            r.updated_ms = now;
-            self.dirty.insert(Dirty::Run(run));
-            self.outbox.push_back(Output::Log { run, line });
-            return;
+        let limit = self.next_sync_point(run).unwrap_or(r.committed_step);
+        if step == 0 || step > limit {
+            return Err(ReportError::Invalid(format!(
+                "checkpoint step {step} is not one the run reached (recorded {}, next {limit})",
+                r.committed_step
+            )));
         }
-        let steps = step - r.committed_step;
-        r.committed_step = step;
-        r.committed_hash = hash.to_owned();
-        r.committed_by = Some(worker);
-        r.updated_ms = now;
-        self.dirty.insert(Dirty::Run(run));
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.ledger.steps += steps;
-            self.dirty.insert(Dirty::Worker(worker));
-        }
-        if r.committed_step >= r.total_steps {
-            let msg = format!("completed {} steps", r.committed_step);
-            self.finish(now, run, RunState::Completed, msg);
-        } else if step >= r.last_checkpoint + r.checkpoint_interval {
-            r.last_checkpoint = step - step % r.checkpoint_interval;
-            let cmds: Vec<_> = r.members.iter().map(|m| m.worker).collect();
-            for w in cmds {
-                self.outbox.push_back(Output::ToWorker(w, Command::Checkpoint { run, step }));
-            }
-        }
-    }
-
-    /// A metrics report: the worker's ledger, its latest metrics, and the run's summary.
-    /// Run-level values change only for a report about the worker's current run.
-    pub fn metrics(&mut self, now: Millis, worker: WorkerId, m: &Metrics) {
-        let Some(w) = self.workers.get_mut(&worker) else { return };
-        w.ledger.samples += m.samples;
-        w.ledger.bytes += m.bytes;
-        self.dirty.insert(Dirty::Worker(worker));
-        if w.run != Some(m.run) {
-            return;
-        }
-        let run = m.run;
-        self.latest.insert(worker, m.clone());
-        if let Some(r) = self.runs.get_mut(&run) {
-            if m.loss.is_some_and(f64::is_finite) {
-                r.loss = m.loss;
-            }
-            if m.accuracy.is_some_and(|a| a.is_finite() && (0.0..=1.0).contains(&a)) {
-                r.accuracy = m.accuracy;
-            }
-            if m.tokens_per_sec.is_finite() && m.tokens_per_sec >= 0.0 {
-                r.tokens_per_sec = m.tokens_per_sec * r.members.len().max(1) as f64;
-            }
-            r.updated_ms = now;
-            self.dirty.insert(Dirty::Run(run));
-        }
-    }
-
-    /// A member reports that another member of the same epoch sent a contribution the ring
-    /// rejected (non-finite or absurdly large). The accused is evicted from the run for good
-    /// (it is not assigned to it again), the epoch is aborted and a new one formed without it.
-    /// Reports from outside the current epoch, or about oneself, are ignored.
-    pub fn member_fault(
-        &mut self,
-        now: Millis,
-        reporter: WorkerId,
-        run: RunId,
-        epoch: Epoch,
-        accused: WorkerId,
-        reason: &str,
-    ) {
-        let Some(r) = self.runs.get(&run) else { return };
-        let member = |w: WorkerId| r.members.iter().any(|m| m.worker == w);
-        if r.state != RunState::Running
-            || r.epoch != epoch
-            || reporter == accused
-            || !member(reporter)
-            || !member(accused)
-        {
-            return;
-        }
-        if let Some(w) = self.workers.get_mut(&accused) {
-            if !w.banned.contains(&run) {
-                w.banned.push(run);
-            }
-            self.dirty.insert(Dirty::Worker(accused));
-        }
-        self.release_and_leave(run, accused);
-        let line = format!("{accused} evicted: {reason} (reported by {reporter})");
-        self.outbox.push_back(Output::Log { run, line: line.clone() });
-        self.restart_epoch(now, run, line);
-    }
-
-    /// Aborts the run's epoch on every member at once, counts a restart (failing the run when
-    /// its budget is spent), and has the next tick form a new epoch.
-    fn restart_epoch(&mut self, now: Millis, run: RunId, reason: String) {
-        let Some(r) = self.runs.get_mut(&run) else { return };
-        for m in &r.members {
-            self.outbox.push_back(Output::ToWorker(
-                m.worker,
-                Command::Abort { run, epoch: r.epoch, reason: reason.clone() },
-            ));
-        }
-        r.restarts += 1;
-        r.updated_ms = now;
-        r.message = reason.clone();
-        self.dirty.insert(Dirty::Run(run));
-        self.changed.insert(run);
-        if r.restarts > r.restart_budget {
-            let msg = format!("restart budget ({}) spent; last: {reason}", r.restart_budget);
-            self.finish(now, run, RunState::Failed, msg);
-        }
-    }
-
-    /// A member wrote a checkpoint of `run` at `step` (at `uri`, on its own machine).
-    pub fn checkpoint_done(&mut self, worker: WorkerId, run: RunId, step: u64, uri: &str) {
-        let Some(r) = self.runs.get_mut(&run) else { return };
+        let r = self.runs.get_mut(&run).expect("run looked up above");
         if step >= r.latest_checkpoint_step {
             r.latest_checkpoint = format!("{worker} step {step} {uri}");
             r.latest_checkpoint_step = step;
             self.dirty.insert(Dirty::Run(run));
         }
+        let record = CheckpointRecord {
+            step,
+            uri: uri.to_owned(),
+            sha256: sha256.to_owned(),
+            worker: worker.0,
+            at_ms: now,
+        };
+        self.outbox.push_back(Output::Checkpoint { run, record });
+        Ok(())
     }
 
-    /// Leases the next shard of the worker's run.
+    /// Leases the next shard of the worker's run (at most `max_leases_per_worker` tracked at
+    /// once; past that, a shared lease, so a worker holding its quota still has data).
     pub fn lease(&mut self, now: Millis, worker: WorkerId) -> Result<Option<Lease>, LeaseError> {
         let w = self.workers.get(&worker).ok_or(LeaseError::UnknownWorker)?;
         let run = w.run.ok_or(LeaseError::NotInRun)?;
@@ -671,13 +872,20 @@ impl Cluster {
             return Err(LeaseError::NotInRun);
         }
         let book = self.shards.get_mut(&run).ok_or(LeaseError::NotInRun)?;
+        let held = book.holders().filter(|(_, w)| *w == worker).count();
         let id = LeaseId(self.counters.next_lease);
-        let lease = book.lease(now, worker, id, self.config.lease_ttl);
+        let lease = if held >= self.config.max_leases_per_worker {
+            book.share(worker, id, now + self.config.lease_ttl)
+        } else {
+            book.lease(now, worker, id, self.config.lease_ttl)
+        };
         if let Some(l) = &lease {
             // Shared leases are not tracked, but their ids are never reused either.
             self.counters.next_lease += 1;
             self.dirty.insert(Dirty::Counters);
-            self.dirty.insert(Dirty::Shard(run, l.shard));
+            if !l.shared {
+                self.dirty.insert(Dirty::Shard(run, l.shard));
+            }
         }
         Ok(lease.map(|mut l| {
             l.run = run;
@@ -686,7 +894,7 @@ impl Cluster {
     }
 
     /// Records a finished shard. `samples` (what the worker read from it) is informational:
-    /// the ledger counts samples from the metrics reports, which arrive as training goes.
+    /// the ledger counts samples of recorded steps.
     pub fn complete(
         &mut self,
         now: Millis,
@@ -702,7 +910,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// Advances time: liveness, lease expiry, run assignment and epoch formation.
+    /// Advances time: liveness, lease expiry, token expiry, the deadlines of agreements and
+    /// syncs, run assignment and epoch formation.
     pub fn tick(&mut self, now: Millis) {
         // Liveness.
         let mut died = Vec::new();
@@ -729,18 +938,33 @@ impl Cluster {
             let silent = now.saturating_sub(live.last_heartbeat) > self.config.suspect_after;
             if live.uptime_pending >= UPTIME_FLUSH_MS || (silent && live.uptime_pending > 0) {
                 if let Some(w) = self.workers.get_mut(&id) {
-                    w.ledger.uptime_ms += live.uptime_pending;
+                    w.ledger.uptime_ms = w.ledger.uptime_ms.saturating_add(live.uptime_pending);
                     self.dirty.insert(Dirty::Worker(id));
                 }
                 live.uptime_pending = 0;
             }
         }
-        // Lease expiry.
+        // Lease expiry, only for runs that are going on.
         for (&run, book) in &mut self.shards {
+            if self.runs.get(&run).is_none_or(|r| r.state.is_terminal()) {
+                continue;
+            }
             for shard in book.expire(now) {
                 self.dirty.insert(Dirty::Shard(run, shard));
             }
         }
+        // Tokens are forgotten a day after they expired (until then `Join` says "expired").
+        let expired: Vec<[u8; 32]> = self
+            .tokens
+            .iter()
+            .filter(|(_, t)| t.expires_ms.saturating_add(TOKEN_KEPT_MS) <= now)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in expired {
+            self.tokens.remove(&h);
+            self.dirty.insert(Dirty::Token(h));
+        }
+        self.progress_deadlines(now);
         self.assign(now);
         self.form_epochs(now);
     }
@@ -755,7 +979,7 @@ impl Cluster {
         }
         // Abort the old epoch at once, on every member.
         let reason = format!("{id} died (no heartbeat for {} ms)", self.config.dead_after);
-        self.restart_epoch(now, run, reason);
+        self.restart_epoch(now, run, reason, true);
     }
 
     /// A worker leaves `run`: its leases go back to the queue.
@@ -771,10 +995,55 @@ impl Cluster {
     fn leave_run(&mut self, id: WorkerId) {
         self.latest.remove(&id);
         if let Some(w) = self.workers.get_mut(&id)
-            && w.run.take().is_some()
+            && let Some(run) = w.run.take()
         {
             self.dirty.insert(Dirty::Worker(id));
+            self.changed.insert(run);
         }
+    }
+
+    /// The worker sits out for `bench_for`: it leaves its run, and is not assigned until then.
+    fn bench(&mut self, now: Millis, id: WorkerId) {
+        if let Some(l) = self.live.get_mut(&id) {
+            l.benched_until = now + self.config.bench_for;
+        }
+        if let Some(run) = self.workers.get(&id).and_then(|w| w.run) {
+            self.release_and_leave(run, id);
+        }
+    }
+
+    /// Bans `id` from `run` on evidence: its id, its key and its public address are never
+    /// assigned to the run again, and the epoch is re-formed without it.
+    fn ban(&mut self, now: Millis, run: RunId, id: WorkerId, evidence: &str) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        if !w.banned.contains(&run) {
+            w.banned.push(run);
+        }
+        self.dirty.insert(Dirty::Worker(id));
+        let (key, ip) = (w.key.clone(), w.ip.filter(|ip| is_public(*ip)));
+        if let Some(r) = self.runs.get_mut(&run) {
+            if !key.is_empty() && !r.banned_keys.contains(&key) {
+                r.banned_keys.push(key);
+            }
+            if let Some(ip) = ip
+                && !r.banned_ips.contains(&ip)
+            {
+                r.banned_ips.push(ip);
+            }
+            self.dirty.insert(Dirty::Run(run));
+        }
+        self.release_and_leave(run, id);
+        let line = format!("{id} banned from the run on its own evidence: {evidence}");
+        self.log(run, line.clone());
+        self.restart_epoch(now, run, line, false);
+    }
+
+    /// Whether `id` may be assigned to `run`.
+    fn banned_from(&self, id: WorkerId, run: &RunRecord) -> bool {
+        let Some(w) = self.workers.get(&id) else { return true };
+        w.banned.contains(&run.id)
+            || (!w.key.is_empty() && run.banned_keys.contains(&w.key))
+            || w.ip.is_some_and(|ip| run.banned_ips.contains(&ip))
     }
 
     /// Gives free, admissible workers to runs that want more, oldest run first.
@@ -786,22 +1055,22 @@ impl Cluster {
             .map(|w| w.id)
             .collect();
         free.reverse(); // pop() yields the smallest id first
-        for r in self.runs.values() {
-            if r.state.is_terminal() {
-                continue;
-            }
-            let have = self.workers.values().filter(|w| w.run == Some(r.id)).count() as u32;
+        let runs: Vec<RunId> =
+            self.runs.values().filter(|r| !r.state.is_terminal()).map(|r| r.id).collect();
+        for run in runs {
+            let r = &self.runs[&run];
+            let have = self.workers.values().filter(|w| w.run == Some(run)).count() as u32;
             for _ in have..r.max_workers {
                 // The smallest free id not banned from this run.
-                let banned =
-                    |id: &WorkerId| self.workers.get(id).is_some_and(|w| w.banned.contains(&r.id));
-                let Some(pos) = free.iter().rposition(|id| !banned(id)) else { break };
+                let Some(pos) = free.iter().rposition(|id| !self.banned_from(*id, r)) else {
+                    break;
+                };
                 let id = free.remove(pos);
                 if let Some(w) = self.workers.get_mut(&id) {
-                    w.run = Some(r.id);
+                    w.run = Some(run);
                 }
                 self.dirty.insert(Dirty::Worker(id));
-                self.changed.insert(r.id);
+                self.changed.insert(run);
             }
         }
     }
@@ -809,24 +1078,26 @@ impl Cluster {
     fn admissible(&self, now: Millis, id: WorkerId) -> bool {
         let Some(l) = self.live.get(&id) else { return false };
         l.liveness == Liveness::Alive
+            && l.session_seen
+            && now >= l.benched_until
             && (l.died_at.is_none()
                 || now.saturating_sub(l.alive_since) >= self.config.readmit_after)
     }
 
-    /// Forms a new epoch for every run whose membership changed.
+    /// Forms a new epoch for every run whose membership changed (or that must re-form).
     fn form_epochs(&mut self, now: Millis) {
         let changed = std::mem::take(&mut self.changed);
         for run in changed {
+            let forced = self.force_epoch.remove(&run);
             let Some(r) = self.runs.get(&run) else { continue };
             if r.state.is_terminal() {
                 continue;
             }
             let ids: Vec<WorkerId> =
                 self.workers.values().filter(|w| w.run == Some(run)).map(|w| w.id).collect();
-            let current: Vec<WorkerId> = r.members.iter().map(|m| m.worker).collect();
-            let mut sorted_current = current.clone();
-            sorted_current.sort();
-            if ids == sorted_current && !ids.is_empty() && r.state == RunState::Running {
+            let mut current: Vec<WorkerId> = r.members.iter().map(|m| m.worker).collect();
+            current.sort();
+            if !forced && ids == current && !ids.is_empty() && r.state == RunState::Running {
                 // Same members; only addresses may have changed.
                 let same_addrs = r
                     .members
@@ -837,8 +1108,9 @@ impl Cluster {
                 }
             }
             if (ids.len() as u32) < r.min_workers {
+                self.syncs.remove(&run);
                 let r = self.runs.get_mut(&run).expect("run looked up above");
-                if !r.members.is_empty() {
+                if !r.members.is_empty() || forced {
                     r.members.clear();
                     r.message =
                         format!("waiting for workers ({} of {} live)", ids.len(), r.min_workers);
@@ -859,8 +1131,10 @@ impl Cluster {
             r.message = format!("epoch {} with {} workers", r.epoch, r.members.len());
             self.dirty.insert(Dirty::Run(run));
             let info = epoch_info(r);
-            for m in &r.members {
-                self.outbox.push_back(Output::ToWorker(m.worker, Command::Epoch(info.clone())));
+            let ring: Vec<WorkerId> = r.members.iter().map(|m| m.worker).collect();
+            self.syncs.insert(run, progress::EpochSync::new(r.epoch, ring.clone(), now));
+            for w in ring {
+                self.outbox.push_back(Output::ToWorker(w, Command::Epoch(info.clone())));
             }
         }
     }
@@ -876,6 +1150,36 @@ impl Cluster {
         }
     }
 
+    /// Aborts the run's epoch on every member at once and has the next tick form a new one
+    /// (with the same members if nothing else changed). A restart caused by a death counts
+    /// against the run's budget, failing the run when it is spent; disputes and bans do not
+    /// (each costs the disputing members their seats instead).
+    fn restart_epoch(&mut self, now: Millis, run: RunId, reason: String, counted: bool) {
+        let Some(r) = self.runs.get_mut(&run) else { return };
+        if r.state != RunState::Running {
+            return;
+        }
+        for m in &r.members {
+            self.outbox.push_back(Output::ToWorker(
+                m.worker,
+                Command::Abort { run, epoch: r.epoch, reason: reason.clone() },
+            ));
+        }
+        if counted {
+            r.restarts += 1;
+        }
+        r.updated_ms = now;
+        r.message = reason.clone();
+        self.dirty.insert(Dirty::Run(run));
+        self.changed.insert(run);
+        self.force_epoch.insert(run);
+        self.syncs.remove(&run);
+        if r.restarts > r.restart_budget {
+            let msg = format!("restart budget ({}) spent; last: {reason}", r.restart_budget);
+            self.finish(now, run, RunState::Failed, msg);
+        }
+    }
+
     fn finish(&mut self, now: Millis, run: RunId, state: RunState, reason: String) {
         let (utilisation, bytes) = (self.compute_utilisation(run), self.bytes_moved(run));
         let Some(r) = self.runs.get_mut(&run) else { return };
@@ -888,6 +1192,7 @@ impl Cluster {
         r.updated_ms = now;
         let members = std::mem::take(&mut r.members);
         self.dirty.insert(Dirty::Run(run));
+        self.syncs.remove(&run);
         for m in members {
             self.outbox.push_back(Output::ToWorker(
                 m.worker,
@@ -910,6 +1215,30 @@ impl Cluster {
         self.changed.extend(others);
     }
 
+    /// A line for the run's log, within the run's quota of lines.
+    fn log(&mut self, run: RunId, line: String) {
+        let max = self.config.max_log_lines;
+        let Some(r) = self.runs.get_mut(&run) else { return };
+        r.log_lines += 1;
+        self.dirty.insert(Dirty::Run(run));
+        match r.log_lines.cmp(&max) {
+            std::cmp::Ordering::Less => self.outbox.push_back(Output::Log { run, line }),
+            std::cmp::Ordering::Equal => self.outbox.push_back(Output::Log {
+                run,
+                line: format!("(log full at {max} lines; later lines are dropped)"),
+            }),
+            std::cmp::Ordering::Greater => {}
+        }
+    }
+
+    /// The step of the run's next synchronisation after the recorded one (`None` for an
+    /// unknown run).
+    pub fn next_sync_point(&self, run: RunId) -> Option<u64> {
+        let r = self.runs.get(&run)?;
+        let spec = self.specs.get(&run)?;
+        Some(next_sync_point(&spec.sync, r.committed_step, r.total_steps))
+    }
+
     // ---- outputs and queries ----
 
     pub fn poll_output(&mut self) -> Option<Output> {
@@ -928,6 +1257,15 @@ impl Cluster {
         self.runs.values()
     }
 
+    /// Runs with ids above `after`, in order.
+    pub fn runs_after(&self, after: RunId) -> impl Iterator<Item = &RunRecord> {
+        self.runs.range(RunId(after.0.saturating_add(1))..).map(|(_, r)| r)
+    }
+
+    pub fn spec(&self, id: RunId) -> Option<&RunSpec> {
+        self.specs.get(&id)
+    }
+
     pub fn worker(&self, id: WorkerId) -> Option<&WorkerRecord> {
         self.workers.get(&id)
     }
@@ -936,8 +1274,18 @@ impl Cluster {
         self.workers.values()
     }
 
+    /// Workers with ids above `after`, in order.
+    pub fn workers_after(&self, after: WorkerId) -> impl Iterator<Item = &WorkerRecord> {
+        self.workers.range(WorkerId(after.0.saturating_add(1))..).map(|(_, w)| w)
+    }
+
     pub fn liveness(&self, id: WorkerId) -> Option<Liveness> {
         self.live.get(&id).map(|l| l.liveness)
+    }
+
+    /// Until when the worker sits out (0 if it does not).
+    pub fn benched_until(&self, id: WorkerId, now: Millis) -> Millis {
+        self.live.get(&id).map(|l| l.benched_until).filter(|t| *t > now).unwrap_or(0)
     }
 
     /// Time the worker has been connected (heartbeating), persisted part and pending part.
@@ -953,6 +1301,13 @@ impl Cluster {
     /// The worker's latest metrics report in its current run.
     pub fn latest_metrics(&self, id: WorkerId) -> Option<&Metrics> {
         self.latest.get(&id)
+    }
+
+    /// Whether `worker` is a member of `run`'s current epoch.
+    pub fn is_member(&self, run: RunId, worker: WorkerId) -> bool {
+        self.runs.get(&run).is_some_and(|r| {
+            r.state == RunState::Running && r.members.iter().any(|m| m.worker == worker)
+        })
     }
 
     /// The mean compute utilisation of the run's current members (those that reported times);
@@ -1002,6 +1357,10 @@ impl Cluster {
                 if live == Some(Liveness::Dead) {
                     return Err(format!("run {run} shard {shard} leased to dead {holder}"));
                 }
+                let held = book.holders().filter(|(_, w)| *w == holder).count();
+                if held > self.config.max_leases_per_worker {
+                    return Err(format!("{holder} holds {held} leases of run {run}"));
+                }
             }
         }
         let mut seen = BTreeSet::new();
@@ -1010,12 +1369,88 @@ impl Cluster {
                 if !seen.insert(m.worker) {
                     return Err(format!("{} is a member of two epochs", m.worker));
                 }
+                if self.banned_from(m.worker, r) {
+                    return Err(format!(
+                        "{} is a member of run {} it is banned from",
+                        m.worker, r.id
+                    ));
+                }
             }
             if r.state.is_terminal() && !r.members.is_empty() {
                 return Err(format!("run {} ended but has members", r.id));
             }
+            if r.committed_step > r.total_steps {
+                return Err(format!(
+                    "run {} recorded step {} of {}",
+                    r.id, r.committed_step, r.total_steps
+                ));
+            }
+            if r.state == RunState::Completed && r.committed_step < r.total_steps {
+                return Err(format!("run {} completed at step {}", r.id, r.committed_step));
+            }
         }
         Ok(())
+    }
+
+    /// Sends a worker that (re)connected what its run's epoch has decided so far.
+    fn resend(&mut self, worker: WorkerId) {
+        let Some(run) = self.workers.get(&worker).and_then(|w| w.run) else { return };
+        let Some(r) = self.runs.get(&run) else { return };
+        if r.state != RunState::Running || !r.members.iter().any(|m| m.worker == worker) {
+            return;
+        }
+        self.outbox.push_back(Output::ToWorker(worker, Command::Epoch(epoch_info(r))));
+        if let Some(sync) = self.syncs.get(&run) {
+            for cmd in sync.decided() {
+                self.outbox.push_back(Output::ToWorker(worker, cmd));
+            }
+        }
+    }
+}
+
+/// What the store hands back at start.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub counters: Counters,
+    pub runs: Vec<RunRecord>,
+    pub workers: Vec<WorkerRecord>,
+    pub shards: BTreeMap<RunId, ShardBook>,
+    pub tokens: BTreeMap<[u8; 32], TokenRecord>,
+}
+
+/// The step of the next synchronisation after `committed`: every step in ddp; the next multiple
+/// of `inner_steps` in diloco, or the run's last step if that is sooner.
+pub fn next_sync_point(sync: &SyncMode, committed: u64, total: u64) -> u64 {
+    match *sync {
+        SyncMode::Ddp => committed + 1,
+        SyncMode::Diloco { inner_steps, .. } => {
+            let h = u64::from(inner_steps.max(1));
+            let next = (committed / h + 1) * h;
+            if committed < total { next.min(total) } else { next }
+        }
+    }
+}
+
+/// Whether an address identifies a host on the internet (bans by address skip private,
+/// loopback and link-local ones: they name a network, or this machine, not a host).
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00
+                || (v6.segments()[0] & 0xffc0) == 0xfe80)
+        }
     }
 }
 

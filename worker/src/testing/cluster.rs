@@ -27,9 +27,17 @@ enum Backend {
     Process { bin: PathBuf, args: Vec<String>, child: Option<Child>, log: PathBuf },
 }
 
-/// Fast failure detection for tests: suspect after 600 ms, dead after 1.5 s, readmitted at once.
+/// Fast failure detection for tests: suspect after 600 ms, dead after 1.5 s, readmitted at
+/// once; disputes bench for 10 s.
 fn fast_cluster() -> cluster::Config {
-    cluster::Config { suspect_after: 600, dead_after: 1_500, readmit_after: 0, lease_ttl: 60_000 }
+    cluster::Config {
+        suspect_after: 600,
+        dead_after: 1_500,
+        readmit_after: 0,
+        lease_ttl: 60_000,
+        bench_for: 10_000,
+        ..cluster::Config::default()
+    }
 }
 
 impl Coordinator {
@@ -73,6 +81,7 @@ impl Coordinator {
             format!("--dead-after-ms={}", c.dead_after),
             format!("--readmit-after-ms={}", c.readmit_after),
             format!("--lease-ttl-ms={}", c.lease_ttl),
+            format!("--bench-for-ms={}", c.bench_for),
         ];
         std::fs::create_dir_all(dir).expect("test cluster");
         let log = dir.join("coordinator.log");
@@ -98,7 +107,7 @@ impl Coordinator {
         let mut c = Self { dir: dir.to_owned(), url, cfg, control, backend };
         // Answers once it serves.
         for _ in 0..400 {
-            if c.control.list_runs(pb::ListRunsRequest {}).await.is_ok() {
+            if c.control.list_runs(pb::ListRunsRequest::default()).await.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -121,7 +130,7 @@ impl Coordinator {
     pub async fn restart(&mut self) {
         self.backend.start_process(&self.dir);
         for _ in 0..400 {
-            if self.control.list_runs(pb::ListRunsRequest {}).await.is_ok() {
+            if self.control.list_runs(pb::ListRunsRequest::default()).await.is_ok() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -130,7 +139,7 @@ impl Coordinator {
     }
 
     pub async fn token(&mut self) -> String {
-        let req = pb::CreateJoinTokenRequest { ttl_seconds: 3600 };
+        let req = pb::CreateJoinTokenRequest { ttl_seconds: 3600, uses: 1000 };
         self.control.create_join_token(req).await.expect("test cluster").into_inner().token
     }
 

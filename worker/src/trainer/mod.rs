@@ -4,18 +4,32 @@
 //! One [`Trainer`] holds the replica. The driver (`crate::run`) feeds it batches and a
 //! [`Comm`](crate::comm::Comm) per epoch:
 //!
-//! - **ddp**: [`Trainer::forward_backward`], then [`Trainer::ddp_sync`]: gradients flattened
-//!   into contiguous buckets, weighted by each member's share of the samples, summed over the
-//!   ring, clipped, and the optimizer applied. A failed sync leaves the parameters as they were
-//!   and keeps the local gradients, so the step is retried in the next epoch.
+//! - **ddp**: [`Trainer::forward_backward`], then [`Trainer::ddp_sync`]: the local gradient is
+//!   the contribution, summed over the ring by plan (below), clipped, and the optimizer applied.
+//!   A failed sync leaves the parameters as they were and keeps the local gradients, so the
+//!   step is retried in the next epoch.
 //! - **diloco**: `inner_steps` local steps ([`Trainer::apply_local`]), then
-//!   [`Trainer::diloco_sync`]: the pseudo-gradient `global − local`, weighted by each member's
-//!   share of the samples since the last sync, summed over the ring (optionally bf16 or int8),
-//!   and an outer Nesterov step on the global parameters, which every member then adopts.
+//!   [`Trainer::diloco_sync`]: the pseudo-gradient `global − local` is the contribution, summed
+//!   by plan (optionally bf16 or int8 on the wire), and an outer Nesterov step on the global
+//!   parameters, which every member then adopts.
 //!
-//! After every sync the parameters are hashed ([`Trainer::hash`]); every replica must report
-//! the same hash for the same step. At the start of each epoch [`Trainer::agree`] exchanges
-//! what every member holds and sends the freshest state to the members that lack it.
+//! # Every sync goes by plan
+//!
+//! No member's word about another counts, and none can write into another's entry: a member
+//! commits the norms of its own contribution, per ring segment, to the coordinator
+//! ([`Coordinate::plan`]), and every member gets the same plan back: one coefficient per member
+//! (equal shares, each clipped to the median contributor's norm; 0 for the excluded). Each
+//! scales its own contribution, and the ring sums with every partial sum checked at every hop
+//! against the declared norms (`collectives::Group::all_reduce_bounded`): a member that sends
+//! more than it declared is named by its successor and nothing is applied. The sum is checked
+//! again (finite, within the plan's bound) before anything is applied.
+//!
+//! After every sync the replicated state is hashed ([`Trainer::hash`]: the parameters and, in
+//! ddp, the optimizer state; in diloco the global parameters and the outer momentum); the
+//! coordinator records a step when a majority of the members report the same hash. At the
+//! start of each epoch [`Trainer::agree`] follows the coordinator's decision: the named source
+//! sends the recorded state to the members that lack it, which check it (size, finite, bounded,
+//! hash) before adopting it.
 
 pub mod checkpoint;
 pub mod data;
@@ -36,7 +50,6 @@ use crate::schedule::LrSchedule;
 use data::Batch;
 use model::{ModelConfig, Net};
 use optim::{OptimConfig, Optimizer, Outer};
-use state::Slot;
 
 /// How replicas synchronise.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -82,6 +95,75 @@ pub enum TrainError {
     State(String),
     #[error("non-finite {what} at step {step}: refusing to apply it")]
     NonFinite { what: &'static str, step: u64 },
+    /// The sum of a sync is not consistent with the plan (larger than the members declared):
+    /// nothing was applied.
+    #[error("the sum of step {step} is inconsistent with the plan: {detail}")]
+    Inconsistent { step: u64, detail: String },
+    /// The state the agreement's source (a rank) sent failed its checks: nothing was adopted.
+    #[error("the state rank {rank} sent is unusable: {detail}")]
+    BadState { rank: usize, detail: String },
+    /// Waiting for the coordinator's plan ended (the attempt was cancelled or the link closed).
+    #[error("no plan: {0}")]
+    NoPlan(String),
+}
+
+/// What a member commits about its contribution to the sync at `step`, before it enters the
+/// ring: the L2 norm of the contribution on each ring segment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Commitment {
+    pub step: u64,
+    pub segment_norms: Vec<f32>,
+}
+
+/// The coordinator's plan of one sync, the same for every member: per member the coefficient it
+/// scales its contribution by, and every member's declared segment norms (member-major).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub step: u64,
+    pub coefficients: Vec<f32>,
+    pub declared: Vec<f32>,
+}
+
+impl Plan {
+    /// The plan as hop-check bounds for a ring of `world`; an error if it is malformed.
+    fn bounds(&self, world: usize) -> Result<collectives::Bounds, String> {
+        if self.coefficients.len() != world || self.declared.len() != world * world {
+            return Err(format!(
+                "{} coefficients and {} norms for a ring of {world}",
+                self.coefficients.len(),
+                self.declared.len()
+            ));
+        }
+        let ok = |v: &f32| v.is_finite() && *v >= 0.0;
+        if !self.coefficients.iter().all(ok) || !self.declared.iter().all(ok) {
+            return Err("non-finite or negative values".into());
+        }
+        let norms = (0..world)
+            .map(|r| {
+                let c = f64::from(self.coefficients[r]);
+                (0..world).map(|s| c * f64::from(self.declared[r * world + s])).collect()
+            })
+            .collect();
+        Ok(collectives::Bounds { norms })
+    }
+}
+
+/// What the trainer asks of the coordinator during a sync.
+pub trait Coordinate {
+    /// Commits this member's statistics and returns the plan, once every member committed.
+    fn plan(&mut self, commitment: &Commitment) -> Result<Plan, TrainError>;
+}
+
+/// The coordinator's decision for the start of an epoch (ranks are positions in the ring).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Agreement {
+    pub step: u64,
+    /// `None` with step 0: the seeded initial state, which receivers rebuild themselves.
+    pub hash: Option<u64>,
+    pub source: usize,
+    pub receivers: Vec<usize>,
+    /// diloco: the ranks whose progress in the round under way counts.
+    pub contributors: Vec<usize>,
 }
 
 /// What one forward/backward pass measured.
@@ -127,51 +209,46 @@ pub struct Trainer {
     /// Samples trained on since the last synchronisation.
     pub samples_since_sync: u64,
     pub last_grad_norm: f64,
-    /// Ranks whose contribution the last sync rejected (see [`screen`]).
-    pub rejected: Vec<usize>,
+    /// The coefficient the last sync's plan gave this member (0: it was left out).
+    pub last_coefficient: f32,
     /// Fault injection for tests: from this step on, what this member sends is corrupted.
     pub poison: Option<Poison>,
 }
 
-/// A corruption of what a member sends (fault injection, for the chaos tests).
+/// A corruption of what a member sends (fault injection, for the chaos and adversary tests).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Poison {
     pub after_step: u64,
     pub kind: PoisonKind,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum PoisonKind {
-    /// NaN in every value.
+    /// NaN in every value, declared as such (its own commitment is evidence against it).
     Nan,
-    /// Every value times 1e30.
+    /// Every value times 1e30, declared truthfully (the plan clips or leaves it out).
     Huge,
+    /// The contribution scaled by this factor after committing the honest norms (a ×−999
+    /// sign flip with an honest-looking norm; a 1e30 diloco delta declared as normal): the
+    /// member's successor catches the partial sum that exceeds what was declared.
+    Lie(f32),
+    /// Zeros, declared as zeros (a lazy worker): left out of every sync.
+    Zero,
 }
 
-/// How much larger than the reference (the median of the members' norms, or the smaller with
-/// two members) a contribution's norm may be before it is rejected.
-pub const REJECT_FACTOR: f64 = 1e3;
-
-/// The ranks whose contribution must be rejected, from every member's (norm, weight): a
-/// non-finite norm, or one more than [`REJECT_FACTOR`] times the reference.
-pub fn screen(norms: &[f32]) -> Vec<usize> {
-    let mut finite: Vec<f64> =
-        norms.iter().map(|n| f64::from(*n)).filter(|n| n.is_finite()).collect();
-    finite.sort_by(f64::total_cmp);
-    let reference = match finite.len() {
-        0 => 0.0,
-        1 | 2 => finite[0],
-        n => finite[n / 2],
-    };
-    norms
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| {
-            let n = f64::from(**n);
-            !n.is_finite() || (reference > 0.0 && n > REJECT_FACTOR * reference)
-        })
-        .map(|(r, _)| r)
-        .collect()
+impl PoisonKind {
+    /// Reads `nan`, `huge`, `zero` or `lie:<factor>` (for example `lie:-999`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "nan" => Ok(Self::Nan),
+            "huge" => Ok(Self::Huge),
+            "zero" => Ok(Self::Zero),
+            other => match other.strip_prefix("lie:").map(str::parse::<f32>) {
+                Some(Ok(f)) if f.is_finite() => Ok(Self::Lie(f)),
+                _ => Err(format!("unknown poison {other:?}: nan, huge, zero or lie:<factor>")),
+            },
+        }
+    }
 }
 
 impl Trainer {
@@ -219,7 +296,7 @@ impl Trainer {
             compute: Duration::ZERO,
             samples_since_sync: 0,
             last_grad_norm: 0.0,
-            rejected: Vec::new(),
+            last_coefficient: 0.0,
             poison: None,
         };
         if matches!(t.spec.sync, SyncMode::Diloco { .. }) {
@@ -245,15 +322,24 @@ impl Trainer {
         self.params.iter().map(|p| p.numel()).sum()
     }
 
-    /// The hash of the synchronised parameters (16 hex digits when formatted with `{:016x}`).
+    /// The hash of the synchronised, replicated state (16 hex digits when formatted with
+    /// `{:016x}`): what every member of a ring holds bitwise after a sync.
     pub fn hash(&self) -> u64 {
         self.hash
     }
 
+    /// ddp: the parameters, the optimizer state and its step count; diloco: the global
+    /// parameters and the outer momentum (the inner optimizer state is each member's own).
     fn compute_hash(&self) -> u64 {
         match &self.outer {
-            Some(o) => state::hash_flat(&o.global),
-            None => state::hash_flat(&state::flatten(&self.params)),
+            Some(o) => {
+                state::hash_tensors(&[o.global.shallow_clone(), o.momentum.shallow_clone()], &[])
+            }
+            None => {
+                let mut ts: Vec<Tensor> = self.params.iter().map(|p| p.shallow_clone()).collect();
+                ts.extend(self.opt.tensors());
+                state::hash_tensors(&ts, &[self.opt.steps as u64])
+            }
         }
     }
 
@@ -313,9 +399,13 @@ impl Trainer {
         Ok(())
     }
 
-    /// ddp: averages the gradients over `comm` (this member's share is `weight`), then clips
-    /// and applies them. On error nothing changed and the local gradients are kept for a retry.
-    pub fn ddp_sync(&mut self, comm: &mut dyn Comm, weight: f64) -> Result<(), TrainError> {
+    /// ddp: sums the gradients over `comm` by the coordinator's plan, then clips and applies
+    /// them. On error nothing changed and the local gradients are kept for a retry.
+    pub fn ddp_sync(
+        &mut self,
+        comm: &mut dyn Comm,
+        coord: &mut dyn Coordinate,
+    ) -> Result<(), TrainError> {
         let t = Instant::now();
         let local = match self.pending.take() {
             Some(g) => g,
@@ -325,11 +415,8 @@ impl Trainer {
             return Err(TrainError::NonFinite { what: "gradient", step: self.step });
         }
         self.compute += t.elapsed();
-        let weighted = |scale: f64| -> Vec<f32> {
-            local.iter().map(|g| (f64::from(*g) * weight * scale) as f32).collect()
-        };
-        // On failure the unweighted local gradients are kept for the retry.
-        let buf = match self.screened_sum(comm, weight, &weighted, self.spec.bucket_elems) {
+        // On failure the local gradients are kept for the retry.
+        let buf = match self.planned_sum(comm, coord, &local, self.step + 1) {
             Ok(b) => b,
             Err(e) => {
                 self.pending = Some(local);
@@ -344,77 +431,79 @@ impl Trainer {
         Ok(())
     }
 
-    /// Sums every member's contribution (`contribution(scale)`: this member's, weighted and
-    /// times `scale`) over `comm`, in buckets of `bucket` elements, screened: every member
-    /// publishes the norm of what it sends, and a contribution that is non-finite or absurdly
-    /// large ([`screen`]) is left out by every member alike, the others' shares scaled up to
-    /// make up for it. The rejected ranks are kept in [`Trainer::rejected`] for the driver to
-    /// report. The sum is checked finite before it is returned: nothing non-finite is applied.
-    ///
-    /// Uncompressed, the table of norms rides at the end of the data (no extra round trip); a
-    /// rejection then costs a second sum without the rejected. Compressed, the table goes first
-    /// in its own exact all-reduce (quantizing it could hide an outlier).
-    fn screened_sum(
+    /// Sums every member's contribution to the sync at `step` over `comm`, by plan (see the
+    /// module documentation): commits this member's segment norms, gets the plan, scales its
+    /// own contribution by its coefficient, and runs the bounded all-reduce. The sum is checked
+    /// (finite, and no larger than the plan allows) before it is returned: nothing
+    /// inconsistent is applied.
+    fn planned_sum(
         &mut self,
         comm: &mut dyn Comm,
-        weight: f64,
-        contribution: &dyn Fn(f64) -> Vec<f32>,
-        bucket: usize,
+        coord: &mut dyn Coordinate,
+        contribution: &[f32],
+        step: u64,
     ) -> Result<Vec<f32>, TrainError> {
         let (rank, world) = (comm.rank(), comm.world());
-        let mut buf = contribution(1.0);
-        self.corrupt(&mut buf);
-        let n = buf.len();
-        let norm = buf.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
-        let mut table = vec![0f32; world * 2];
-        table[2 * rank] = norm as f32;
-        table[2 * rank + 1] = weight as f32;
-        let compression = self.spec.compression;
-        let inline = compression == Compression::None;
-        if inline {
-            buf.extend_from_slice(&table);
-            for chunk in buf.chunks_mut(bucket.max(1)) {
-                comm.all_reduce(chunk, compression)?;
-            }
-            table = buf.split_off(n);
+        let mut buf = contribution.to_vec();
+        self.corrupt_declared(&mut buf);
+        let segment_norms: Vec<f32> = collectives::segments(world, buf.len())
+            .into_iter()
+            .map(|r| {
+                let n = buf[r].iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
+                // Rounded up, so that the f32 declaration never understates the contribution.
+                let f = n as f32;
+                if f64::from(f) < n { f.next_up() } else { f }
+            })
+            .collect();
+        let plan = coord.plan(&Commitment { step, segment_norms })?;
+        let bounds = plan.bounds(world).map_err(|e| TrainError::State(format!("plan: {e}")))?;
+        let coefficient = plan.coefficients[rank];
+        self.last_coefficient = coefficient;
+        if coefficient == 0.0 {
+            // Left out: exact zeros (0 × NaN would not be zero).
+            buf.iter_mut().for_each(|v| *v = 0.0);
         } else {
-            comm.all_reduce(&mut table, Compression::None)?;
+            buf.iter_mut().for_each(|v| *v *= coefficient);
         }
-        let norms: Vec<f32> = table.chunks(2).map(|c| c[0]).collect();
-        self.rejected = screen(&norms);
-        if !self.rejected.is_empty() {
-            let kept: f64 = (0..world)
-                .filter(|r| !self.rejected.contains(r))
-                .map(|r| f64::from(table[2 * r + 1]))
-                .sum();
-            buf = if self.rejected.contains(&rank) || kept <= 0.0 {
-                vec![0.0; n]
-            } else {
-                contribution(1.0 / kept)
-            };
-        }
-        if !inline || !self.rejected.is_empty() {
-            for chunk in buf.chunks_mut(bucket.max(1)) {
-                comm.all_reduce(chunk, compression)?;
-            }
-        }
-        if buf.iter().any(|v| !v.is_finite()) {
-            return Err(TrainError::NonFinite {
-                what: "sum of the contributions",
-                step: self.step,
+        self.corrupt_sent(&mut buf);
+        comm.all_reduce_bounded(&mut buf, self.spec.compression, &bounds)?;
+        // The same bits and the same plan on every member: every member reaches this verdict.
+        let norm = buf.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
+        let allowed: f64 = bounds
+            .norms
+            .iter()
+            .map(|segs| segs.iter().map(|n| n * n).sum::<f64>().sqrt())
+            .sum::<f64>()
+            * codec_growth(self.spec.compression).powi(world as i32 + 1)
+            + 1e-30;
+        if !(norm <= allowed) {
+            return Err(TrainError::Inconsistent {
+                step,
+                detail: format!("norm {norm:.6e}, the plan allows {allowed:.6e}"),
             });
         }
         Ok(buf)
     }
 
-    /// Fault injection: corrupts what this member sends, once past the poison's step.
-    fn corrupt(&self, buf: &mut [f32]) {
+    /// Fault injection before the norms are computed: what the member declares is corrupt too.
+    fn corrupt_declared(&self, buf: &mut [f32]) {
         match self.poison {
             Some(p) if self.step >= p.after_step => match p.kind {
                 PoisonKind::Nan => buf.iter_mut().for_each(|v| *v = f32::NAN),
                 PoisonKind::Huge => buf.iter_mut().for_each(|v| *v *= 1e30),
+                PoisonKind::Zero => buf.iter_mut().for_each(|v| *v = 0.0),
+                PoisonKind::Lie(_) => {}
             },
             _ => {}
+        }
+    }
+
+    /// Fault injection after the plan: what the member sends is not what it declared.
+    fn corrupt_sent(&self, buf: &mut [f32]) {
+        if let Some(Poison { after_step, kind: PoisonKind::Lie(f) }) = self.poison
+            && self.step >= after_step
+        {
+            buf.iter_mut().for_each(|v| *v *= f);
         }
     }
 
@@ -448,9 +537,13 @@ impl Trainer {
         }
     }
 
-    /// diloco: all-reduces the pseudo-gradient (this member's share is `weight`) and applies
-    /// the outer Nesterov step. On error nothing changed; the inner progress is kept.
-    pub fn diloco_sync(&mut self, comm: &mut dyn Comm, weight: f64) -> Result<(), TrainError> {
+    /// diloco: sums the pseudo-gradients by the coordinator's plan and applies the outer
+    /// Nesterov step. On error nothing changed; the inner progress is kept.
+    pub fn diloco_sync(
+        &mut self,
+        comm: &mut dyn Comm,
+        coord: &mut dyn Coordinate,
+    ) -> Result<(), TrainError> {
         let SyncMode::Diloco { outer_lr, outer_momentum, .. } = self.spec.sync else {
             return Err(TrainError::State("diloco_sync in a ddp run".into()));
         };
@@ -461,15 +554,22 @@ impl Trainer {
             return Err(TrainError::NonFinite { what: "pseudo-gradient", step: self.step });
         }
         self.compute += t.elapsed();
-        let weighted = |scale: f64| -> Vec<f32> {
-            delta.iter().map(|d| (f64::from(*d) * weight * scale) as f32).collect()
-        };
-        let buf = self.screened_sum(comm, weight, &weighted, usize::MAX)?;
+        let buf = self.planned_sum(comm, coord, &delta, self.step)?;
         let t = Instant::now();
         let delta = Tensor::from_slice(&buf);
         let outer = Outer { lr: outer_lr, momentum: outer_momentum };
         let o = self.outer.as_mut().ok_or_else(|| TrainError::State("no outer state".into()))?;
-        outer.step(&mut o.global, &mut o.momentum, &delta);
+        // Applied to copies first: a result that is not finite changes nothing.
+        let (mut global, mut momentum) = (o.global.copy(), o.momentum.copy());
+        outer.step(&mut global, &mut momentum, &delta);
+        if !state::finite_within(
+            &[global.shallow_clone(), momentum.shallow_clone()],
+            f64::from(f32::MAX),
+        ) {
+            return Err(TrainError::NonFinite { what: "outer update", step: self.step });
+        }
+        o.global = global;
+        o.momentum = momentum;
         state::unflatten_into(&o.global, &self.params);
         self.sync_step = self.step;
         self.inner_start = self.step;
@@ -479,69 +579,65 @@ impl Trainer {
         Ok(())
     }
 
-    /// This replica's entry for the epoch's agreement.
-    pub fn slot(&self) -> Slot {
-        Slot {
-            sync_step: self.sync_step,
-            hash: self.hash,
-            cur_step: self.step,
-            inner_start: self.inner_start,
-            batch: self.spec.batch_size as u64,
-        }
-    }
-
-    /// This member's weight in a sync, from every member's slot.
-    pub fn weight(&self, slots: &[Slot], rank: usize) -> f64 {
-        let contrib = |s: &Slot| match self.spec.sync {
-            SyncMode::Ddp => s.batch as f64,
-            SyncMode::Diloco { .. } => {
-                s.batch as f64 * self.sync_point().saturating_sub(s.inner_start) as f64
-            }
-        };
-        let total: f64 = slots.iter().map(contrib).sum();
-        if total <= 0.0 { 1.0 / slots.len() as f64 } else { contrib(&slots[rank]) / total }
-    }
-
-    /// Starts an epoch: exchanges every member's slot, checks the freshest state against the
-    /// coordinator's record (`committed`: step and hash), and copies it to the members that
-    /// lack it. Returns the slots (after the copy) for the weights of this epoch's syncs.
-    pub fn agree(
-        &mut self,
-        comm: &mut dyn Comm,
-        committed: Option<(u64, u64)>,
-    ) -> Result<state::Agreement, TrainError> {
+    /// Starts an epoch as the coordinator decided: the source sends the recorded state to the
+    /// receivers, which check it (its size, every value finite and bounded, its hash) before
+    /// adopting it. With no recorded state yet (step 0), receivers rebuild the seeded initial
+    /// state themselves. In diloco a receiver that is not a contributor joined the round late:
+    /// it skips to the round's sync point and contributes nothing to it.
+    pub fn agree(&mut self, comm: &mut dyn Comm, a: &Agreement) -> Result<(), TrainError> {
         let (rank, world) = (comm.rank(), comm.world());
-        let mut table = vec![0f32; world * Slot::FLOATS];
-        self.slot().encode(&mut table[rank * Slot::FLOATS..(rank + 1) * Slot::FLOATS]);
-        comm.all_reduce(&mut table, Compression::None)?;
-        let slots: Vec<Slot> = table.chunks(Slot::FLOATS).map(Slot::decode).collect();
-        let mut agreement = state::agree(&slots, committed).map_err(TrainError::State)?;
-        if agreement.receivers.iter().any(|r| *r) {
-            let src = agreement.source;
-            let mut blob = if rank == src { self.state_blob() } else { vec![0u8; self.blob_len()] };
-            comm.broadcast(&mut blob, src)?;
-            if agreement.receivers[rank] {
-                self.load_blob(&blob, agreement.cur_step_max)?;
-                if self.hash != slots[src].hash {
+        if a.source >= world || a.receivers.iter().chain(&a.contributors).any(|r| *r >= world) {
+            return Err(TrainError::State(format!("an agreement naming ranks beyond {world}")));
+        }
+        let receiving = a.receivers.contains(&rank);
+        match a.hash {
+            None => {
+                if receiving {
+                    self.reinit()?;
+                }
+            }
+            Some(hash) if !a.receivers.is_empty() => {
+                if rank == a.source && self.hash != hash {
                     return Err(TrainError::State(format!(
-                        "state received from rank {src} hashes to {:016x}, it announced {:016x}",
-                        self.hash, slots[src].hash
+                        "named the source of state {hash:016x}, but holds {:016x}",
+                        self.hash
                     )));
                 }
-            }
-            for (r, recv) in agreement.receivers.iter().enumerate() {
-                if *recv {
-                    agreement.slots[r] = Slot {
-                        sync_step: slots[src].sync_step,
-                        hash: slots[src].hash,
-                        cur_step: agreement.cur_step_max,
-                        inner_start: agreement.cur_step_max,
-                        batch: slots[r].batch,
-                    };
+                let mut blob =
+                    if rank == a.source { self.state_blob() } else { vec![0u8; self.blob_len()] };
+                comm.broadcast(&mut blob, a.source)?;
+                if receiving {
+                    let bad = |detail: String| TrainError::BadState { rank: a.source, detail };
+                    let (before, before_step) = (self.state_blob(), self.sync_step);
+                    self.load_blob(&blob, a.step).map_err(|e| bad(e.to_string()))?;
+                    if self.hash != hash {
+                        let got = self.hash;
+                        // Back to what it held: nothing of the bad state stays.
+                        let _ = self.load_blob(&before, before_step);
+                        return Err(bad(format!(
+                            "hashes to {got:016x}, the recorded state is {hash:016x}"
+                        )));
+                    }
                 }
             }
+            Some(_) => {}
         }
-        Ok(agreement)
+        if receiving
+            && let SyncMode::Diloco { inner_steps, .. } = self.spec.sync
+            && !a.contributors.contains(&rank)
+        {
+            self.step = self.next_sync_point(inner_steps);
+            self.inner_start = self.step;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the seeded initial state (a fresh run's receiver).
+    fn reinit(&mut self) -> Result<(), TrainError> {
+        let poison = self.poison;
+        *self = Trainer::new(self.spec.clone())?;
+        self.poison = poison;
+        Ok(())
     }
 
     fn state_tensors(&self) -> Vec<Tensor> {
@@ -572,7 +668,8 @@ impl Trainer {
         out
     }
 
-    /// Adopts a state blob; `cur_step` is where the members are (diloco joins mid-round).
+    /// Adopts a state blob; `cur_step` is the step it is for (checked values only: see
+    /// [`Trainer::agree`]).
     pub fn load_blob(&mut self, blob: &[u8], cur_step: u64) -> Result<(), TrainError> {
         if blob.len() != self.blob_len() {
             return Err(TrainError::State(format!(
@@ -587,6 +684,23 @@ impl Trainer {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
+        // A state is adopted only if every value is finite and of a plausible size.
+        if let Some(bad) = values.iter().find(|v| !v.is_finite() || v.abs() > MAX_STATE_VALUE) {
+            return Err(TrainError::State(format!(
+                "a received state holds {bad}: not finite or beyond {MAX_STATE_VALUE:e}"
+            )));
+        }
+        let most = self.spec.schedule.total.saturating_add(1);
+        if opt_steps > most || opt_steps > i64::MAX as u64 {
+            return Err(TrainError::State(format!(
+                "a received state claims {opt_steps} optimizer steps in a run of {most}"
+            )));
+        }
+        if sync_step != cur_step {
+            return Err(TrainError::State(format!(
+                "a received state is of step {sync_step}, the recorded one is {cur_step}"
+            )));
+        }
         let flat = Tensor::from_slice(&values);
         state::unflatten_into(&flat, &self.state_tensors());
         if let Some(o) = &self.outer {
@@ -594,10 +708,7 @@ impl Trainer {
         }
         self.opt.steps = opt_steps as i64;
         self.sync_step = sync_step;
-        self.step = match self.spec.sync {
-            SyncMode::Ddp => sync_step,
-            SyncMode::Diloco { .. } => cur_step.max(sync_step),
-        };
+        self.step = sync_step;
         self.inner_start = self.step;
         self.pending = None;
         self.samples_since_sync = 0;
@@ -723,23 +834,33 @@ impl Trainer {
     }
 }
 
+/// The largest magnitude a parameter or optimizer value of an adopted state may have.
+pub const MAX_STATE_VALUE: f32 = 1e15;
+
+/// How much one encoding in `c` may grow a norm (see `collectives::codec::norm_growth`).
+fn codec_growth(c: Compression) -> f64 {
+    use collectives::codec::{DType, norm_growth, wire_codec};
+    norm_growth(wire_codec(DType::F32, c))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::screen;
+    use super::*;
 
     #[test]
-    fn screening_rejects_non_finite_and_absurd_contributions_only() {
-        assert_eq!(screen(&[1.0, 2.0, 1.5]), Vec::<usize>::new());
-        assert_eq!(screen(&[1.0, f32::NAN, 1.5]), vec![1]);
-        assert_eq!(screen(&[f32::INFINITY, 1.0, 1.5]), vec![0]);
-        assert_eq!(screen(&[1.0, 1.2, 5e3]), vec![2]);
-        // Honest spread (a member with ten times the others' norm) is kept.
-        assert_eq!(screen(&[1.0, 10.0, 2.0, 3.0]), Vec::<usize>::new());
-        // Two members: the smaller is the reference.
-        assert_eq!(screen(&[1.0, 2e3]), vec![1]);
-        assert_eq!(screen(&[3.0, 2.0]), Vec::<usize>::new());
-        // All zero (nothing trained yet) rejects nothing; all broken rejects all.
-        assert_eq!(screen(&[0.0, 0.0, 0.0]), Vec::<usize>::new());
-        assert_eq!(screen(&[f32::NAN, f32::NAN]), vec![0, 1]);
+    fn poisons_parse() {
+        assert_eq!(PoisonKind::parse("nan"), Ok(PoisonKind::Nan));
+        assert_eq!(PoisonKind::parse("lie:-999"), Ok(PoisonKind::Lie(-999.0)));
+        assert!(PoisonKind::parse("lie:x").is_err());
+        assert!(PoisonKind::parse("fast").is_err());
+    }
+
+    #[test]
+    fn malformed_plans_are_refused() {
+        let p = Plan { step: 1, coefficients: vec![0.5, 0.5], declared: vec![1.0; 4] };
+        assert_eq!(p.bounds(2).unwrap().norms, vec![vec![0.5, 0.5], vec![0.5, 0.5]]);
+        assert!(p.bounds(3).is_err());
+        let nan = Plan { coefficients: vec![f32::NAN, 0.5], ..p };
+        assert!(nan.bounds(2).is_err());
     }
 }

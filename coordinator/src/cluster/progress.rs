@@ -1,0 +1,757 @@
+//! Progress by quorum: the epoch's agreement, the plan of every synchronisation, the record of
+//! every step, and what the members report about each other.
+//!
+//! Within one epoch:
+//!
+//! 1. Every member reports the state it holds (`StepCommitted`, first of the epoch). Once all
+//!    have (or `agree_wait` passed), [`AgreementInfo`]: the source is a member holding the
+//!    recorded (step, hash); the others receive it. A state ahead of the record counts only if
+//!    a majority of the epoch that planned it reports it (step 4).
+//! 2. Before each synchronisation every member commits its contribution's segment norms
+//!    (`SyncCommit`), for the next sync point after the recorded step and no other. Once all
+//!    have, every member gets the same [`PlanInfo`] ([`super::aggregate::plan`]), and the sync
+//!    is pending ([`PendingSync`], persisted with the run).
+//! 3. The members run the bounded all-reduce and report the hash they hold after it.
+//! 4. When a majority of the members of the epoch that planned the step report the same hash,
+//!    the step is recorded with that hash; the ledger credits that majority; the minority is
+//!    named in the log. A member reporting two hashes for one step is banned (its own reports
+//!    contradict each other). The run completes only when its last step is recorded.
+//!
+//! Faults: a member that cannot form the ring or lost a peer says so (`RingFault`). Two members
+//! blaming the same peer drop it (it sits out); an accusation of misbehaviour, which the
+//! coordinator cannot check, benches accuser and accused alike. A failure two members report
+//! re-forms the epoch. A member that never commits while the others have is dropped after a
+//! grace period. Every one of these leaves a line in the run's log.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proto::{Epoch, Liveness, RunId, RunState, WorkerId};
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::{self, Commitment, Exclusion};
+use super::{Cluster, Command, Dirty, Millis, ReportError};
+use crate::runfile::SyncMode;
+
+/// What the coordinator decided for an epoch's start (ranks are positions in the ring).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgreementInfo {
+    pub run: RunId,
+    pub epoch: Epoch,
+    pub step: u64,
+    /// "" with step 0: the seeded initial state, which receivers rebuild themselves.
+    pub hash: String,
+    pub source: usize,
+    pub receivers: Vec<usize>,
+    /// diloco: the ranks whose progress in the round under way counts (the others joined it
+    /// late); ddp: everyone.
+    pub contributors: Vec<usize>,
+}
+
+/// The plan of one synchronisation, the same for every member.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanInfo {
+    pub run: RunId,
+    pub epoch: Epoch,
+    pub step: u64,
+    pub coefficients: Vec<f32>,
+    /// Member-major: member r's segment norms at `[r * n, (r + 1) * n)`.
+    pub declared: Vec<f32>,
+    /// Per member, why it is left out ("" if it is not).
+    pub excluded: Vec<String>,
+}
+
+/// A synchronisation planned and not yet recorded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PendingSync {
+    pub step: u64,
+    /// The epoch that planned it, and its members: a majority of them records the step.
+    pub epoch: Epoch,
+    pub members: Vec<WorkerId>,
+    /// Those with a non-zero coefficient, credited when the step is recorded.
+    pub contributors: Vec<WorkerId>,
+    /// Contributors left out of it (zero or outlying contribution).
+    #[serde(default)]
+    pub excluded: Vec<WorkerId>,
+    /// What each member reported holding after it (volatile: re-reported at the next epoch).
+    #[serde(skip)]
+    pub reports: BTreeMap<WorkerId, String>,
+}
+
+/// What a member says went wrong in its ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FaultKind {
+    /// The peer never connected or could not be reached while forming the ring.
+    Unreachable,
+    /// The peer went silent or left during an operation.
+    Lost,
+    /// The peer broke the protocol or sent more than declared: an accusation.
+    Misbehaved,
+    /// The agreement's source sent a state that failed its checks: an accusation.
+    BadState,
+    /// An operation failed without naming a peer.
+    Failed,
+}
+
+/// A member's report that its ring failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault<'a> {
+    /// The peer it blames, if any.
+    pub peer: Option<WorkerId>,
+    pub kind: FaultKind,
+    /// What happened, for the run's log (printable, bounded).
+    pub detail: &'a str,
+}
+
+impl FaultKind {
+    fn is_accusation(self) -> bool {
+        matches!(self, Self::Misbehaved | Self::BadState)
+    }
+}
+
+/// What the current epoch of a run is doing (volatile; a restarted coordinator forms a new
+/// epoch).
+#[derive(Debug)]
+pub(super) struct EpochSync {
+    epoch: Epoch,
+    /// Ring order.
+    members: Vec<WorkerId>,
+    started: Millis,
+    /// The state each member reported at the start.
+    held: BTreeMap<WorkerId, (u64, String)>,
+    agreement: Option<AgreementInfo>,
+    /// When the current round began (the agreement, or the last plan).
+    round_start: Millis,
+    /// Commitments for `commit_step`.
+    commit_step: u64,
+    commits: BTreeMap<WorkerId, Vec<f32>>,
+    /// When the commitment that left only stragglers arrived.
+    stragglers_since: Option<Millis>,
+    /// The last plan issued in this epoch.
+    plan: Option<PlanInfo>,
+    /// Blames for unreachable or lost peers: (reporter, peer) → reports.
+    blames: BTreeMap<(WorkerId, WorkerId), u32>,
+    /// Members that reported a failure of this epoch.
+    failed: BTreeSet<WorkerId>,
+    /// Log lines already written for this epoch (each is written once).
+    logged: BTreeSet<String>,
+}
+
+impl EpochSync {
+    pub(super) fn new(epoch: Epoch, members: Vec<WorkerId>, now: Millis) -> Self {
+        Self {
+            epoch,
+            members,
+            started: now,
+            held: BTreeMap::new(),
+            agreement: None,
+            round_start: now,
+            commit_step: 0,
+            commits: BTreeMap::new(),
+            stragglers_since: None,
+            plan: None,
+            blames: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            logged: BTreeSet::new(),
+        }
+    }
+
+    fn rank(&self, w: WorkerId) -> Option<usize> {
+        self.members.iter().position(|m| *m == w)
+    }
+
+    /// The commands a member that reconnects must hear again.
+    pub(super) fn decided(&self) -> Vec<Command> {
+        let mut out = Vec::new();
+        if let Some(a) = &self.agreement {
+            out.push(Command::Agreement(a.clone()));
+        }
+        if let Some(p) = &self.plan {
+            out.push(Command::Plan(p.clone()));
+        }
+        out
+    }
+}
+
+impl Cluster {
+    /// A member reports the state it holds: at the start of an epoch, and after every sync
+    /// (`hash`: 16 hex digits; "" is ignored). See the module documentation.
+    pub fn step_committed(
+        &mut self,
+        now: Millis,
+        worker: WorkerId,
+        run: RunId,
+        epoch: Epoch,
+        step: u64,
+        hash: &str,
+    ) {
+        let Some(r) = self.runs.get(&run) else { return };
+        if r.state != RunState::Running || hash.is_empty() || epoch > r.epoch {
+            return;
+        }
+        // A report for the pending sync, from a member of the epoch that planned it.
+        if let Some(p) = &r.pending
+            && p.step == step
+            && p.members.contains(&worker)
+        {
+            match p.reports.get(&worker) {
+                Some(h) if h != hash => {
+                    let evidence =
+                        format!("it reported two states for step {step}: {h} and {hash}");
+                    self.ban(now, run, worker, &evidence);
+                    return;
+                }
+                Some(_) => {}
+                None => {
+                    let p = self.runs.get_mut(&run).and_then(|r| r.pending.as_mut());
+                    if let Some(p) = p {
+                        p.reports.insert(worker, hash.to_owned());
+                    }
+                    self.maybe_record(now, run);
+                }
+            }
+        }
+        // The state a member brings to the current epoch (if it holds another, it receives
+        // the recorded one).
+        let current = self.runs.get(&run).is_some_and(|r| r.epoch == epoch);
+        if let Some(sync) = self.syncs.get_mut(&run)
+            && current
+            && sync.epoch == epoch
+            && sync.agreement.is_none()
+            && sync.rank(worker).is_some()
+            && !sync.held.contains_key(&worker)
+        {
+            sync.held.insert(worker, (step, hash.to_owned()));
+            self.maybe_agree(now, run);
+            return;
+        }
+        // A report after a sync, of the recorded step, that came after the majority's: credited
+        // if it holds the recorded state, and a divergence if not.
+        let Some(r) = self.runs.get(&run) else { return };
+        if step == r.committed_step && hash == r.committed_hash {
+            let late = match self.recorded.get_mut(&run) {
+                Some((p, advanced)) if p.step == step && p.members.contains(&worker) => p
+                    .reports
+                    .insert(worker, hash.to_owned())
+                    .is_none()
+                    .then(|| (p.clone(), *advanced)),
+                _ => None,
+            };
+            if let Some((p, advanced)) = late {
+                self.credit(run, &p, worker, advanced);
+            }
+            return;
+        }
+        if step == r.committed_step
+            && !r.committed_hash.is_empty()
+            && hash != r.committed_hash
+            && current
+            && r.members.iter().any(|m| m.worker == worker)
+        {
+            let line = format!(
+                "{worker} diverged: it holds {hash} after step {step}, the recorded state is {}",
+                r.committed_hash
+            );
+            self.log_once(run, line.clone());
+            self.diverged(now, run, &[worker], line);
+        }
+    }
+
+    /// Credits `w` for a recorded sync it holds: the steps, and if it contributed, the sync and
+    /// its samples (the run file's batch size per step), else if it was left out, that.
+    fn credit(&mut self, run: RunId, p: &PendingSync, w: WorkerId, advanced: u64) {
+        let batch = self.specs.get(&run).map_or(0, |s| u64::from(s.batch_size));
+        let Some(rec) = self.workers.get_mut(&w) else { return };
+        rec.ledger.steps = rec.ledger.steps.saturating_add(advanced);
+        if p.contributors.contains(&w) {
+            rec.ledger.syncs += 1;
+            rec.ledger.samples = rec.ledger.samples.saturating_add(batch.saturating_mul(advanced));
+        } else if p.excluded.contains(&w) {
+            rec.ledger.excluded += 1;
+        }
+        self.dirty.insert(Dirty::Worker(w));
+    }
+
+    /// Members hold another state than the recorded one after a sync: the next epoch gives it to
+    /// them. A member that diverges a second time in the run (a faulty machine, or a liar) sits
+    /// out instead.
+    fn diverged(&mut self, now: Millis, run: RunId, who: &[WorkerId], reason: String) {
+        for w in who {
+            let n = self.divergences.entry((run, *w)).or_default();
+            *n += 1;
+            if *n >= 2 {
+                let line = format!(
+                    "{w} diverged from the majority twice in this run; it sits out for {} s",
+                    self.config.bench_for / 1000
+                );
+                self.log(run, line);
+                self.bench(now, *w);
+            }
+        }
+        self.restart_epoch(now, run, reason, false);
+    }
+
+    /// Records the pending sync once a majority of the epoch that planned it agrees.
+    fn maybe_record(&mut self, now: Millis, run: RunId) {
+        let Some(r) = self.runs.get(&run) else { return };
+        let Some(p) = &r.pending else { return };
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for h in p.reports.values() {
+            *counts.entry(h.as_str()).or_default() += 1;
+        }
+        let Some((hash, n)) = counts.into_iter().max_by_key(|(_, n)| *n) else { return };
+        if 2 * n <= p.members.len() {
+            // No majority yet; if every member reported and none has one, they diverged.
+            if p.reports.len() == p.members.len() {
+                let line = format!(
+                    "the members of epoch {} hold different states after step {} and no \
+                     majority agrees: {}; re-forming the ring",
+                    p.epoch,
+                    p.step,
+                    describe(&p.reports)
+                );
+                self.runs.get_mut(&run).expect("run looked up above").pending = None;
+                self.dirty.insert(Dirty::Run(run));
+                self.log(run, line.clone());
+                self.restart_epoch(now, run, line, false);
+            }
+            return;
+        }
+        let hash = hash.to_owned();
+        let r = self.runs.get_mut(&run).expect("run looked up above");
+        let p = r.pending.take().expect("pending looked up above");
+        let advanced = p.step - r.committed_step;
+        r.committed_step = p.step;
+        r.committed_hash = hash.clone();
+        r.updated_ms = now;
+        self.dirty.insert(Dirty::Run(run));
+        // The ledger: the members that hold the recorded state (those whose report comes later
+        // are credited when it does).
+        let holders: Vec<WorkerId> =
+            p.reports.iter().filter(|(_, h)| **h == hash).map(|(w, _)| *w).collect();
+        for w in holders {
+            self.credit(run, &p, w, advanced);
+        }
+        let minority: BTreeMap<WorkerId, String> =
+            p.reports.iter().filter(|(_, h)| **h != hash).map(|(w, h)| (*w, h.clone())).collect();
+        let (step, epoch) = (p.step, p.epoch);
+        self.recorded.insert(run, (p, advanced));
+        let r = self.runs.get_mut(&run).expect("run looked up above");
+        if r.committed_step < r.total_steps && !minority.is_empty() {
+            let line = format!(
+                "step {step} recorded with {hash} by a majority of epoch {epoch}; diverged: {}",
+                describe(&minority)
+            );
+            self.log(run, line.clone());
+            let who: Vec<WorkerId> = minority.keys().copied().collect();
+            self.diverged(now, run, &who, line);
+            return;
+        }
+        if r.committed_step >= r.total_steps {
+            let msg = format!("completed {} steps", r.committed_step);
+            self.finish(now, run, RunState::Completed, msg);
+        } else if r.checkpoint_interval > 0
+            && r.committed_step >= r.last_checkpoint + r.checkpoint_interval
+        {
+            let step = r.committed_step;
+            r.last_checkpoint = step - step % r.checkpoint_interval;
+            let cmds: Vec<_> = r.members.iter().map(|m| m.worker).collect();
+            for w in cmds {
+                self.outbox
+                    .push_back(super::Output::ToWorker(w, Command::Checkpoint { run, step }));
+            }
+        }
+    }
+
+    /// Decides the epoch's agreement once every member reported (or `agree_wait` passed).
+    fn maybe_agree(&mut self, now: Millis, run: RunId) {
+        let Some(sync) = self.syncs.get(&run) else { return };
+        if sync.agreement.is_some() {
+            return;
+        }
+        let all = sync.members.iter().all(|m| sync.held.contains_key(m));
+        if !all && now < sync.started + self.config.agree_wait {
+            return;
+        }
+        let Some(r) = self.runs.get(&run) else { return };
+        let Some(diloco) = self.specs.get(&run).map(|s| matches!(s.sync, SyncMode::Diloco { .. }))
+        else {
+            return;
+        };
+        // A fresh run records the initial state once a majority of the first epoch reports it.
+        if r.committed_step == 0 && r.committed_hash.is_empty() {
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for (s, h) in sync.held.values() {
+                if *s == 0 {
+                    *counts.entry(h.as_str()).or_default() += 1;
+                }
+            }
+            if let Some((h, n)) = counts.into_iter().max_by_key(|(_, n)| *n)
+                && 2 * n > sync.members.len()
+            {
+                let h = h.to_owned();
+                let r = self.runs.get_mut(&run).expect("run looked up above");
+                r.committed_hash = h;
+                self.dirty.insert(Dirty::Run(run));
+            }
+        }
+        // A sync planned before and not recorded by now failed (or its majority is gone): it is
+        // abandoned, and the members retry it from the recorded state.
+        if let Some(p) = self.runs.get_mut(&run).and_then(|r| r.pending.take()) {
+            self.dirty.insert(Dirty::Run(run));
+            let line = format!(
+                "the sync of step {} (epoch {}) was not recorded: no majority of its members                  reported the same state ({}); it is retried",
+                p.step,
+                p.epoch,
+                if p.reports.is_empty() {
+                    "none reported".to_owned()
+                } else {
+                    describe(&p.reports)
+                }
+            );
+            self.log_once(run, line);
+        }
+        let r = &self.runs[&run];
+        let sync = &self.syncs[&run];
+        let target = (r.committed_step, r.committed_hash.clone());
+        let holds = |w: &WorkerId| sync.held.get(w).is_some_and(|h| *h == target);
+        let holders: Vec<usize> =
+            (0..sync.members.len()).filter(|&i| holds(&sync.members[i])).collect();
+        let (source, receivers, contributors) = if target.1.is_empty() {
+            // No recorded state yet: everyone starts from the seed; a member holding anything
+            // else rebuilds it.
+            let at_zero = |w: &WorkerId| sync.held.get(w).is_some_and(|(s, _)| *s == 0);
+            let receivers: Vec<usize> =
+                (0..sync.members.len()).filter(|&i| !at_zero(&sync.members[i])).collect();
+            (0, receivers, (0..sync.members.len()).collect())
+        } else if let Some(&source) = holders.first() {
+            let receivers: Vec<usize> =
+                (0..sync.members.len()).filter(|i| !holders.contains(i)).collect();
+            let contributors =
+                if diloco { holders.clone() } else { (0..sync.members.len()).collect() };
+            (source, receivers, contributors)
+        } else {
+            let line = format!(
+                "no member of epoch {} holds the recorded state (step {}, {}): they hold {}; \
+                 waiting for a member that does",
+                sync.epoch,
+                target.0,
+                target.1,
+                describe(&sync.held.iter().map(|(w, (s, h))| (*w, format!("{s}:{h}"))).collect())
+            );
+            let r = self.runs.get_mut(&run).expect("run looked up above");
+            if r.message != line {
+                r.message = line.clone();
+                self.dirty.insert(Dirty::Run(run));
+            }
+            self.log_once(run, line);
+            return;
+        };
+        let info = AgreementInfo {
+            run,
+            epoch: sync.epoch,
+            step: target.0,
+            hash: target.1,
+            source,
+            receivers,
+            contributors,
+        };
+        let members = sync.members.clone();
+        let sync = self.syncs.get_mut(&run).expect("sync looked up above");
+        sync.agreement = Some(info.clone());
+        sync.round_start = now;
+        for w in members {
+            self.outbox.push_back(super::Output::ToWorker(w, Command::Agreement(info.clone())));
+        }
+    }
+
+    /// A member commits the segment norms of its contribution to the sync at `step`. Refused
+    /// (an error for the session) when malformed; ignored when stale; evidence when it
+    /// contradicts an earlier commitment of the same member.
+    pub fn sync_commit(
+        &mut self,
+        now: Millis,
+        worker: WorkerId,
+        run: RunId,
+        epoch: Epoch,
+        step: u64,
+        norms: Vec<f32>,
+    ) -> Result<(), ReportError> {
+        let Some(r) = self.runs.get(&run) else { return Ok(()) };
+        let Some(sync) = self.syncs.get(&run) else { return Ok(()) };
+        if r.state != RunState::Running || sync.epoch != epoch || sync.rank(worker).is_none() {
+            return Ok(()); // stale or foreign
+        }
+        if sync.agreement.is_none() {
+            return Err(ReportError::Invalid(format!(
+                "commitment for step {step} before epoch {epoch}'s agreement"
+            )));
+        }
+        if norms.len() != sync.members.len() {
+            let evidence = format!(
+                "it committed {} segment norms in a ring of {}",
+                norms.len(),
+                sync.members.len()
+            );
+            self.ban(now, run, worker, &evidence);
+            return Ok(());
+        }
+        // The same sync planned already (a member that reconnected): hear the plan again.
+        if let Some(p) = &sync.plan
+            && p.step == step
+        {
+            let p = p.clone();
+            self.outbox.push_back(super::Output::ToWorker(worker, Command::Plan(p)));
+            return Ok(());
+        }
+        let expected = self.next_sync_point(run).unwrap_or(0);
+        if r.pending.is_some() || step != expected {
+            return Err(ReportError::Invalid(format!(
+                "commitment for step {step}, but the next synchronisation is {expected}{}",
+                if r.pending.is_some() { " once the last one is recorded" } else { "" }
+            )));
+        }
+        let sync = self.syncs.get_mut(&run).expect("sync looked up above");
+        if sync.commit_step != step {
+            sync.commit_step = step;
+            sync.commits.clear();
+            sync.stragglers_since = None;
+        }
+        match sync.commits.get(&worker) {
+            Some(earlier) if *earlier != norms => {
+                let evidence = format!("it committed two different contributions to step {step}");
+                self.ban(now, run, worker, &evidence);
+                return Ok(());
+            }
+            Some(_) => return Ok(()),
+            None => {
+                sync.commits.insert(worker, norms);
+            }
+        }
+        if sync.commits.len() + 1 == sync.members.len() {
+            sync.stragglers_since = Some(now);
+        }
+        if sync.commits.len() == sync.members.len() {
+            self.issue_plan(now, run);
+        }
+        Ok(())
+    }
+
+    fn issue_plan(&mut self, now: Millis, run: RunId) {
+        let sync = self.syncs.get_mut(&run).expect("issue_plan for a run with a sync");
+        let agreement = sync.agreement.clone().expect("commitments come after the agreement");
+        let world = sync.members.len();
+        let commits: Vec<Commitment> = sync
+            .members
+            .iter()
+            .enumerate()
+            .map(|(rank, w)| Commitment {
+                contributes: agreement.contributors.contains(&rank),
+                segment_norms: sync.commits.get(w).cloned().unwrap_or_default(),
+            })
+            .collect();
+        let plan = aggregate::plan(world, &commits);
+        let evidence: Vec<(WorkerId, String)> =
+            plan.evidence().map(|(r, why)| (sync.members[r], why.to_owned())).collect();
+        let step = sync.commit_step;
+        if !evidence.is_empty() {
+            for (w, why) in evidence {
+                self.ban(now, run, w, &format!("its commitment to step {step}: {why}"));
+            }
+            return;
+        }
+        let info = PlanInfo {
+            run,
+            epoch: sync.epoch,
+            step,
+            coefficients: plan.coefficients.clone(),
+            declared: commits.iter().flat_map(|c| c.segment_norms.iter().copied()).collect(),
+            excluded: plan
+                .excluded
+                .iter()
+                .map(|e| e.as_ref().map(ToString::to_string).unwrap_or_default())
+                .collect(),
+        };
+        let members = sync.members.clone();
+        let contributors: Vec<WorkerId> = members
+            .iter()
+            .zip(&plan.coefficients)
+            .filter(|(_, c)| **c > 0.0)
+            .map(|(w, _)| *w)
+            .collect();
+        let left_out: Vec<(WorkerId, String)> = members
+            .iter()
+            .zip(&plan.excluded)
+            .filter_map(|(w, e)| match e {
+                Some(e @ (Exclusion::Zero | Exclusion::Outlier { .. })) => {
+                    Some((*w, e.to_string()))
+                }
+                _ => None,
+            })
+            .collect();
+        sync.plan = Some(info.clone());
+        sync.commits.clear();
+        sync.stragglers_since = None;
+        sync.round_start = now;
+        let epoch = sync.epoch;
+        let r = self.runs.get_mut(&run).expect("run of a sync");
+        r.pending = Some(PendingSync {
+            step,
+            epoch,
+            members: members.clone(),
+            contributors,
+            excluded: left_out.iter().map(|(w, _)| *w).collect(),
+            reports: BTreeMap::new(),
+        });
+        self.dirty.insert(Dirty::Run(run));
+        for (w, why) in left_out {
+            self.log_once(run, format!("{w} left out of the sync of step {step}: {why}"));
+        }
+        for w in members {
+            self.outbox.push_back(super::Output::ToWorker(w, Command::Plan(info.clone())));
+        }
+    }
+
+    /// A member says its ring of `epoch` failed, blaming `fault.peer` (if any). See the
+    /// module documentation.
+    pub fn ring_fault(
+        &mut self,
+        now: Millis,
+        reporter: WorkerId,
+        run: RunId,
+        epoch: Epoch,
+        fault: Fault<'_>,
+    ) {
+        let Fault { peer, kind, detail } = fault;
+        let Some(sync) = self.syncs.get_mut(&run) else { return };
+        if sync.epoch != epoch || sync.rank(reporter).is_none() {
+            return; // stale or foreign
+        }
+        if peer.is_some_and(|p| p == reporter || sync.rank(p).is_none()) {
+            return;
+        }
+        match (kind, peer) {
+            (k, Some(accused)) if k.is_accusation() => {
+                let what = match k {
+                    FaultKind::BadState => "sending a state that failed its checks",
+                    _ => "breaking the ring's protocol",
+                };
+                let line = format!(
+                    "{reporter} accuses {accused} of {what} ({detail}); the coordinator cannot \
+                     verify it, so both sit out for {} s",
+                    self.config.bench_for / 1000
+                );
+                self.log(run, line.clone());
+                self.bench(now, reporter);
+                self.bench(now, accused);
+                self.restart_epoch(now, run, line, false);
+            }
+            (_, Some(p)) => {
+                let n = {
+                    let c = sync.blames.entry((reporter, p)).or_default();
+                    *c += 1;
+                    *c
+                };
+                sync.failed.insert(reporter);
+                let blamers: BTreeSet<WorkerId> =
+                    sync.blames.keys().filter(|(_, b)| *b == p).map(|(a, _)| *a).collect();
+                let line = format!("{reporter} cannot keep a ring with {p}: {detail}");
+                self.log_once(run, line);
+                if blamers.len() >= 2 {
+                    let names: Vec<String> = blamers.iter().map(ToString::to_string).collect();
+                    let line = format!(
+                        "{p} dropped from the ring: {} could not reach it; it sits out for {} s",
+                        names.join(" and "),
+                        self.config.bench_for / 1000
+                    );
+                    self.log(run, line.clone());
+                    self.bench(now, p);
+                    self.restart_epoch(now, run, line, false);
+                } else if n >= 3 {
+                    let line = format!(
+                        "{reporter} and {p} could not form a ring in {n} tries and no other \
+                         member can say who is at fault; both sit out for {} s",
+                        self.config.bench_for / 1000
+                    );
+                    self.log(run, line.clone());
+                    self.bench(now, reporter);
+                    self.bench(now, p);
+                    self.restart_epoch(now, run, line, false);
+                } else {
+                    self.maybe_reform(now, run);
+                }
+            }
+            _ => {
+                sync.failed.insert(reporter);
+                self.log_once(run, format!("{reporter}: ring of epoch {epoch} failed: {detail}"));
+                self.maybe_reform(now, run);
+            }
+        }
+    }
+
+    /// A failure two members report is real (an operation fails on every member alike): the
+    /// epoch is re-formed.
+    fn maybe_reform(&mut self, now: Millis, run: RunId) {
+        let Some(sync) = self.syncs.get(&run) else { return };
+        if sync.failed.len() >= 2 {
+            let reason = format!("the ring of epoch {} failed; re-forming it", sync.epoch);
+            self.restart_epoch(now, run, reason, false);
+        }
+    }
+
+    /// The deadlines of agreements and syncs.
+    pub(super) fn progress_deadlines(&mut self, now: Millis) {
+        let runs: Vec<RunId> = self.syncs.keys().copied().collect();
+        for run in runs {
+            self.maybe_agree(now, run);
+            let Some(sync) = self.syncs.get(&run) else { continue };
+            let Some(since) = sync.stragglers_since else { continue };
+            let took = since.saturating_sub(sync.round_start);
+            let grace = self.config.commit_grace.max(4 * took);
+            if now < since + grace {
+                continue;
+            }
+            // A member that went silent altogether is a death (counted as one), not this.
+            let alive =
+                |w: &WorkerId| self.live.get(w).is_some_and(|l| l.liveness == Liveness::Alive);
+            let late: Vec<WorkerId> = sync
+                .members
+                .iter()
+                .filter(|w| !sync.commits.contains_key(w) && alive(w))
+                .copied()
+                .collect();
+            let step = sync.commit_step;
+            for w in late {
+                let line = format!(
+                    "{w} dropped from the ring: it did not commit to the sync of step {step} \
+                     within {} s of the others; it sits out for {} s",
+                    grace / 1000,
+                    self.config.bench_for / 1000
+                );
+                self.log(run, line.clone());
+                self.bench(now, w);
+                self.restart_epoch(now, run, line, false);
+            }
+        }
+    }
+
+    /// A log line written once per epoch (repeated reports do not flood the log).
+    fn log_once(&mut self, run: RunId, line: String) {
+        let Some(sync) = self.syncs.get_mut(&run) else {
+            self.log(run, line);
+            return;
+        };
+        if sync.logged.len() < 256 && sync.logged.insert(line.clone()) {
+            self.log(run, line);
+        }
+    }
+}
+
+fn describe(reports: &BTreeMap<WorkerId, String>) -> String {
+    let mut parts: Vec<String> = reports.iter().map(|(w, h)| format!("{w} {h}")).collect();
+    if parts.len() > 16 {
+        let more = parts.len() - 16;
+        parts.truncate(16);
+        parts.push(format!("and {more} more"));
+    }
+    parts.join(", ")
+}

@@ -1,0 +1,232 @@
+//! The `Control` service: the `longhaul` CLI (admin credential, checked by the interceptor).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::convert;
+use proto::pb;
+use proto::pb::control_server::Control;
+use proto::{RunId, RunState, WorkerId};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::{Shared, now_ms, page_size, run_info, worker_info};
+use crate::ca::{new_secret, secret_hash};
+use crate::cluster::{self, Millis};
+use crate::runfile::RunSpec;
+use crate::shards::Manifest;
+
+/// Uses a join token may be created with at most.
+const MAX_TOKEN_USES: u32 = 100_000;
+
+#[derive(Clone, Debug)]
+pub(super) struct ControlSvc(pub(super) Arc<Shared>);
+
+type EventStream = Pin<Box<dyn futures::Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for ControlSvc {
+    async fn submit_run(
+        &self,
+        req: Request<pb::SubmitRunRequest>,
+    ) -> Result<Response<pb::SubmitRunResponse>, Status> {
+        let _t = self.0.telemetry.time("SubmitRun");
+        let text = req.into_inner().run_toml;
+        let spec = RunSpec::parse(&text)
+            .map_err(|e| Status::invalid_argument(format!("run file: {e}")))?;
+        // Reading a manifest, or hashing a one-file dataset, may take a while: off the runtime.
+        let dataset = spec.dataset.clone();
+        let manifest = tokio::task::spawn_blocking(move || Manifest::for_dataset(&dataset))
+            .await
+            .map_err(|e| Status::internal(format!("reading the dataset: {e}")))?
+            .map_err(|e| Status::failed_precondition(format!("dataset.uri: {e}")))?;
+        let id = self
+            .0
+            .durable(|c, now| {
+                c.submit(now, &spec, &text, manifest)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))
+            })
+            .await?;
+        info!(run_id = %id, name = %spec.name, "run submitted");
+        Ok(Response::new(pb::SubmitRunResponse { run_id: id.0 }))
+    }
+
+    async fn get_run(
+        &self,
+        req: Request<pb::GetRunRequest>,
+    ) -> Result<Response<pb::RunInfo>, Status> {
+        let id = convert::run_id(req.into_inner().run_id)?;
+        let c = self.0.lock();
+        let r = c.run(id).ok_or_else(|| Status::not_found(format!("no run {id}")))?;
+        Ok(Response::new(run_info(&c, r)))
+    }
+
+    async fn list_runs(
+        &self,
+        req: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let req = req.into_inner();
+        let n = page_size(req.page_size);
+        let c = self.0.lock();
+        let mut page: Vec<&cluster::RunRecord> =
+            c.runs_after(RunId(req.after)).take(n + 1).collect();
+        let more = page.len() > n;
+        page.truncate(n);
+        let next_after = if more { page.last().map_or(0, |r| r.id.0) } else { 0 };
+        let runs = page.into_iter().map(|r| run_info(&c, r)).collect();
+        Ok(Response::new(pb::ListRunsResponse { runs, next_after }))
+    }
+
+    async fn stop_run(
+        &self,
+        req: Request<pb::StopRunRequest>,
+    ) -> Result<Response<pb::RunInfo>, Status> {
+        let req = req.into_inner();
+        let id = convert::run_id(req.run_id)?;
+        let reason =
+            if req.reason.is_empty() { "stopped by a user".to_owned() } else { req.reason };
+        super::limits::printable("reason", &reason, 1024)?;
+        self.0
+            .durable(|c, now| {
+                c.stop(now, id, &reason).map_err(|e| match e {
+                    cluster::RunError::NoSuchRun(_) => Status::not_found(e.to_string()),
+                    cluster::RunError::Ended(..) => Status::failed_precondition(e.to_string()),
+                })?;
+                let r = c.run(id).ok_or_else(|| Status::not_found(format!("no run {id}")))?;
+                Ok(run_info(c, r))
+            })
+            .await
+            .map(Response::new)
+    }
+
+    type WatchRunStream = EventStream;
+
+    async fn watch_run(
+        &self,
+        req: Request<pb::WatchRunRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let id = convert::run_id(req.into_inner().run_id)?;
+        let mut rx = self.0.events.subscribe();
+        let first = {
+            let c = self.0.lock();
+            let r = c.run(id).ok_or_else(|| Status::not_found(format!("no run {id}")))?;
+            run_info(&c, r)
+        };
+        // The history is read outside the state lock (the writer keeps writing meanwhile).
+        let store = self.0.store.clone();
+        let history = tokio::task::spawn_blocking(move || store.log(id))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let shared = self.0.clone();
+        let (tx, out) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut last = first;
+            let terminal = |i: &pb::RunInfo| {
+                convert::run_state(i.state).map(RunState::is_terminal).unwrap_or(true)
+            };
+            let ev = |i: pb::RunInfo| {
+                Ok(pb::RunEvent { unix_ms: now_ms(), event: Some(pb::run_event::Event::Status(i)) })
+            };
+            // The log so far, then the state now, then every change.
+            for l in history {
+                let e = pb::RunEvent {
+                    unix_ms: l.at_ms,
+                    event: Some(pb::run_event::Event::Log(l.line)),
+                };
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            if tx.send(ev(last.clone())).await.is_err() || terminal(&last) {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    // A watcher that went away is noticed without waiting for its run's next
+                    // event.
+                    _ = tx.closed() => return,
+                    r = rx.recv() => r,
+                };
+                match next {
+                    Ok((run, e)) if run == id => {
+                        if let Some(pb::run_event::Event::Status(i)) = &e.event {
+                            last = i.clone();
+                        }
+                        if tx.send(Ok(e)).await.is_err() || terminal(&last) {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let info = {
+                            let c = shared.lock();
+                            c.run(id).map(|r| run_info(&c, r))
+                        };
+                        let Some(info) = info else { return };
+                        last = info.clone();
+                        if tx.send(ev(info)).await.is_err() || terminal(&last) {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    async fn list_workers(
+        &self,
+        req: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let req = req.into_inner();
+        let n = page_size(req.page_size);
+        let now = now_ms();
+        let c = self.0.lock();
+        let mut page: Vec<&cluster::WorkerRecord> =
+            c.workers_after(WorkerId(req.after)).take(n + 1).collect();
+        let more = page.len() > n;
+        page.truncate(n);
+        let next_after = if more { page.last().map_or(0, |w| w.id.0) } else { 0 };
+        let workers = page.into_iter().map(|w| worker_info(&c, w, now)).collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers, next_after }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let req = req.into_inner();
+        let ttl = match req.ttl_seconds {
+            0 => Duration::from_secs(3600),
+            s => Duration::from_secs(s),
+        };
+        if ttl > self.0.config.max_token_ttl {
+            return Err(Status::invalid_argument(format!(
+                "ttl {}s is longer than the maximum {}s",
+                ttl.as_secs(),
+                self.0.config.max_token_ttl.as_secs()
+            )));
+        }
+        let uses = req.uses.max(1);
+        if uses > MAX_TOKEN_USES {
+            return Err(Status::invalid_argument(format!(
+                "uses {uses} is more than the maximum {MAX_TOKEN_USES}"
+            )));
+        }
+        let token = new_secret("lh_join_");
+        let expires = now_ms() + ttl.as_millis() as Millis;
+        let hash = secret_hash(&token);
+        self.0
+            .durable(|c, _| {
+                c.add_token(hash, expires, uses);
+                Ok(())
+            })
+            .await?;
+        Ok(Response::new(pb::CreateJoinTokenResponse { token, expires_unix_ms: expires }))
+    }
+}
