@@ -304,14 +304,14 @@ async fn chaos_cut_a_worker_off_for_20s() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_a_worker_sending_nan_or_huge_values_is_rejected_and_evicted() {
+async fn chaos_a_worker_sending_nan_or_huge_values_never_reaches_the_parameters() {
     let _serial = SERIAL.lock().await;
     for kind in ["nan", "huge"] {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Coordinator::start(&dir.path().join("coordinator")).await;
         let token = c.token().await;
         let run = c.submit(&run_file(2, 3, 600, DILOCO)).await;
-        println!("scenario: w3 sends {kind} values in every sync from step 100");
+        println!("scenario: w3 sends {kind} values in every sync from step 100 (declared as such)");
         let poison = ["--fault-poison", kind, "--fault-poison-after", "100"];
         let w = vec![
             Worker::spawn(worker_bin(), dir.path(), "w1", &c, &token, &[]),
@@ -319,26 +319,39 @@ async fn chaos_a_worker_sending_nan_or_huge_values_is_rejected_and_evicted() {
             Worker::spawn(worker_bin(), dir.path(), "w3", &c, &token, &poison),
         ];
         c.wait_run(run, Duration::from_secs(120), "3 workers training", |r| r.workers == 3).await;
-        c.wait_run(run, Duration::from_secs(120), "w3's eviction", |r| {
-            (r.workers == 2 && r.committed_step > 100) || r.state != RunState::Running as i32
-        })
-        .await;
-        let logs = c.logs(run).await;
-        let Some(evicted) = logs.iter().find(|l| l.contains("evicted")) else {
+        let needle = if kind == "nan" { "banned from the run" } else { "left out of the sync" };
+        let mut logs = Vec::new();
+        for _ in 0..240 {
+            logs = c.logs(run).await;
+            if logs.iter().any(|l| l.contains(needle)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let Some(line) = logs.iter().find(|l| l.contains(needle)) else {
             dump(&[&w[0], &w[2]]);
-            panic!("w3 was not evicted: {logs:#?}");
+            panic!("w3's {kind} contribution was not dealt with: {logs:#?}");
         };
-        println!("  injected: {kind} from w3; coordinator: {evicted:?}");
-        let flagged = w[0].log_times("rejected a member's contribution").len()
-            + w[1].log_times("rejected a member's contribution").len();
-        assert!(flagged > 0, "no survivor logged the rejection");
-        check_completion(&mut c, run, &[&w[0], &w[1]], Duration::from_secs(240)).await;
-        assert!(w[2].final_hash().is_none(), "the evicted worker finished the run");
-        println!(
-            "  checked: the survivors rejected w3's contribution before applying any of it \
-             (their parameters stayed finite and identical), reported it, and the coordinator \
-             evicted w3 for good"
-        );
+        println!("  injected: {kind} from w3; coordinator: {line:?}");
+        if kind == "nan" {
+            // Its own commitment (a non-finite norm) is the evidence: banned, never assigned
+            // again; the others finish the run.
+            check_completion(&mut c, run, &[&w[0], &w[1]], Duration::from_secs(240)).await;
+            assert!(w[2].final_hash().is_none(), "the banned worker finished the run");
+            println!(
+                "  checked: w3 declared a non-finite contribution, was banned on that evidence \
+                 before the plan went out, and nothing of it reached the others' parameters"
+            );
+        } else {
+            // A truthful outlier is left out of every sync, nothing more: it finishes with the
+            // others, bitwise identical, and its ledger says it contributed nothing since.
+            check_completion(&mut c, run, &[&w[0], &w[1], &w[2]], Duration::from_secs(240)).await;
+            println!(
+                "  checked: w3's 1e30x contribution was left out of every sync by the plan \
+                 (coefficient 0), never reached a replica, and w3 was not punished for telling \
+                 the truth"
+            );
+        }
         drop(w);
         c.stop().await;
     }

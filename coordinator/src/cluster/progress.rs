@@ -349,7 +349,9 @@ impl Cluster {
         if r.committed_step >= r.total_steps {
             let msg = format!("completed {} steps", r.committed_step);
             self.finish(now, run, RunState::Completed, msg);
-        } else if r.checkpoint_interval > 0
+            return;
+        }
+        if r.checkpoint_interval > 0
             && r.committed_step >= r.last_checkpoint + r.checkpoint_interval
         {
             let step = r.committed_step;
@@ -360,6 +362,8 @@ impl Cluster {
                     .push_back(super::Output::ToWorker(w, Command::Checkpoint { run, step }));
             }
         }
+        // Commitments to the next sync that came early can now be planned.
+        self.maybe_issue_plan(now, run);
     }
 
     /// Decides the epoch's agreement once every member reported (or `agree_wait` passed).
@@ -503,12 +507,16 @@ impl Cluster {
             self.outbox.push_back(super::Output::ToWorker(worker, Command::Plan(p)));
             return Ok(());
         }
-        let expected = self.next_sync_point(run).unwrap_or(0);
-        if r.pending.is_some() || step != expected {
-            return Err(ReportError::Invalid(format!(
-                "commitment for step {step}, but the next synchronisation is {expected}{}",
-                if r.pending.is_some() { " once the last one is recorded" } else { "" }
-            )));
+        // The next sync after the recorded one, or after the pending one: a member may commit to
+        // it before the majority's reports of the pending sync arrived; the plan waits until
+        // that sync is recorded.
+        let after = r.pending.as_ref().map_or(r.committed_step, |p| p.step);
+        let expected = self
+            .specs
+            .get(&run)
+            .map_or(after + 1, |spec| super::next_sync_point(&spec.sync, after, r.total_steps));
+        if step != expected {
+            return Ok(()); // stale (an older sync), or one this member cannot have reached yet
         }
         let sync = self.syncs.get_mut(&run).expect("sync looked up above");
         if sync.commit_step != step {
@@ -530,10 +538,21 @@ impl Cluster {
         if sync.commits.len() + 1 == sync.members.len() {
             sync.stragglers_since = Some(now);
         }
-        if sync.commits.len() == sync.members.len() {
+        self.maybe_issue_plan(now, run);
+        Ok(())
+    }
+
+    /// Issues the plan once every member committed and the previous sync is recorded.
+    fn maybe_issue_plan(&mut self, now: Millis, run: RunId) {
+        let Some(r) = self.runs.get(&run) else { return };
+        let Some(sync) = self.syncs.get(&run) else { return };
+        let next = self.next_sync_point(run);
+        if r.pending.is_none()
+            && sync.commits.len() == sync.members.len()
+            && next == Some(sync.commit_step)
+        {
             self.issue_plan(now, run);
         }
-        Ok(())
     }
 
     fn issue_plan(&mut self, now: Millis, run: RunId) {
