@@ -310,6 +310,9 @@ struct Live {
     session_seen: bool,
     /// It sits out (is not assigned) until then.
     benched_until: Millis,
+    /// How often it was dropped from a ring it would not form or commit to (each drop doubles
+    /// the next one's bench, up to 64 times `bench_for`).
+    drops: u32,
     /// When its ring address changed, within the window.
     addr_changes: VecDeque<Millis>,
 }
@@ -326,6 +329,7 @@ impl Live {
             uptime_pending: 0,
             session_seen: false,
             benched_until: 0,
+            drops: 0,
             addr_changes: VecDeque::new(),
         }
     }
@@ -1004,8 +1008,24 @@ impl Cluster {
 
     /// The worker sits out for `bench_for`: it leaves its run, and is not assigned until then.
     fn bench(&mut self, now: Millis, id: WorkerId) {
+        self.bench_for(now, id, self.config.bench_for);
+    }
+
+    /// The worker is dropped from its ring for failing it (never formed it, never committed):
+    /// it sits out, twice as long each time it happens again.
+    fn drop_member(&mut self, now: Millis, id: WorkerId) -> Millis {
+        let drops = self.live.get_mut(&id).map_or(0, |l| {
+            l.drops += 1;
+            l.drops
+        });
+        let d = self.config.bench_for.saturating_mul(1 << drops.saturating_sub(1).min(6));
+        self.bench_for(now, id, d);
+        d
+    }
+
+    fn bench_for(&mut self, now: Millis, id: WorkerId, d: Millis) {
         if let Some(l) = self.live.get_mut(&id) {
-            l.benched_until = now + self.config.bench_for;
+            l.benched_until = now.saturating_add(d);
         }
         if let Some(run) = self.workers.get(&id).and_then(|w| w.run) {
             self.release_and_leave(run, id);

@@ -188,6 +188,16 @@ impl Cluster {
         if r.state != RunState::Running || hash.is_empty() || epoch > r.epoch {
             return;
         }
+        // Its own earlier report of the last recorded step says otherwise: evidence.
+        if let Some((p, _)) = self.recorded.get(&run)
+            && p.step == step
+            && let Some(h) = p.reports.get(&worker)
+            && h != hash
+        {
+            let evidence = format!("it reported two states for step {step}: {h} and {hash}");
+            self.ban(now, run, worker, &evidence);
+            return;
+        }
         // A report for the pending sync, from a member of the epoch that planned it.
         if let Some(p) = &r.pending
             && p.step == step
@@ -677,13 +687,13 @@ impl Cluster {
                 self.log_once(run, line);
                 if blamers.len() >= 2 {
                     let names: Vec<String> = blamers.iter().map(ToString::to_string).collect();
+                    let d = self.drop_member(now, p);
                     let line = format!(
                         "{p} dropped from the ring: {} could not reach it; it sits out for {} s",
                         names.join(" and "),
-                        self.config.bench_for / 1000
+                        d / 1000
                     );
                     self.log(run, line.clone());
-                    self.bench(now, p);
                     self.restart_epoch(now, run, line, false);
                 } else if n >= 3 {
                     let line = format!(
@@ -740,14 +750,14 @@ impl Cluster {
                 .collect();
             let step = sync.commit_step;
             for w in late {
+                let d = self.drop_member(now, w);
                 let line = format!(
                     "{w} dropped from the ring: it did not commit to the sync of step {step} \
                      within {} s of the others; it sits out for {} s",
                     grace / 1000,
-                    self.config.bench_for / 1000
+                    d / 1000
                 );
                 self.log(run, line.clone());
-                self.bench(now, w);
                 self.restart_epoch(now, run, line, false);
             }
         }

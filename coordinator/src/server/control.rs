@@ -149,6 +149,7 @@ impl Control for ControlSvc {
                     // A watcher that went away is noticed without waiting for its run's next
                     // event.
                     _ = tx.closed() => return,
+                    _ = shared.shutdown.cancelled() => return,
                     r = rx.recv() => r,
                 };
                 match next {

@@ -611,12 +611,26 @@ pub async fn run_all(
             cancel.clone().cancelled_owned(),
         );
     // Graceful shutdown waits for open calls; after a grace period the rest are cut.
-    tokio::select! {
-        r = serve => r?,
+    let served = tokio::select! {
+        r = serve => r,
         _ = async { cancel.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
             info!("grace period over; closing the remaining connections");
+            Ok(())
         }
+    };
+    // The tasks that hold the state end with the cancellation; then the writer commits what
+    // is queued and releases the store (a coordinator restarted in the same process can open it).
+    cancel.cancel();
+    for _ in 0..100 {
+        if Arc::strong_count(&shared) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let writer = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || writer.writer.close()).await;
+    drop(shared);
+    served?;
     info!("coordinator stopped");
     Ok(())
 }

@@ -100,9 +100,10 @@ impl Pending {
 }
 
 /// The services' end of the writer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Writer {
-    tx: mpsc::UnboundedSender<Pending>,
+    tx: Mutex<Option<mpsc::UnboundedSender<Pending>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     backlog: Arc<AtomicUsize>,
 }
 
@@ -119,11 +120,20 @@ impl Writer {
         let spawned = std::thread::Builder::new()
             .name("longhaul-store".into())
             .spawn(move || run(rx, store, sessions, events, b));
-        if let Err(e) = spawned {
+        let thread = match spawned {
+            Ok(t) => t,
             // Without its writer the coordinator cannot persist anything: refuse to go on.
-            panic!("cannot start the store writer thread: {e}");
+            Err(e) => panic!("cannot start the store writer thread: {e}"),
+        };
+        Self { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), backlog }
+    }
+
+    /// Commits what is queued, then stops the writer (it releases the store).
+    pub(crate) fn close(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
         }
-        Self { tx, backlog }
     }
 
     /// Queues a call's changes; returns a receiver that resolves once they are durable.
@@ -135,7 +145,12 @@ impl Writer {
         }
         p.done = Some(done);
         self.backlog.fetch_add(1, Ordering::Relaxed);
-        if let Err(mpsc::error::SendError(p)) = self.tx.send(p) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sent = match tx {
+            Some(tx) => tx.send(p).map_err(|mpsc::error::SendError(p)| p),
+            None => Err(p),
+        };
+        if let Err(p) = sent {
             self.backlog.fetch_sub(1, Ordering::Relaxed);
             if let Some(done) = p.done {
                 let _ = done.send(Err("the coordinator is shutting down".into()));

@@ -1,0 +1,534 @@
+#![allow(clippy::unwrap_used)]
+//! Hostile clients of the real server: agents that speak the gRPC API with real certificates
+//! and lie, flood and probe. Each scenario prints what it injected and what held.
+//!
+//! The training side of the adversary suite (hostile ring members among real workers) is
+//! `worker/tests/adversary.rs`; the state machine's own adversarial cases are in
+//! `coordinator/src/cluster/harness.rs`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use coordinator::client::ConnectConfig;
+use coordinator::cluster;
+use coordinator::server::{self, ServerConfig};
+use coordinator::testing::{self, ScriptedAgent};
+use proto::pb;
+use proto::pb::agent_message::Msg as Up;
+use proto::pb::coordinator_message::Msg as Down;
+use tonic::Code;
+
+const T: Duration = Duration::from_secs(10);
+
+struct Running {
+    cfg: ConnectConfig,
+    shards_port: u16,
+    control: testing::Control,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn start(dir: &Path) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shards = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shards_port = shards.local_addr().unwrap().port();
+        let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let mut config = ServerConfig::new(dir.to_owned());
+        config.cluster = cluster::Config {
+            suspect_after: 1_000,
+            dead_after: 3_000,
+            readmit_after: 0,
+            bench_for: 60_000,
+            ..cluster::Config::default()
+        };
+        config.tick = Duration::from_millis(50);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            server::run_all(listener, None, Some(shards), config, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        for _ in 0..200 {
+            if dir.join("admin.token").exists() && dir.join("ca.pem").exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let cfg = testing::connect_config(&url, dir).unwrap();
+        let control = testing::control(&cfg, &testing::admin_token(dir).unwrap()).unwrap();
+        Self { cfg, shards_port, control, stop: Some(stop), task }
+    }
+
+    async fn token(&mut self, uses: u32) -> String {
+        self.control
+            .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600, uses })
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+
+    async fn run(&mut self, id: u64) -> pb::RunInfo {
+        self.control.get_run(pb::GetRunRequest { run_id: id }).await.unwrap().into_inner()
+    }
+
+    async fn workers(&mut self) -> Vec<pb::WorkerInfo> {
+        self.control
+            .list_workers(pb::ListWorkersRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .workers
+    }
+
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(T, self.task).await.unwrap().unwrap();
+    }
+}
+
+/// `n` members of a fresh synthetic run (min `n`), heartbeating, in epoch 1, agreed.
+async fn members(s: &mut Running, n: usize, steps: u64) -> (u64, Vec<ScriptedAgent>) {
+    let run = s
+        .control
+        .submit_run(pb::SubmitRunRequest {
+            run_toml: testing::synthetic_run_file(n as u32, n as u32, steps),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let token = s.token(n as u32).await;
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let a =
+            ScriptedAgent::join(&s.cfg, &token, &format!("127.0.0.1:{}", 7100 + i)).await.unwrap();
+        std::mem::forget(a.keep_beating(Duration::from_millis(200)));
+        agents.push(a);
+    }
+    for a in &mut agents {
+        a.expect_epoch(1, T).await.unwrap();
+    }
+    let mut refs: Vec<&mut ScriptedAgent> = agents.iter_mut().collect();
+    testing::agree(&mut refs, run, 1, 0, "000000000000abcd", T).await.unwrap();
+    (run, agents)
+}
+
+fn metrics(run: u64, epoch: u64, step: u64, tps: f64, loss: Option<f64>) -> Up {
+    Up::Metrics(pb::Metrics {
+        run_id: run,
+        epoch,
+        step,
+        tokens_per_sec: tps,
+        loss,
+        ..Default::default()
+    })
+}
+
+/// Waits for the session to end with an error; returns its status.
+async fn ended(a: &mut ScriptedAgent) -> tonic::Status {
+    tokio::time::timeout(T, async {
+        loop {
+            match a.inbox.recv().await {
+                Some(Err(s)) => return s,
+                Some(Ok(_)) => {}
+                None => return tonic::Status::cancelled("closed"),
+            }
+        }
+    })
+    .await
+    .expect("the session ends")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_storm_with_one_token_and_idempotent_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Running::start(dir.path()).await;
+    let token = s.token(1).await;
+    println!("scenario: 20 joins with one single-use token, then a retried join");
+    let (csr, _key) = coordinator::ca::new_csr().unwrap();
+    let join = |csr: String| {
+        let cfg = s.cfg.clone();
+        let token = token.clone();
+        async move {
+            proto::pb::agent_client::AgentClient::new(
+                coordinator::client::channel(&cfg, None).unwrap(),
+            )
+            .join(pb::JoinRequest {
+                token,
+                csr_pem: csr,
+                host: "storm".into(),
+                ring_addr: "127.0.0.1:7001".into(),
+            })
+            .await
+        }
+    };
+    let first = join(csr.clone()).await.unwrap().into_inner();
+    let mut refused = 0;
+    for _ in 0..20 {
+        let (other, _) = coordinator::ca::new_csr().unwrap();
+        let st = join(other).await.unwrap_err();
+        assert_eq!(st.code(), Code::Unauthenticated);
+        assert!(st.message().contains("used up"), "{st}");
+        refused += 1;
+    }
+    // The same key again (a lost response, a retry): the same worker, no use spent.
+    let again = join(csr).await.unwrap().into_inner();
+    assert_eq!(again.worker_id, first.worker_id);
+    assert_eq!(s.workers().await.len(), 1, "no ghost workers");
+    println!(
+        "  checked: 1 worker joined, {refused} joins refused (token used up), the retry got the same worker"
+    );
+    // A host name with terminal escapes is refused.
+    let (csr, _) = coordinator::ca::new_csr().unwrap();
+    let token2 = s.token(1).await;
+    let st = proto::pb::agent_client::AgentClient::new(
+        coordinator::client::channel(&s.cfg, None).unwrap(),
+    )
+    .join(pb::JoinRequest {
+        token: token2,
+        csr_pem: csr,
+        host: "\u{1b}]0;pwned\u{7}".into(),
+        ring_addr: "127.0.0.1:7002".into(),
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_once_per_session_and_address_changes_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Running::start(dir.path()).await;
+    let (run, mut agents) = members(&mut s, 2, 1_000).await;
+    let epoch = s.run(run).await.epoch;
+    println!("scenario: a member sends Hello twice, then flaps its ring address over 12 sessions");
+    agents[0].send(Up::Hello(pb::Hello { ring_addr: "127.0.0.1:7200".into() })).await.unwrap();
+    let st = ended(&mut agents[0]).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st}");
+    let (id, cert, key) = (agents[0].id, agents[0].cert_pem.clone(), agents[0].key_pem.clone());
+    let (mut accepted, mut current) = (0, "127.0.0.1:7100".to_owned());
+    for i in 0..12u16 {
+        let addr = format!("127.0.0.1:{}", 7300 + (i % 2));
+        let mut a =
+            ScriptedAgent::connect(&s.cfg, id, cert.clone(), key.clone(), &addr).await.unwrap();
+        let _ = a.heartbeat(1).await;
+        let r = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                match a.inbox.recv().await {
+                    Some(Err(st)) => return Some(st),
+                    Some(Ok(_)) => continue,
+                    None => return None,
+                }
+            }
+        })
+        .await;
+        match r {
+            Ok(Some(st)) if st.message().contains("ring address") => {}
+            _ if addr != current => {
+                accepted += 1;
+                current = addr;
+            }
+            _ => {}
+        }
+    }
+    let r = s.run(run).await;
+    println!(
+        "  checked: the second Hello closed the session; {accepted} of 12 address changes \
+         accepted; epoch {} -> {}",
+        epoch, r.epoch
+    );
+    assert!(accepted <= 3, "{accepted} changes accepted");
+    assert!(r.epoch <= epoch + 4, "epoch churned to {}", r.epoch);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_flood_closes_the_flooder_and_honest_heartbeats_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Running::start(dir.path()).await;
+    let (run, mut agents) = members(&mut s, 3, 1_000_000).await;
+    println!("scenario: one member floods Metrics (and non-finite ones) while two heartbeat");
+    let flood = {
+        let up = agents[0].up.clone();
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            for i in 0..20_000u64 {
+                let m = metrics(run, 1, 0, if i % 2 == 0 { f64::MAX } else { 1.0 }, Some(f64::NAN));
+                if up.send(pb::AgentMessage { msg: Some(m) }).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        })
+    };
+    // Honest members measure their heartbeat round trips meanwhile.
+    let mut worst = Duration::ZERO;
+    let t0 = Instant::now();
+    let mut seq = 1000;
+    while t0.elapsed() < Duration::from_secs(3) {
+        for a in &mut agents[1..] {
+            seq += 1;
+            let t = Instant::now();
+            a.heartbeat(seq).await.unwrap();
+            a.expect(T, |m| match m {
+                Down::HeartbeatAck(x) if x.seq == seq => Some(()),
+                _ => None,
+            })
+            .await
+            .unwrap();
+            worst = worst.max(t.elapsed());
+        }
+        // A busy honest worker's pace (real ones beat once a second).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent = flood.await.unwrap();
+    let st = ended(&mut agents[0]).await;
+    assert!(matches!(st.code(), Code::InvalidArgument | Code::ResourceExhausted), "{st}");
+    let ws = s.workers().await;
+    assert!(
+        ws.iter()
+            .filter(|w| w.worker_id != agents[0].id)
+            .all(|w| w.liveness == pb::Liveness::Alive as i32),
+        "{ws:?}"
+    );
+    let r = s.run(run).await;
+    assert!(r.tokens_per_sec.is_finite());
+    println!(
+        "  checked: the flooder's session was closed ({}) after {sent} messages queued; the \
+         honest members stayed alive, worst heartbeat round trip {worst:?}; the run's figures \
+         stayed finite",
+        st.code()
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_finite_metrics_then_a_restart_and_a_corrupt_record_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Running::start(dir.path()).await;
+    let (run, agents) = members(&mut s, 2, 1_000_000).await;
+    println!(
+        "scenario: f64::MAX tokens/s and NaN loss from a member, then a restart; then a corrupt record"
+    );
+    agents[0].send(metrics(run, 1, 0, f64::MAX, None)).await.unwrap();
+    agents[1].send(metrics(run, 1, 0, 1e14, Some(f64::INFINITY))).await.unwrap();
+    agents[1].send(metrics(run, 1, 0, 1e14, Some(2.0))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = s.run(run).await;
+    assert!(before.tokens_per_sec.is_finite() && before.tokens_per_sec <= 1e15 * 2.0);
+    drop(agents);
+    s.stop().await;
+    // Restart on the same state: it starts, and the run is as it was.
+    let mut s = Running::start(dir.path()).await;
+    let after = s.run(run).await;
+    assert_eq!((after.run_id, after.committed_hash.clone()), (run, before.committed_hash.clone()));
+    s.stop().await;
+    // A record damaged on disk (a bug, a bit flip): quarantined, the coordinator still starts.
+    {
+        let store = coordinator::store::Store::open(&dir.path().join("state.redb")).unwrap();
+        store.put_raw_run(999, b"{\"not\": \"a run\"").unwrap();
+    }
+    let mut s = Running::start(dir.path()).await;
+    assert_eq!(s.run(run).await.run_id, run);
+    s.stop().await;
+    let store = coordinator::store::Store::open(&dir.path().join("state.redb")).unwrap();
+    assert_eq!(store.quarantined().unwrap(), vec!["runs/999".to_owned()]);
+    println!(
+        "  checked: non-finite values refused, figures finite; the coordinator restarted twice, the damaged record quarantined"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_spam_and_foreign_shards_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Running::start(dir.path()).await;
+    let (run, mut agents) = members(&mut s, 2, 1_000_000).await;
+    // A second run with a real file dataset, which no member of the first may read.
+    let book = dir.path().join("book.txt");
+    std::fs::write(&book, "secret\n".repeat(100)).unwrap();
+    let text = testing::synthetic_run_file(5, 5, 10).replacen(
+        "format = \"synthetic-addition\"\ndigits = 3\n",
+        &format!("format = \"text\"\nuri = \"file://{}\"\n", book.display()),
+        1,
+    );
+    let other = s
+        .control
+        .submit_run(pb::SubmitRunRequest { run_toml: text })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    println!(
+        "scenario: checkpoint reports for other runs, beyond the record, with escapes and 2 MB URIs; a shard of another run"
+    );
+    for (r, step, uri) in [
+        (other, 1, "file:///x".to_owned()),
+        (999_999, 1, "file:///x".to_owned()),
+        (run, u64::MAX, "file:///x".to_owned()),
+    ] {
+        agents[0]
+            .send(Up::CheckpointDone(pb::CheckpointDone {
+                run_id: r,
+                step,
+                uri,
+                sha256: String::new(),
+            }))
+            .await
+            .unwrap();
+    }
+    let st = ended(&mut agents[0]).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st}");
+    agents[1]
+        .send(Up::CheckpointDone(pb::CheckpointDone {
+            run_id: run,
+            step: 1,
+            uri: format!("\u{1b}]0;pwned\u{7}{}", "A".repeat(2 << 20)),
+            sha256: String::new(),
+        }))
+        .await
+        .unwrap();
+    let st = ended(&mut agents[1]).await;
+    assert!(
+        matches!(st.code(), Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted),
+        "{st}"
+    );
+    let r = s.run(run).await;
+    assert_eq!(r.latest_checkpoint, "");
+    s.control.list_runs(pb::ListRunsRequest::default()).await.unwrap();
+    // Shard bytes go only to the members of that run's epoch: a known worker of another run
+    // with its own valid certificate is refused.
+    let url = format!("https://localhost:{}/runs/{other}/shards/0", s.shards_port);
+    let me = Some((agents[1].id, agents[1].cert_pem.as_str(), agents[1].key_pem.as_str()));
+    let r = testing::https_get(&url, &s.cfg.ca_pin, me).await.unwrap();
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    println!(
+        "  checked: foreign and unreached checkpoints refused (session closed), the run's record \
+         untouched, ListRuns fine; another run's shard refused (403)"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_progress_false_accusations_and_malformed_commitments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Running::start(dir.path()).await;
+    let (run, mut agents) = members(&mut s, 4, 200).await;
+    let liar = agents[0].id;
+    println!(
+        "scenario: a member forges completion and hashes, accuses another, and commits a malformed contribution"
+    );
+    // Forged completion and a far step: nothing recorded.
+    agents[0].report(run, 1, 200, "deadbeefdeadbeef").await.unwrap();
+    agents[0].report(run, 1, u64::MAX, "deadbeefdeadbeef").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = s.run(run).await;
+    assert_eq!((r.state, r.committed_step), (pb::RunState::Running as i32, 0), "{r:?}");
+    // A sync where the liar reports a forged hash: the three honest reports record the step.
+    let t = 50;
+    for a in &agents {
+        a.commit(run, 1, t, vec![1.0; 4]).await.unwrap();
+    }
+    for a in &mut agents {
+        a.expect_plan(1, t, T).await.unwrap();
+    }
+    agents[0].report(run, 1, t, "1111111111111111").await.unwrap();
+    for a in &agents[1..] {
+        a.report(run, 1, t, "2222222222222222").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = s.run(run).await;
+    assert_eq!((r.committed_step, r.committed_hash.as_str()), (t, "2222222222222222"));
+    // The liar's own two reports for one step contradict each other: banned, by id and key.
+    agents[0].report(run, 2, t, "2222222222222222").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ws = s.workers().await;
+    let w0 = ws.iter().find(|w| w.worker_id == liar).unwrap();
+    assert_eq!(w0.banned_from, vec![run], "its two reports of step {t} are its own evidence");
+    println!(
+        "  checked: forged completion and hash ignored; step {t} recorded with the majority's hash; the liar banned on its own contradicting reports"
+    );
+    s.stop().await;
+
+    // A false accusation (in a fresh run): accuser and accused sit out, nobody is banned.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Running::start(dir.path()).await;
+    let (run, agents) = members(&mut s, 4, 200).await;
+    let e = s.run(run).await;
+    let (accuser, accused) = (agents[1].id, agents[2].id);
+    agents[1]
+        .send(Up::RingFault(pb::RingFault {
+            run_id: run,
+            epoch: e.epoch,
+            peer_worker_id: accused,
+            kind: pb::FaultKind::Misbehaved as i32,
+            detail: "it lied".into(),
+        }))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ws = s.workers().await;
+    for id in [accuser, accused] {
+        let w = ws.iter().find(|w| w.worker_id == id).unwrap();
+        assert!(w.banned_from.is_empty(), "{w:?}");
+        assert!(w.benched_until_unix_ms > 0, "{w:?}");
+    }
+    println!("  checked: an accusation benched both accuser and accused; neither is banned");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_capped_and_certificates_renew_only_for_the_same_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Running::start(dir.path()).await;
+    let manifest = testing::write_dataset(&dir.path().join("data"), 20).unwrap();
+    let run = s
+        .control
+        .submit_run(pb::SubmitRunRequest {
+            run_toml: testing::run_file(&manifest, 2, 2, 1_000_000),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let token = s.token(2).await;
+    let mut a = ScriptedAgent::join(&s.cfg, &token, "127.0.0.1:7401").await.unwrap();
+    let mut b = ScriptedAgent::join(&s.cfg, &token, "127.0.0.1:7402").await.unwrap();
+    let _ha = a.keep_beating(Duration::from_millis(200));
+    let _hb = b.keep_beating(Duration::from_millis(200));
+    a.expect_epoch(1, T).await.unwrap();
+    b.expect_epoch(1, T).await.unwrap();
+    println!("scenario: a member leases 30 times in a row");
+    let mut tracked = 0;
+    for _ in 0..30 {
+        if let Some(pb::lease_shard_response::Result::Lease(l)) =
+            a.rpc.lease_shard(pb::LeaseShardRequest {}).await.unwrap().into_inner().result
+            && !l.shared
+        {
+            tracked += 1;
+        }
+    }
+    let l = b.rpc.lease_shard(pb::LeaseShardRequest {}).await.unwrap().into_inner().result;
+    assert!(
+        matches!(l, Some(pb::lease_shard_response::Result::Lease(ref x)) if !x.shared),
+        "{l:?}"
+    );
+    assert!(tracked <= 2, "{tracked} tracked leases");
+    println!(
+        "  checked: {tracked} tracked leases for the hoarder; the other member still leases a shard of its own (run {run})"
+    );
+    // Renewal: the same key gets a fresh certificate; another key is refused.
+    let csr = coordinator::ca::csr_for_key(&a.key_pem).unwrap();
+    let r = a.rpc.renew(pb::RenewRequest { csr_pem: csr }).await.unwrap().into_inner();
+    assert!(r.cert_pem.contains("BEGIN CERTIFICATE"));
+    let (other, _) = coordinator::ca::new_csr().unwrap();
+    let st = a.rpc.renew(pb::RenewRequest { csr_pem: other }).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied);
+    s.stop().await;
+}
