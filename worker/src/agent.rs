@@ -254,6 +254,7 @@ pub async fn run_session(
     let mut pending: VecDeque<Up> = VecDeque::new();
     let mut seq = 0u64;
     let mut identity = identity;
+    let mut last = Resend::default();
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -270,7 +271,7 @@ pub async fn run_session(
             &identity,
             &ring_addr,
             &mut side,
-            &mut pending,
+            (&mut pending, &mut last),
             &mut seq,
             &shutdown,
         )
@@ -326,12 +327,31 @@ async fn renew_if_due(
     Ok(())
 }
 
+/// The last commitment and the last state report sent: sent again on every new session, so a
+/// message lost with a broken session (sent, never processed) does not leave the ring waiting
+/// for it. The coordinator takes a repeat of either as the same message.
+#[derive(Debug, Default)]
+struct Resend {
+    commit: Option<Up>,
+    report: Option<Up>,
+}
+
+impl Resend {
+    fn note(&mut self, m: &Up) {
+        match m {
+            Up::SyncCommit(_) => self.commit = Some(m.clone()),
+            Up::StepCommitted(_) => self.report = Some(m.clone()),
+            _ => {}
+        }
+    }
+}
+
 async fn session_once(
     cfg: &ConnectConfig,
     identity: &Identity,
     ring_addr: &str,
     side: &mut AgentSide,
-    pending: &mut VecDeque<Up>,
+    (pending, last): (&mut VecDeque<Up>, &mut Resend),
     seq: &mut u64,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionEnd> {
@@ -344,7 +364,15 @@ async fn session_once(
         Err(s) => return Err(classify(&s)),
     };
     info!(worker = identity.worker_id, coordinator = %cfg.url, "session open");
-    // Replay what could not be sent before.
+    // The last report and commitment again (harmless repeats if they arrived), then what
+    // could not be sent at all.
+    for m in [last.report.clone(), last.commit.clone()].into_iter().flatten() {
+        if !pending.iter().any(|p| p == &m)
+            && tx.send(pb::AgentMessage { msg: Some(m) }).await.is_err()
+        {
+            return Err(lost("session closed while replaying"));
+        }
+    }
     while let Some(m) = pending.pop_front() {
         if tx.send(pb::AgentMessage { msg: Some(m.clone()) }).await.is_err() {
             pending.push_front(m);
@@ -365,6 +393,7 @@ async fn session_once(
             }
             m = side.up.recv() => {
                 let Some(m) = m else { return Ok(()) }; // the trainer is gone
+                last.note(&m);
                 if let Err(e) = tx.send(pb::AgentMessage { msg: Some(m) }).await {
                     if let Some(m) = e.0.msg {
                         push_pending(pending, m);

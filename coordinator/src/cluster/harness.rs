@@ -415,8 +415,10 @@ impl Net {
         for r in self.cluster.runs() {
             let (e, s) = self.high.entry(r.id).or_insert((r.epoch, r.committed_step));
             assert!(r.epoch >= *e, "run {} epoch went back from {e} to {}", r.id, r.epoch);
+            // The recorded step falls only in a rewind, which the log says.
+            let rewound = r.message.contains("rewinding to step");
             assert!(
-                r.committed_step >= *s,
+                r.committed_step >= *s || rewound,
                 "run {} step fell from {s} to {}",
                 r.id,
                 r.committed_step
@@ -445,6 +447,14 @@ impl Net {
 
     pub(super) fn step(&self, run: RunId) -> u64 {
         self.cluster.run(run).expect("run exists").committed_step
+    }
+
+    /// Every agent forgets its state back to `step` (the state a departed majority held is
+    /// gone from the ring).
+    pub(super) fn forget_back_to(&mut self, step: u64) {
+        for a in self.agents.values_mut() {
+            a.state = a.state.min(step);
+        }
     }
 
     /// Log lines of `run` containing `needle`.
@@ -574,8 +584,11 @@ fn a_flapping_worker_does_not_churn_epochs() {
     // readmitted: one change only, not one per flap.
     assert_eq!(epoch, Epoch(2), "epochs: {:?}", net.epochs);
     assert!(!members.contains(&w[1]));
-    // Once stable it is readmitted.
-    net.run_for(35_000);
+    // Once stable it is readmitted, after `readmit_after` doubled for each death after the
+    // first (6 deaths: 32 × 30 s): a worker that keeps dying churns epochs less and less.
+    net.run_for(30 * 30_000);
+    assert_eq!(net.epoch_of(run).0, Epoch(2), "not yet");
+    net.run_for(5 * 30_000);
     let (epoch, members) = net.epoch_of(run);
     assert_eq!(epoch, Epoch(3));
     assert!(members.contains(&w[1]));
@@ -1055,4 +1068,51 @@ fn checkpoints_count_only_from_members_for_reached_steps() {
     assert!(net.cluster.checkpoint_done(net.now, w[0], run, u64::MAX, "file:///x", "").is_err());
     net.cluster.checkpoint_done(net.now, w[0], run, step, "file:///ok", "").unwrap();
     assert_eq!(net.cluster.run(run).unwrap().latest_checkpoint_step, step);
+}
+
+#[test]
+fn when_nobody_holds_the_recorded_state_the_run_rewinds_to_an_earlier_recorded_one() {
+    let mut net = Net::new(config());
+    let run = net.submit(2, 8, 1_000_000, 20);
+    let _w: Vec<WorkerId> = (0..3).map(|_| net.join()).collect();
+    net.run_for(3_000);
+    let recorded = net.step(run);
+    assert!(recorded > 3);
+    // The members that held the newest state are gone; those left hold an older one.
+    net.forget_back_to(recorded - 2);
+    net.join();
+    net.run_for(2_000);
+    assert!(!net.logged(run, "rewinding to step").is_empty(), "{:?}", net.logs);
+    let r = net.cluster.run(run).unwrap();
+    assert!(r.committed_step >= recorded - 2, "it went on from the rewound state");
+    net.run_for(3_000);
+    assert!(net.step(run) > recorded, "and beyond");
+}
+
+#[test]
+fn a_member_that_keeps_disputing_with_new_members_sits_out_longer_each_time() {
+    use super::{Fault, FaultKind};
+    let mut net = Net::new(config());
+    let run = net.submit(2, 8, 1_000_000, 50);
+    let w: Vec<WorkerId> = (0..5).map(|_| net.join()).collect();
+    net.run_for(2_000);
+    let liar = w[0];
+    let mut benches = Vec::new();
+    for victim in &w[1..4] {
+        let (epoch, members) = net.epoch_of(run);
+        assert!(members.contains(&liar) && members.contains(victim), "{members:?}");
+        let f = Fault { peer: Some(liar), kind: FaultKind::Misbehaved, detail: "x" };
+        net.cluster.ring_fault(net.now, *victim, run, epoch, f);
+        let now = net.now;
+        benches.push((
+            net.cluster.benched_until(liar, now) - now,
+            net.cluster.benched_until(*victim, now) - now,
+        ));
+        // Everyone back before the next dispute.
+        net.run_for(config().bench_for * 8 + 35_000);
+    }
+    // The liar's bench doubles with each new counterpart; each honest accuser's stays short.
+    let b = config().bench_for;
+    assert_eq!(benches, vec![(b, b), (2 * b, b), (4 * b, b)], "{benches:?}");
+    assert!(net.cluster.workers().all(|x| x.banned.is_empty()));
 }

@@ -232,6 +232,10 @@ pub struct RunRecord {
     /// Lines in the run's log so far (bounded by `Config::max_log_lines`).
     #[serde(default)]
     pub log_lines: u64,
+    /// The states recorded before `committed_step`, newest last (at most 32): where the run
+    /// rewinds to if no member holds the recorded state any more.
+    #[serde(default)]
+    pub history: Vec<(u64, String)>,
 }
 
 /// A worker's durable record, with its contribution ledger.
@@ -313,6 +317,8 @@ struct Live {
     /// How often it was dropped from a ring it would not form or commit to (each drop doubles
     /// the next one's bench, up to 64 times `bench_for`).
     drops: u32,
+    /// How often it died (each death doubles the time it must be healthy to be readmitted).
+    deaths: u32,
     /// When its ring address changed, within the window.
     addr_changes: VecDeque<Millis>,
 }
@@ -330,6 +336,7 @@ impl Live {
             session_seen: false,
             benched_until: 0,
             drops: 0,
+            deaths: 0,
             addr_changes: VecDeque::new(),
         }
     }
@@ -484,6 +491,10 @@ pub struct Cluster {
     /// Each run's last recorded sync and the steps it advanced, for crediting members whose
     /// report arrives after the majority's (volatile).
     recorded: BTreeMap<RunId, (PendingSync, u64)>,
+    /// Per run and member, the members it had unverifiable disputes with (volatile).
+    disputes: BTreeMap<(RunId, WorkerId), BTreeSet<WorkerId>>,
+    /// Members whose death was counted against a run's restart budget (volatile).
+    died_in: BTreeSet<(RunId, WorkerId)>,
     /// The latest metrics report of each worker in its current run (volatile).
     latest: BTreeMap<WorkerId, Metrics>,
     dirty: BTreeSet<Dirty>,
@@ -507,6 +518,8 @@ impl Cluster {
             syncs: BTreeMap::new(),
             divergences: BTreeMap::new(),
             recorded: BTreeMap::new(),
+            disputes: BTreeMap::new(),
+            died_in: BTreeSet::new(),
             latest: BTreeMap::new(),
             dirty: BTreeSet::new(),
             outbox: VecDeque::new(),
@@ -617,6 +630,7 @@ impl Cluster {
             banned_keys: Vec::new(),
             banned_ips: Vec::new(),
             log_lines: 0,
+            history: Vec::new(),
         };
         let book = ShardBook::new(manifest);
         for i in 0..book.len() {
@@ -931,6 +945,7 @@ impl Cluster {
             };
             if live.liveness == Liveness::Dead && before != Liveness::Dead {
                 live.died_at = Some(now);
+                live.deaths += 1;
                 died.push(id);
             }
         }
@@ -981,9 +996,13 @@ impl Cluster {
         if r.state != RunState::Running || !r.members.iter().any(|m| m.worker == id) {
             return;
         }
-        // Abort the old epoch at once, on every member.
+        // Abort the old epoch at once, on every member. Each member's death counts against
+        // the run's restart budget once: a worker that keeps dying (a flapping link, or a
+        // member that means harm) cannot spend the budget alone, and waits longer each time
+        // before it is readmitted.
+        let first = self.died_in.insert((run, id));
         let reason = format!("{id} died (no heartbeat for {} ms)", self.config.dead_after);
-        self.restart_epoch(now, run, reason, true);
+        self.restart_epoch(now, run, reason, first);
     }
 
     /// A worker leaves `run`: its leases go back to the queue.
@@ -1095,13 +1114,16 @@ impl Cluster {
         }
     }
 
+    /// Alive, connected, not sitting out, and (if it died) healthy for `readmit_after` times
+    /// 2^(deaths − 1), up to 64 times: a worker that keeps dying churns epochs less and less.
     fn admissible(&self, now: Millis, id: WorkerId) -> bool {
         let Some(l) = self.live.get(&id) else { return false };
+        let readmit =
+            self.config.readmit_after.saturating_mul(1 << l.deaths.saturating_sub(1).min(6));
         l.liveness == Liveness::Alive
             && l.session_seen
             && now >= l.benched_until
-            && (l.died_at.is_none()
-                || now.saturating_sub(l.alive_since) >= self.config.readmit_after)
+            && (l.died_at.is_none() || now.saturating_sub(l.alive_since) >= readmit)
     }
 
     /// Forms a new epoch for every run whose membership changed (or that must re-form).
@@ -1138,7 +1160,11 @@ impl Cluster {
                 }
                 continue;
             }
-            let order = order_ring(&ids, |a, b| self.rtt(a, b));
+            // Members that disputed are never neighbours again if another order exists.
+            let order = order_ring(&ids, |a, b| {
+                let apart = if self.disputed(run, a, b) { 1_000_000_000 } else { 0 };
+                self.rtt(a, b) + apart
+            });
             let members: Vec<Member> = order
                 .iter()
                 .filter_map(|id| self.workers.get(id).map(|w| Member { worker: *id, addr: w.addr }))

@@ -77,6 +77,9 @@ pub struct PendingSync {
     pub reports: BTreeMap<WorkerId, String>,
 }
 
+/// Recorded states kept per run, for a rewind when no member holds the newest one.
+pub(super) const HISTORY: usize = 32;
+
 /// What a member says went wrong in its ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FaultKind {
@@ -128,6 +131,9 @@ pub(super) struct EpochSync {
     stragglers_since: Option<Millis>,
     /// The last plan issued in this epoch.
     plan: Option<PlanInfo>,
+    /// Plans issued in this epoch (the agreement's contributors matter for the first only:
+    /// after it every member holds the synced state and trains whole rounds).
+    rounds: u32,
     /// Blames for unreachable or lost peers: (reporter, peer) → reports.
     blames: BTreeMap<(WorkerId, WorkerId), u32>,
     /// Members that reported a failure of this epoch.
@@ -149,6 +155,7 @@ impl EpochSync {
             commits: BTreeMap::new(),
             stragglers_since: None,
             plan: None,
+            rounds: 0,
             blames: BTreeMap::new(),
             failed: BTreeSet::new(),
             logged: BTreeSet::new(),
@@ -330,6 +337,11 @@ impl Cluster {
         let r = self.runs.get_mut(&run).expect("run looked up above");
         let p = r.pending.take().expect("pending looked up above");
         let advanced = p.step - r.committed_step;
+        if !r.committed_hash.is_empty() {
+            r.history.push((r.committed_step, r.committed_hash.clone()));
+            let excess = r.history.len().saturating_sub(HISTORY);
+            r.history.drain(..excess);
+        }
         r.committed_step = p.step;
         r.committed_hash = hash.clone();
         r.updated_ms = now;
@@ -413,7 +425,8 @@ impl Cluster {
         if let Some(p) = self.runs.get_mut(&run).and_then(|r| r.pending.take()) {
             self.dirty.insert(Dirty::Run(run));
             let line = format!(
-                "the sync of step {} (epoch {}) was not recorded: no majority of its members                  reported the same state ({}); it is retried",
+                "the sync of step {} (epoch {}) was not recorded: no majority of its members \
+                 reported the same state ({}); it is retried",
                 p.step,
                 p.epoch,
                 if p.reports.is_empty() {
@@ -443,6 +456,32 @@ impl Cluster {
             let contributors =
                 if diloco { holders.clone() } else { (0..sync.members.len()).collect() };
             (source, receivers, contributors)
+        } else if let Some((step, hash)) = r
+            .history
+            .iter()
+            .rev()
+            .find(|h| sync.members.iter().any(|w| sync.held.get(w) == Some(h)))
+            .cloned()
+        {
+            // Every member that held the recorded state is gone (died, left, or a hostile
+            // majority of a small epoch that recorded a state and withheld it). The newest
+            // state a quorum recorded before, that a member holds, is where the run goes on.
+            let line = format!(
+                "no member of epoch {} holds the recorded state (step {}, {}); rewinding to \
+                 step {step} ({hash}), recorded earlier, which a member holds",
+                sync.epoch, target.0, target.1
+            );
+            let r = self.runs.get_mut(&run).expect("run looked up above");
+            while r.history.last().is_some_and(|h| h.0 >= step) {
+                r.history.pop();
+            }
+            r.committed_step = step;
+            r.committed_hash = hash;
+            r.message = line.clone();
+            self.dirty.insert(Dirty::Run(run));
+            self.log(run, line);
+            self.maybe_agree(now, run);
+            return;
         } else {
             let line = format!(
                 "no member of epoch {} holds the recorded state (step {}, {}): they hold {}; \
@@ -574,7 +613,7 @@ impl Cluster {
             .iter()
             .enumerate()
             .map(|(rank, w)| Commitment {
-                contributes: agreement.contributors.contains(&rank),
+                contributes: sync.rounds > 0 || agreement.contributors.contains(&rank),
                 segment_norms: sync.commits.get(w).cloned().unwrap_or_default(),
             })
             .collect();
@@ -618,6 +657,7 @@ impl Cluster {
             })
             .collect();
         sync.plan = Some(info.clone());
+        sync.rounds += 1;
         sync.commits.clear();
         sync.stragglers_since = None;
         sync.round_start = now;
@@ -664,14 +704,18 @@ impl Cluster {
                     FaultKind::BadState => "sending a state that failed its checks",
                     _ => "breaking the ring's protocol",
                 };
+                let (a, b) = (
+                    self.dispute(now, run, reporter, accused),
+                    self.dispute(now, run, accused, reporter),
+                );
                 let line = format!(
                     "{reporter} accuses {accused} of {what} ({detail}); the coordinator cannot \
-                     verify it, so both sit out for {} s",
-                    self.config.bench_for / 1000
+                     verify it, so both sit out ({reporter} {} s, {accused} {} s: longer for \
+                     whoever keeps disputing with new members), and they are not neighbours again",
+                    a / 1000,
+                    b / 1000
                 );
                 self.log(run, line.clone());
-                self.bench(now, reporter);
-                self.bench(now, accused);
                 self.restart_epoch(now, run, line, false);
             }
             (_, Some(p)) => {
@@ -715,6 +759,25 @@ impl Cluster {
                 self.maybe_reform(now, run);
             }
         }
+    }
+
+    /// `who` was in a dispute with `with`: it sits out `bench_for` times 2^(k−1), k the number
+    /// of distinct members it has disputed with in this run. An honest member's disputes are
+    /// with the few liars near it; a liar's, with every honest member the ring puts after or
+    /// before it (disputed pairs are never neighbours again), so its benches grow and theirs do
+    /// not. Returns how long it sits out.
+    fn dispute(&mut self, now: Millis, run: RunId, who: WorkerId, with: WorkerId) -> Millis {
+        let set = self.disputes.entry((run, who)).or_default();
+        set.insert(with);
+        let k = set.len() as u32;
+        let d = self.config.bench_for.saturating_mul(1 << k.saturating_sub(1).min(6));
+        self.bench_for(now, who, d);
+        d
+    }
+
+    /// Whether `a` and `b` disputed in `run` (they are not placed side by side again).
+    pub(super) fn disputed(&self, run: RunId, a: WorkerId, b: WorkerId) -> bool {
+        self.disputes.get(&(run, a)).is_some_and(|s| s.contains(&b))
     }
 
     /// A failure two members report is real (an operation fails on every member alike): the

@@ -1,0 +1,271 @@
+#![allow(clippy::unwrap_used)]
+//! The adversary suite: hostile ring members among real workers. Three honest
+//! `longhaul-worker`s and one or two hostile ones (the same binary behind its hidden fault
+//! switches: `--fault-attack` lies to the coordinator, `--fault-poison lie:<f>` sends the ring
+//! more than it declared) train the synthetic task to the end, against a real coordinator.
+//!
+//! Every scenario prints what it injected, what it cost, and checks:
+//! - no honest worker is banned;
+//! - progress is recorded only by quorum: the run's recorded hash is the honest workers' own;
+//! - the honest replicas end bitwise identical, on finite parameters (the hash exists and
+//!   the held-out evaluation is finite);
+//! - the run completes, with held-out accuracy within 2 points of the same run without the
+//!   attacker;
+//! - (one scenario) the coordinator, flooded with non-finite metrics, is SIGKILLed and restarts.
+//!
+//! The gRPC-only attacks (join storms, Hello flapping, checkpoint spam, lease hoarding...) are
+//! `coordinator/tests/hostile.rs`; the state machine's are in its harness.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use proto::pb;
+use proto::pb::RunState;
+use worker::testing::cluster::{Coordinator, Worker, dump, run_file};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const DDP: &str = "mode = \"ddp\"\ncompression = \"none\"";
+const DILOCO: &str = "mode = \"diloco\"\ninner_steps = 10\nouter_lr = 0.7\nouter_momentum = 0.9\ncompression = \"int8\"";
+/// Steps for each mode: enough for the task's held-out accuracy to settle near 1 (diloco's
+/// outer steps need more), so that 2 points of accuracy mean something.
+fn steps(sync: &str) -> u64 {
+    if sync.contains("diloco") { 3000 } else { 600 }
+}
+
+fn worker_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_longhaul-worker"))
+}
+
+fn coordinator_bin() -> PathBuf {
+    worker_bin().with_file_name("longhaul")
+}
+
+/// What a scenario measured.
+#[derive(Debug, Clone)]
+struct Outcome {
+    accuracy: f64,
+    wall: Duration,
+    epochs: u64,
+    restarts: u32,
+    logs: Vec<String>,
+}
+
+/// The held-out accuracy a worker logged at the end of the run.
+fn held_out(w: &Worker) -> Option<f64> {
+    w.log_text()
+        .lines()
+        .rev()
+        .find(|l| l.contains("held-out evaluation"))
+        .and_then(|l| l.split("accuracy=").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+}
+
+/// Runs one scenario: 3 honest workers and `hostile` (name, extra arguments), `sync` mode.
+/// `restart` SIGKILLs and restarts a process coordinator once the hostile ones are in.
+async fn scenario(
+    what: &str,
+    sync: &str,
+    hostile: &[(&str, Vec<String>)],
+    restart: bool,
+) -> Outcome {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    // For a post-mortem: keep the directory (logs of every process) instead of deleting it.
+    if std::env::var_os("LONGHAUL_KEEP_TEST_DIRS").is_some() {
+        println!("  (kept {})", tmp.keep().display());
+    }
+    let home = dir.join("coordinator");
+    let mut c = if restart {
+        Coordinator::spawn(&coordinator_bin(), &home).await
+    } else {
+        Coordinator::start(&home).await
+    };
+    let token = c.token().await;
+    let n = 3 + hostile.len() as u32;
+    let run = c.submit(&run_file(2, n, steps(sync), sync)).await;
+    let started = Instant::now();
+    println!("scenario: {what}");
+    let mut honest: Vec<Worker> = (1..=3)
+        .map(|i| Worker::spawn(worker_bin(), &dir, &format!("h{i}"), &c, &token, &[]))
+        .collect();
+    let bad: Vec<Worker> = hostile
+        .iter()
+        .map(|(name, args)| {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Worker::spawn(worker_bin(), &dir, name, &c, &token, &args)
+        })
+        .collect();
+    if restart {
+        c.wait_run(run, Duration::from_secs(120), "the run to start", |r| r.committed_step >= 50)
+            .await;
+        let at = c.run(run).await;
+        c.kill();
+        println!("  injected: SIGKILL of the coordinator at step {}", at.committed_step);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.restart().await;
+        let after = c.run(run).await;
+        assert!(after.committed_step >= at.committed_step, "the record fell back");
+        println!(
+            "  checked: the coordinator restarted on its state (step {})",
+            after.committed_step
+        );
+    }
+    let r = c
+        .wait_run(run, Duration::from_secs(420), "the run to end", |r| {
+            r.state != RunState::Running as i32 && r.state != RunState::Pending as i32
+        })
+        .await;
+    let wall = started.elapsed();
+    let all: Vec<&Worker> = honest.iter().chain(bad.iter()).collect();
+    if r.state != RunState::Completed as i32 || r.committed_step != r.total_steps {
+        dump(&all);
+        panic!(
+            "{what}: the run ended in state {} at step {}: {}",
+            r.state, r.committed_step, r.message
+        );
+    }
+    // The honest workers that finished the run (one benched at the end may not have) hold the
+    // recorded state; at least two did.
+    let mut finished = 0;
+    for w in &honest {
+        if let Some(h) = w.wait_final_hash(Duration::from_secs(20)) {
+            assert_eq!(h, r.committed_hash, "{what}: {} ended on another state", w.name);
+            finished += 1;
+        }
+    }
+    assert!(finished >= 2, "{what}: only {finished} honest workers finished");
+    // No honest worker banned.
+    let ws = c
+        .control
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    for w in ws.iter().filter(|w| w.host.starts_with('h')) {
+        assert!(w.banned_from.is_empty(), "{what}: honest {} was banned: {w:?}", w.host);
+    }
+    let accuracy = honest
+        .iter()
+        .filter_map(held_out)
+        .next()
+        .unwrap_or_else(|| panic!("{what}: no honest held-out evaluation"));
+    assert!(accuracy.is_finite());
+    let logs = c.logs(run).await;
+    let out = Outcome { accuracy, wall, epochs: r.epoch, restarts: r.restarts, logs };
+    println!(
+        "  measured: completed {} steps in {:.1} s, {} epochs, {} restarts, held-out accuracy {:.3}, \
+         {finished} honest replicas on {}",
+        r.committed_step,
+        wall.as_secs_f64(),
+        out.epochs,
+        out.restarts,
+        accuracy,
+        r.committed_hash
+    );
+    for l in out.logs.iter().take(6) {
+        println!("  log: {l}");
+    }
+    drop(bad);
+    for w in &mut honest {
+        w.kill();
+    }
+    c.stop().await;
+    out
+}
+
+fn args(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Compares an attacked run with its baseline and prints the cost.
+fn compare(base: &Outcome, attacked: &Outcome, what: &str) {
+    println!(
+        "  cost: {:+.1} s wall time, {:+} epochs, {} restarts; accuracy {:.3} against {:.3}",
+        attacked.wall.as_secs_f64() - base.wall.as_secs_f64(),
+        attacked.epochs as i64 - base.epochs as i64,
+        attacked.restarts,
+        attacked.accuracy,
+        base.accuracy
+    );
+    assert!(
+        attacked.accuracy >= base.accuracy - 0.02,
+        "{what}: accuracy {:.3} is more than 2 points below the baseline's {:.3}",
+        attacked.accuracy,
+        base.accuracy
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adversary_ddp() {
+    let _serial = SERIAL.lock().await;
+    let base = scenario("baseline: 3 honest workers, ddp", DDP, &[], false).await;
+    let cases: Vec<(&str, Vec<(&str, Vec<String>)>)> = vec![
+        (
+            "a member sends a x-999 gradient with an honest-looking norm (ddp)",
+            vec![("x1", args(&["--fault-poison", "lie:-999", "--fault-poison-after", "50"]))],
+        ),
+        (
+            "a member reports a forged hash after every sync",
+            vec![("x1", args(&["--fault-attack", "forge-hash"]))],
+        ),
+        (
+            "a member falsely accuses its ring successor after every sync",
+            vec![("x1", args(&["--fault-attack", "accuse"]))],
+        ),
+        (
+            "a colluding pair falsely accuses their successors after every sync",
+            vec![
+                ("x1", args(&["--fault-attack", "accuse"])),
+                ("x2", args(&["--fault-attack", "accuse"])),
+            ],
+        ),
+        (
+            "a member heartbeats and reports but never joins the ring",
+            vec![("x1", args(&["--fault-attack", "no-ring"]))],
+        ),
+    ];
+    for (what, hostile) in cases {
+        let out = scenario(what, DDP, &hostile, false).await;
+        compare(&base, &out, what);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adversary_diloco() {
+    let _serial = SERIAL.lock().await;
+    let base = scenario("baseline: 3 honest workers, diloco", DILOCO, &[], false).await;
+    let cases: Vec<(&str, Vec<(&str, Vec<String>)>)> = vec![
+        (
+            "a member sends a 1e30 diloco delta declared as a normal one",
+            vec![("x1", args(&["--fault-poison", "lie:1e30", "--fault-poison-after", "50"]))],
+        ),
+        (
+            "a member forges the run's completion at every epoch",
+            vec![("x1", args(&["--fault-attack", "forge-complete"]))],
+        ),
+        (
+            "a member claims a state far ahead of the record at every epoch",
+            vec![("x1", args(&["--fault-attack", "claim-ahead"]))],
+        ),
+        (
+            "a member spams checkpoint reports for other runs and steps",
+            vec![("x1", args(&["--fault-attack", "checkpoint-spam"]))],
+        ),
+    ];
+    let only = std::env::var("LONGHAUL_ADVERSARY_ONLY").ok();
+    for (what, hostile) in cases {
+        if only.as_ref().is_some_and(|o| !what.contains(o.as_str())) {
+            continue;
+        }
+        let out = scenario(what, DILOCO, &hostile, false).await;
+        compare(&base, &out, what);
+    }
+    // Non-finite and huge metrics flood the coordinator, which is then SIGKILLed and restarted.
+    let what = "a member floods non-finite metrics; the coordinator is SIGKILLed and restarted";
+    let hostile = vec![("x1", args(&["--fault-attack", "metrics-flood"]))];
+    let out = scenario(what, DILOCO, &hostile, true).await;
+    compare(&base, &out, what);
+}
