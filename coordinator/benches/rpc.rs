@@ -1,6 +1,12 @@
-//! Heartbeat and lease RPC throughput and latency with N simulated workers (default 1,000) on
-//! this machine: a real coordinator on 127.0.0.1, every worker with its own TLS connection and
-//! certificate, closed loop (each worker waits for its answer before the next call).
+//! The coordinator under N simulated workers (default 1,000) on this machine: a real coordinator
+//! on 127.0.0.1, every worker with its own TLS connection, certificate and session.
+//!
+//! Phases, each `SECONDS` long (default 5):
+//! 1. join: how long N workers take to join and hear their first epoch;
+//! 2. steady: every worker heartbeats once a second and leases (then completes) a shard every
+//!    two seconds, as real workers do, all at once: the latency each sees (p50, p99);
+//! 3. saturation: every worker heartbeats in a closed loop (each waits for its ack), then leases
+//!    and completes in a closed loop: throughput.
 //!
 //! `cargo bench -p coordinator --bench rpc [-- WORKERS SECONDS]`
 
@@ -16,7 +22,7 @@ use tokio::sync::Mutex;
 
 fn report(name: &str, h: &Histogram<u64>, secs: f64) {
     println!(
-        "{name:<10} {:>9} calls {:>10.0} /s   p50 {:>7.2} ms   p99 {:>7.2} ms   max {:>7.2} ms",
+        "{name:<22} {:>8} calls {:>9.0} /s   p50 {:>8.2} ms   p99 {:>8.2} ms   max {:>8.2} ms",
         h.len(),
         h.len() as f64 / secs,
         h.value_at_quantile(0.5) as f64 / 1000.0,
@@ -33,6 +39,35 @@ fn main() -> Result<()> {
     rt.block_on(bench(workers, secs))
 }
 
+type Agents = Vec<Arc<Mutex<ScriptedAgent>>>;
+
+async fn heartbeat(a: &mut ScriptedAgent, seq: u64) -> Result<Duration> {
+    let t = Instant::now();
+    a.heartbeat(seq).await?;
+    a.expect(Duration::from_secs(60), |m| match m {
+        pb::coordinator_message::Msg::HeartbeatAck(x) if x.seq == seq => Some(()),
+        _ => None,
+    })
+    .await?;
+    Ok(t.elapsed())
+}
+
+/// Leases a shard and completes it; the lease's latency.
+async fn lease(a: &mut ScriptedAgent) -> Result<(Duration, Option<Duration>)> {
+    let t = Instant::now();
+    let r = a.rpc.lease_shard(pb::LeaseShardRequest {}).await?.into_inner();
+    let leased = t.elapsed();
+    let mut done = None;
+    if let Some(pb::lease_shard_response::Result::Lease(l)) = r.result
+        && !l.shared
+    {
+        let t = Instant::now();
+        a.rpc.complete_shard(pb::CompleteShardRequest { lease_id: l.lease_id, samples: 1 }).await?;
+        done = Some(t.elapsed());
+    }
+    Ok((leased, done))
+}
+
 async fn bench(n: usize, secs: u64) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -40,6 +75,7 @@ async fn bench(n: usize, secs: u64) -> Result<()> {
     let mut config = ServerConfig::new(dir.path().to_owned());
     config.cluster.suspect_after = 60_000;
     config.cluster.dead_after = 120_000;
+    config.max_connections = n + 100;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::run(listener, config, async move {
         let _ = stopped.await;
@@ -61,10 +97,13 @@ async fn bench(n: usize, secs: u64) -> Result<()> {
         .await?
         .into_inner()
         .token;
-
+    let cores = std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1);
     println!(
-        "coordinator on {url}; {n} workers joining (each: CSR, Join, own TLS connection, session)"
+        "coordinator on {url}; {n} workers (each: CSR, Join, own TLS connection, session); \
+         {cores} cores, client and server in one process"
     );
+
+    // 1. Join.
     let t = Instant::now();
     let mut agents = Vec::with_capacity(n);
     let mut joins = tokio::task::JoinSet::new();
@@ -82,21 +121,62 @@ async fn bench(n: usize, secs: u64) -> Result<()> {
     while let Some(r) = joins.join_next().await {
         agents.push(r??);
     }
-    println!(
-        "joined {n} in {:.2} s ({:.0} joins/s)",
-        t.elapsed().as_secs_f64(),
-        n as f64 / t.elapsed().as_secs_f64()
-    );
-    // Wait until every worker is in the epoch.
+    let joined = t.elapsed();
     for a in &mut agents {
-        a.expect_epoch(1, Duration::from_secs(60)).await?;
+        a.expect_epoch(1, Duration::from_secs(120)).await?;
     }
-
+    let in_epoch = t.elapsed();
+    let epoch = control.get_run(pb::GetRunRequest { run_id: 1 }).await?.into_inner().epoch;
+    println!(
+        "join: {n} joined in {:.2} s ({:.0} joins/s); all in an epoch after {:.2} s ({epoch} epochs \
+         formed)",
+        joined.as_secs_f64(),
+        n as f64 / joined.as_secs_f64(),
+        in_epoch.as_secs_f64()
+    );
     let dur = Duration::from_secs(secs);
-    let agents: Vec<Arc<Mutex<ScriptedAgent>>> =
-        agents.into_iter().map(|a| Arc::new(Mutex::new(a))).collect();
+    let agents: Agents = agents.into_iter().map(|a| Arc::new(Mutex::new(a))).collect();
 
-    // Heartbeats over the sessions, each waiting for its acknowledgement.
+    // 2. Steady load: a heartbeat a second and a lease every two seconds per worker.
+    let mut set = tokio::task::JoinSet::new();
+    for (i, a) in agents.iter().enumerate() {
+        let a = a.clone();
+        set.spawn(async move {
+            let mut hb = Histogram::<u64>::new(3).expect("valid sigfigs");
+            let mut ls = Histogram::<u64>::new(3).expect("valid sigfigs");
+            let mut a = a.lock().await;
+            // Spread the workers over the second.
+            tokio::time::sleep(Duration::from_micros(
+                (i as u64 * 1_000_000 / n as u64) % 1_000_000,
+            ))
+            .await;
+            let end = Instant::now() + dur;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut seq = 1_000_000;
+            while Instant::now() < end {
+                tick.tick().await;
+                seq += 1;
+                hb.record(heartbeat(&mut a, seq).await?.as_micros() as u64).ok();
+                if seq % 2 == 0 {
+                    ls.record(lease(&mut a).await?.0.as_micros() as u64).ok();
+                }
+            }
+            anyhow::Ok((hb, ls))
+        });
+    }
+    let (mut hb, mut ls) = (Histogram::<u64>::new(3)?, Histogram::<u64>::new(3)?);
+    let t = Instant::now();
+    while let Some(r) = set.join_next().await {
+        let (h, l) = r??;
+        hb.add(h)?;
+        ls.add(l)?;
+    }
+    let steady = t.elapsed().as_secs_f64();
+    println!("steady ({n} workers: a heartbeat a second, a lease every two, {secs} s):");
+    report("  heartbeat", &hb, steady);
+    report("  lease", &ls, steady);
+
+    // 3. Saturation: closed loops.
     let mut set = tokio::task::JoinSet::new();
     for a in &agents {
         let a = a.clone();
@@ -107,14 +187,7 @@ async fn bench(n: usize, secs: u64) -> Result<()> {
             let mut seq = 0;
             while Instant::now() < end {
                 seq += 1;
-                let t = Instant::now();
-                a.heartbeat(seq).await?;
-                a.expect(Duration::from_secs(30), |m| match m {
-                    pb::coordinator_message::Msg::HeartbeatAck(x) if x.seq == seq => Some(()),
-                    _ => None,
-                })
-                .await?;
-                h.record(t.elapsed().as_micros() as u64).ok();
+                h.record(heartbeat(&mut a, seq).await?.as_micros() as u64).ok();
             }
             anyhow::Ok(h)
         });
@@ -125,8 +198,6 @@ async fn bench(n: usize, secs: u64) -> Result<()> {
         hb.add(r??)?;
     }
     let hb_secs = t.elapsed().as_secs_f64();
-
-    // Lease then complete, closed loop.
     let mut set = tokio::task::JoinSet::new();
     for a in &agents {
         let a = a.clone();
@@ -136,40 +207,28 @@ async fn bench(n: usize, secs: u64) -> Result<()> {
             let mut a = a.lock().await;
             let end = Instant::now() + dur;
             while Instant::now() < end {
-                let t = Instant::now();
-                let r = a.rpc.lease_shard(pb::LeaseShardRequest {}).await?.into_inner();
-                lease_h.record(t.elapsed().as_micros() as u64).ok();
-                if let Some(pb::lease_shard_response::Result::Lease(l)) = r.result {
-                    let t = Instant::now();
-                    a.rpc
-                        .complete_shard(pb::CompleteShardRequest {
-                            lease_id: l.lease_id,
-                            samples: 1,
-                        })
-                        .await?;
-                    done_h.record(t.elapsed().as_micros() as u64).ok();
+                let (l, d) = lease(&mut a).await?;
+                lease_h.record(l.as_micros() as u64).ok();
+                if let Some(d) = d {
+                    done_h.record(d.as_micros() as u64).ok();
                 }
             }
             anyhow::Ok((lease_h, done_h))
         });
     }
-    let mut lease = Histogram::<u64>::new(3)?;
+    let mut lease_all = Histogram::<u64>::new(3)?;
     let mut done = Histogram::<u64>::new(3)?;
     let t = Instant::now();
     while let Some(r) = set.join_next().await {
         let (l, d) = r??;
-        lease.add(l)?;
+        lease_all.add(l)?;
         done.add(d)?;
     }
     let lease_secs = t.elapsed().as_secs_f64();
-
-    println!(
-        "{n} workers, {secs} s per phase, {} cores, client and server in one process",
-        std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
-    );
-    report("heartbeat", &hb, hb_secs);
-    report("lease", &lease, lease_secs);
-    report("complete", &done, lease_secs);
+    println!("saturation ({n} workers in closed loops, {secs} s per phase):");
+    report("  heartbeat", &hb, hb_secs);
+    report("  lease", &lease_all, lease_secs);
+    report("  complete", &done, lease_secs);
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     Ok(())

@@ -225,13 +225,12 @@ impl Store {
         }
         let mut out = Restored::default();
         let mut counters_ok = false;
-        if let Some(v) = tx.open_table(META).map_err(dberr)?.get("counters").map_err(dberr)? {
-            if let Some(c) =
+        if let Some(v) = tx.open_table(META).map_err(dberr)?.get("counters").map_err(dberr)?
+            && let Some(c) =
                 keep(&mut bad, parse::<Counters>("meta/counters", v.value()), v.value())
-            {
-                out.counters = c;
-                counters_ok = true;
-            }
+        {
+            out.counters = c;
+            counters_ok = true;
         }
         for row in tx.open_table(RUNS).map_err(dberr)?.iter().map_err(dberr)? {
             let (k, v) = row.map_err(dberr)?;

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use collectives::NetConfig;
 use collectives::group::{Emulation, Group, GroupSpec, Member};
 use coordinator::runfile::RunSpec;
@@ -121,6 +121,8 @@ pub struct Driver {
     ctx: Option<RunCtx>,
     /// A stop that arrived while the run's state was out in an epoch.
     stop: Option<(u64, String)>,
+    /// A run this worker could not start (its file, its model, its data).
+    unusable: Option<u64>,
 }
 
 /// How an epoch ended.
@@ -213,6 +215,7 @@ impl Driver {
             plan: None,
             ctx: None,
             stop: None,
+            unusable: None,
         }
     }
 
@@ -247,11 +250,34 @@ impl Driver {
                 continue;
             }
             let Some(e) = self.latest.clone() else { continue };
+            if self.unusable == Some(e.run_id) {
+                continue;
+            }
             if self.ctx.as_ref().map(|c| c.run) != Some(e.run_id) {
-                let ctx = self
-                    .start_run(&e)
-                    .with_context(|| format!("this worker cannot train run {}", e.run_id))?;
-                self.ctx = Some(ctx);
+                match self.start_run(&e) {
+                    Ok(ctx) => self.ctx = Some(ctx),
+                    Err(err) => {
+                        // A run this worker cannot train ends nothing but its part in it: it
+                        // says so, leaves the ring to the others (it never joins it) and waits
+                        // for the next run.
+                        error!(
+                            run = e.run_id,
+                            "this worker cannot train run {}: {err:#}", e.run_id
+                        );
+                        self.send(Up::RingFault(pb::RingFault {
+                            run_id: e.run_id,
+                            epoch: e.epoch,
+                            peer_worker_id: 0,
+                            kind: FaultKind::Failed as i32,
+                            detail: format!("this worker cannot train the run: {err:#}")
+                                .chars()
+                                .take(300)
+                                .collect(),
+                        }));
+                        self.unusable = Some(e.run_id);
+                        continue;
+                    }
+                }
             }
             match self.run_epoch(&e) {
                 Outcome::Finished => {
@@ -304,11 +330,17 @@ impl Driver {
 
     fn on_command(&mut self, cmd: Down) -> Result<()> {
         match cmd {
-            Down::Epoch(e) => {
+            Down::Epoch(mut e) => {
                 let newer = match &self.latest {
                     Some(l) => l.run_id != e.run_id || e.epoch > l.epoch,
                     None => true,
                 };
+                // The run file comes with a member's first epoch of a run; later ones omit it.
+                if e.run_toml.is_empty()
+                    && let Some(l) = self.latest.as_ref().filter(|l| l.run_id == e.run_id)
+                {
+                    e.run_toml = l.run_toml.clone();
+                }
                 if newer {
                     self.latest = Some(e);
                 }
@@ -512,7 +544,7 @@ impl Driver {
             tokio::select! {
                 _ = token.cancelled() => Err(Outcome::Interrupted("cancelled while forming the ring".into())),
                 r = Group::join_with_socket(spec, &anchor, &identity, Some(socket)) => {
-                    r.map_err(|err| Outcome::Ring(err))
+                    r.map_err(Outcome::Ring)
                 }
             }
         })

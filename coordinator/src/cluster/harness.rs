@@ -958,7 +958,7 @@ fn commitments_that_contradict_themselves_ban_and_lazy_ones_are_left_out() {
     let h = &net.cluster.worker(w[0]).unwrap().ledger;
     assert!(h.syncs > 0 && h.samples == h.steps * 32, "{h:?}");
     assert!(net.plans.iter().all(|(_, p)| {
-        p.coefficients.iter().zip(&p.excluded).all(|(c, e)| (*c == 0.0) == !e.is_empty())
+        p.coefficients.iter().zip(&p.excluded).all(|(c, e)| (*c == 0.0) != e.is_empty())
     }));
     // Non-finite norms are the member's own evidence: banned, by id and key.
     let (epoch, _) = net.epoch_of(run);

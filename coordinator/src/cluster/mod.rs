@@ -89,6 +89,8 @@ pub struct Config {
     pub addr_change_window: Millis,
     /// Log lines kept per run; the rest are dropped (with one line saying so).
     pub max_log_lines: u64,
+    /// A running ring that only grows (joins) is re-formed at most this often.
+    pub grow_every: Millis,
 }
 
 impl Default for Config {
@@ -105,6 +107,7 @@ impl Default for Config {
             max_addr_changes: 3,
             addr_change_window: 600_000,
             max_log_lines: 10_000,
+            grow_every: 2_000,
         }
     }
 }
@@ -169,6 +172,9 @@ pub struct EpochInfo {
     #[serde(default)]
     pub committed_hash: String,
     pub total_steps: u64,
+    /// Whether the run file goes with it (to a member new to the run, or re-sent).
+    #[serde(default)]
+    pub with_spec: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -495,6 +501,8 @@ pub struct Cluster {
     disputes: BTreeMap<(RunId, WorkerId), BTreeSet<WorkerId>>,
     /// Members whose death was counted against a run's restart budget (volatile).
     died_in: BTreeSet<(RunId, WorkerId)>,
+    /// When each run's current epoch was formed (volatile).
+    formed: BTreeMap<RunId, Millis>,
     /// The latest metrics report of each worker in its current run (volatile).
     latest: BTreeMap<WorkerId, Metrics>,
     dirty: BTreeSet<Dirty>,
@@ -520,6 +528,7 @@ impl Cluster {
             recorded: BTreeMap::new(),
             disputes: BTreeMap::new(),
             died_in: BTreeSet::new(),
+            formed: BTreeMap::new(),
             latest: BTreeMap::new(),
             dirty: BTreeSet::new(),
             outbox: VecDeque::new(),
@@ -1149,6 +1158,25 @@ impl Cluster {
                     continue;
                 }
             }
+            // Growth alone (members joining a running ring, nobody leaving) re-forms the ring
+            // at most every `grow_every`: a thousand workers joining make a few epochs, not a
+            // thousand, and the ring keeps training meanwhile.
+            let grows_only = !forced
+                && r.state == RunState::Running
+                && !current.is_empty()
+                && current.iter().all(|w| ids.binary_search(w).is_ok())
+                && r.members
+                    .iter()
+                    .all(|m| self.workers.get(&m.worker).map(|w| w.addr) == Some(m.addr));
+            if grows_only
+                && self
+                    .formed
+                    .get(&run)
+                    .is_some_and(|t| now < t.saturating_add(self.config.grow_every))
+            {
+                self.changed.insert(run);
+                continue;
+            }
             if (ids.len() as u32) < r.min_workers {
                 self.syncs.remove(&run);
                 let r = self.runs.get_mut(&run).expect("run looked up above");
@@ -1179,8 +1207,12 @@ impl Cluster {
             let info = epoch_info(r);
             let ring: Vec<WorkerId> = r.members.iter().map(|m| m.worker).collect();
             self.syncs.insert(run, progress::EpochSync::new(r.epoch, ring.clone(), now));
+            self.formed.insert(run, now);
             for w in ring {
-                self.outbox.push_back(Output::ToWorker(w, Command::Epoch(info.clone())));
+                // The run file goes to the members new to the run (and with every re-sent
+                // epoch); the others already run it.
+                let info = EpochInfo { with_spec: !current.contains(&w), ..info.clone() };
+                self.outbox.push_back(Output::ToWorker(w, Command::Epoch(info)));
             }
         }
     }
@@ -1415,7 +1447,8 @@ impl Cluster {
                 if !seen.insert(m.worker) {
                     return Err(format!("{} is a member of two epochs", m.worker));
                 }
-                if self.banned_from(m.worker, r) {
+                // A ban re-forms the epoch at the next tick; until then the old ring stands.
+                if self.banned_from(m.worker, r) && !self.changed.contains(&r.id) {
                     return Err(format!(
                         "{} is a member of run {} it is banned from",
                         m.worker, r.id
@@ -1508,6 +1541,7 @@ fn epoch_info(r: &RunRecord) -> EpochInfo {
         committed_step: r.committed_step,
         committed_hash: r.committed_hash.clone(),
         total_steps: r.total_steps,
+        with_spec: true,
     }
 }
 

@@ -275,7 +275,11 @@ fn command_to_wire(c: &Cluster, cmd: Command) -> pb::CoordinatorMessage {
                 .collect(),
             committed_step: e.committed_step,
             total_steps: e.total_steps,
-            run_toml: c.run(e.run).map(|r| r.spec_toml.clone()).unwrap_or_default(),
+            run_toml: if e.with_spec {
+                c.run(e.run).map(|r| r.spec_toml.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            },
             committed_hash: e.committed_hash,
         }),
         Command::Abort { run, epoch, reason } => {
@@ -420,8 +424,9 @@ pub(crate) fn open(config: ServerConfig) -> Result<Arc<Shared>, ServeError> {
     let (events, _) = broadcast::channel(1024);
     let sessions = Arc::new(Sessions::default());
     let writer = Writer::start(store.clone(), sessions.clone(), events.clone());
-    // What restoring changed (runs failed for a damaged record) is persisted first.
-    let _ = writer.submit(collect(&mut cluster, now_ms()));
+    // What restoring changed (runs failed for a damaged record) is first in the writer's queue,
+    // so it is durable before anything a request changes; no caller waits on it.
+    drop(writer.submit(collect(&mut cluster, now_ms())));
     Ok(Arc::new(Shared {
         cluster: Mutex::new(cluster),
         store,

@@ -38,6 +38,7 @@ pub mod optim;
 pub mod plan;
 pub mod state;
 
+use std::cmp::Ordering;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -476,7 +477,8 @@ impl Trainer {
             .sum::<f64>()
             * codec_growth(self.spec.compression).powi(world as i32 + 1)
             + 1e-30;
-        if !(norm <= allowed) {
+        // A NaN norm is incomparable, so it fails this check too.
+        if !matches!(norm.partial_cmp(&allowed), Some(Ordering::Less | Ordering::Equal)) {
             return Err(TrainError::Inconsistent {
                 step,
                 detail: format!("norm {norm:.6e}, the plan allows {allowed:.6e}"),
