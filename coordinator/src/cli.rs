@@ -90,8 +90,8 @@ enum Command {
         #[arg(long, env = "LONGHAUL_LEASE_TTL_MS", default_value_t = 300_000,
               value_parser = clap::value_parser!(u64).range(1_000..=604_800_000))]
         lease_ttl_ms: u64,
-        /// How long a worker sits out after an accusation the coordinator cannot verify (both
-        /// the accuser and the accused), or after it was dropped from a ring it could not form.
+        /// How long a worker sits out after it was dropped from a ring it would not form or
+        /// commit to (twice as long each time), or after it diverged twice.
         #[arg(long, env = "LONGHAUL_BENCH_FOR_MS", default_value_t = 60_000,
               value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
         bench_for_ms: u64,
@@ -459,6 +459,7 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                             "param_hash": w.param_hash, "compute_utilisation": w.compute_utilisation,
                             "syncs": w.syncs, "excluded": w.excluded,
                             "benched_until_unix_ms": w.benched_until_unix_ms, "banned_from": w.banned_from,
+                            "sitting_out_of": w.sitting_out_of,
                         })
                     })
                     .collect();

@@ -84,8 +84,6 @@ async fn scenario(
     };
     let token = c.token().await;
     let n = 3 + hostile.len() as u32;
-    let run = c.submit(&run_file(2, n, steps(sync), sync)).await;
-    let started = Instant::now();
     println!("scenario: {what}");
     let mut honest: Vec<Worker> = (1..=3)
         .map(|i| Worker::spawn(worker_bin(), &dir, &format!("h{i}"), &c, &token, &[]))
@@ -97,6 +95,10 @@ async fn scenario(
             Worker::spawn(worker_bin(), &dir, name, &c, &token, &args)
         })
         .collect();
+    // Every worker in the first epoch: the run is submitted once all are connected.
+    c.wait_workers(n as usize, Duration::from_secs(120)).await;
+    let run = c.submit(&run_file(2, n, steps(sync), sync)).await;
+    let started = Instant::now();
     if restart {
         c.wait_run(run, Duration::from_secs(120), "the run to start", |r| r.committed_step >= 50)
             .await;

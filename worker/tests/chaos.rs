@@ -76,10 +76,11 @@ async fn chaos_kill_a_random_worker_every_15s_with_replacements() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Coordinator::start(&dir.path().join("coordinator")).await;
     let token = c.token().await;
-    let run = c.submit(&run_file(2, 3, 7000, DILOCO)).await;
     let mut workers: Vec<Worker> = (1..=3)
         .map(|i| Worker::spawn(worker_bin(), dir.path(), &format!("w{i}"), &c, &token, &[]))
         .collect();
+    c.wait_workers(3, Duration::from_secs(120)).await;
+    let run = c.submit(&run_file(2, 3, 7000, DILOCO)).await;
     c.wait_run(run, Duration::from_secs(120), "3 workers training", |r| {
         r.workers == 3 && r.committed_step >= 50
     })
@@ -152,11 +153,12 @@ async fn chaos_kill_during_an_all_reduce() {
     let mut c = Coordinator::start(&dir.path().join("coordinator")).await;
     let token = c.token().await;
     // ddp over continental links (40 ms RTT): every step is mostly an all-reduce in flight.
-    let run = c.submit(&run_file(2, 3, 400, "mode = \"ddp\"\ncompression = \"none\"")).await;
     let emulate = ["--emulate", "continental"];
     let mut w: Vec<Worker> = (1..=3)
         .map(|i| Worker::spawn(worker_bin(), dir.path(), &format!("w{i}"), &c, &token, &emulate))
         .collect();
+    c.wait_workers(3, Duration::from_secs(120)).await;
+    let run = c.submit(&run_file(2, 3, 400, "mode = \"ddp\"\ncompression = \"none\"")).await;
     let r = c
         .wait_run(run, Duration::from_secs(120), "3 workers training", |r| {
             r.workers == 3 && r.committed_step >= 30
@@ -209,10 +211,11 @@ async fn chaos_sigkill_the_coordinator_mid_run() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Coordinator::spawn(&coordinator_bin(), &dir.path().join("coordinator")).await;
     let token = c.token().await;
-    let run = c.submit(&run_file(2, 3, 1500, DILOCO)).await;
     let w: Vec<Worker> = (1..=3)
         .map(|i| Worker::spawn(worker_bin(), dir.path(), &format!("w{i}"), &c, &token, &[]))
         .collect();
+    c.wait_workers(3, Duration::from_secs(120)).await;
+    let run = c.submit(&run_file(2, 3, 1500, DILOCO)).await;
     let r = c
         .wait_run(run, Duration::from_secs(120), "3 workers training", |r| {
             r.workers == 3 && r.committed_step >= 200
@@ -248,10 +251,11 @@ async fn chaos_cut_a_worker_off_for_20s() {
     let mut c = Coordinator::start(&dir.path().join("coordinator")).await;
     let token = c.token().await;
     // Long enough that the survivors are still training when w3 comes back.
-    let run = c.submit(&run_file(2, 3, 8000, DILOCO)).await;
     let w: Vec<Worker> = (1..=3)
         .map(|i| Worker::spawn(worker_bin(), dir.path(), &format!("w{i}"), &c, &token, &[]))
         .collect();
+    c.wait_workers(3, Duration::from_secs(120)).await;
+    let run = c.submit(&run_file(2, 3, 8000, DILOCO)).await;
     let r = c
         .wait_run(run, Duration::from_secs(120), "3 workers training", |r| {
             r.workers == 3 && r.committed_step >= 100
@@ -310,7 +314,6 @@ async fn chaos_a_worker_sending_nan_or_huge_values_never_reaches_the_parameters(
         let dir = tempfile::tempdir().unwrap();
         let mut c = Coordinator::start(&dir.path().join("coordinator")).await;
         let token = c.token().await;
-        let run = c.submit(&run_file(2, 3, 600, DILOCO)).await;
         println!("scenario: w3 sends {kind} values in every sync from step 100 (declared as such)");
         let poison = ["--fault-poison", kind, "--fault-poison-after", "100"];
         let w = vec![
@@ -318,6 +321,9 @@ async fn chaos_a_worker_sending_nan_or_huge_values_never_reaches_the_parameters(
             Worker::spawn(worker_bin(), dir.path(), "w2", &c, &token, &[]),
             Worker::spawn(worker_bin(), dir.path(), "w3", &c, &token, &poison),
         ];
+        // All three in the first epoch: the run is submitted once they are connected.
+        c.wait_workers(3, Duration::from_secs(120)).await;
+        let run = c.submit(&run_file(2, 3, 600, DILOCO)).await;
         c.wait_run(run, Duration::from_secs(120), "3 workers training", |r| r.workers == 3).await;
         let needle = if kind == "nan" { "banned from the run" } else { "left out of the sync" };
         let mut logs = Vec::new();

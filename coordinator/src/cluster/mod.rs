@@ -29,16 +29,18 @@
 //!   recorded when a majority of the epoch that planned it report the same hash, and it may
 //!   advance only to the next sync point; a run completes only through that record; the ledger
 //!   credits the members of that majority.
-//! - **Disputes**: an accusation the coordinator cannot verify benches accuser and accused (both
-//!   sit out `bench_for`); a peer that two members cannot reach is dropped from the ring (it sits
-//!   out too); a member whose own commitments contradict themselves is banned from the run (its
-//!   id, its key, and its public address).
+//! - **Disputes** ([`disputes`]): the two sides of an accusation the coordinator cannot verify
+//!   are never in one ring again, and the fewest members that account for every dispute sit
+//!   out; a peer that two members cannot reach is dropped from the ring (it sits out
+//!   `bench_for`, twice as long each time); a member whose own commitments contradict
+//!   themselves is banned from the run (its id, its key, and its public address).
 //! - **Quotas**: one ring-address change per session, a bounded number per window; tokens with a
 //!   use count; bounded leases per worker.
 //! - **Lifecycle**: pending → running (min workers reached) → completed (step budget recorded) |
 //!   failed (restart budget spent by deaths) | stopped (by a user).
 
 pub mod aggregate;
+mod disputes;
 mod progress;
 mod ring;
 
@@ -73,8 +75,8 @@ pub struct Config {
     /// epoch again, so a flapping worker does not churn epochs.
     pub readmit_after: Millis,
     pub lease_ttl: Millis,
-    /// How long a worker sits out after an unverifiable dispute, or after being dropped from a
-    /// ring it could not form.
+    /// How long a worker sits out after being dropped from a ring it would not form or commit
+    /// to (twice as long each time), or after diverging twice.
     pub bench_for: Millis,
     /// How long an epoch's agreement waits for every member's report before it is decided with
     /// the reports at hand (a member that sent none receives the state).
@@ -499,6 +501,8 @@ pub struct Cluster {
     recorded: BTreeMap<RunId, (PendingSync, u64)>,
     /// Per run and member, the members it had unverifiable disputes with (volatile).
     disputes: BTreeMap<(RunId, WorkerId), BTreeSet<WorkerId>>,
+    /// Per run, the workers its disputes keep out of its ring ([`disputes`]; volatile).
+    sit_out: BTreeMap<RunId, BTreeSet<WorkerId>>,
     /// Members whose death was counted against a run's restart budget (volatile).
     died_in: BTreeSet<(RunId, WorkerId)>,
     /// When each run's current epoch was formed (volatile).
@@ -527,6 +531,7 @@ impl Cluster {
             divergences: BTreeMap::new(),
             recorded: BTreeMap::new(),
             disputes: BTreeMap::new(),
+            sit_out: BTreeMap::new(),
             died_in: BTreeSet::new(),
             formed: BTreeMap::new(),
             latest: BTreeMap::new(),
@@ -1109,8 +1114,11 @@ impl Cluster {
             let r = &self.runs[&run];
             let have = self.workers.values().filter(|w| w.run == Some(run)).count() as u32;
             for _ in have..r.max_workers {
-                // The smallest free id not banned from this run.
-                let Some(pos) = free.iter().rposition(|id| !self.banned_from(*id, r)) else {
+                // The smallest free id not banned from this run nor kept out by its disputes.
+                let Some(pos) = free
+                    .iter()
+                    .rposition(|id| !self.banned_from(*id, r) && !self.sits_out_of(run, *id))
+                else {
                     break;
                 };
                 let id = free.remove(pos);
@@ -1120,6 +1128,12 @@ impl Cluster {
                 self.dirty.insert(Dirty::Worker(id));
                 self.changed.insert(run);
             }
+        }
+        // Whoever its disputes keep out may change with who is available.
+        let disputed: Vec<RunId> =
+            self.sit_out.iter().filter(|(_, s)| !s.is_empty()).map(|(r, _)| *r).collect();
+        for run in disputed {
+            self.settle_disputes(now, run);
         }
     }
 
@@ -1188,11 +1202,7 @@ impl Cluster {
                 }
                 continue;
             }
-            // Members that disputed are never neighbours again if another order exists.
-            let order = order_ring(&ids, |a, b| {
-                let apart = if self.disputed(run, a, b) { 1_000_000_000 } else { 0 };
-                self.rtt(a, b) + apart
-            });
+            let order = order_ring(&ids, |a, b| self.rtt(a, b));
             let members: Vec<Member> = order
                 .iter()
                 .filter_map(|id| self.workers.get(id).map(|w| Member { worker: *id, addr: w.addr }))
@@ -1287,6 +1297,8 @@ impl Cluster {
                 self.dirty.insert(Dirty::Shard(run, shard));
             }
         }
+        self.disputes.retain(|(r, _), _| *r != run);
+        self.sit_out.remove(&run);
         // Freed workers may serve another run at the next tick.
         let others: Vec<RunId> =
             self.runs.values().filter(|r| !r.state.is_terminal()).map(|r| r.id).collect();
@@ -1453,6 +1465,19 @@ impl Cluster {
                         "{} is a member of run {} it is banned from",
                         m.worker, r.id
                     ));
+                }
+            }
+            // Members that disputed are never in one ring (until the next tick re-forms it).
+            if !self.changed.contains(&r.id) {
+                for (i, a) in r.members.iter().enumerate() {
+                    for b in &r.members[i + 1..] {
+                        if self.disputed(r.id, a.worker, b.worker) {
+                            return Err(format!(
+                                "{} and {} disputed but share a ring of run {}",
+                                a.worker, b.worker, r.id
+                            ));
+                        }
+                    }
                 }
             }
             if r.state.is_terminal() && !r.members.is_empty() {

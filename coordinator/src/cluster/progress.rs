@@ -19,7 +19,9 @@
 //!
 //! Faults: a member that cannot form the ring or lost a peer says so (`RingFault`). Two members
 //! blaming the same peer drop it (it sits out); an accusation of misbehaviour, which the
-//! coordinator cannot check, benches accuser and accused alike. A failure two members report
+//! coordinator cannot check, or a pair that cannot form a ring twice in one epoch, is a dispute
+//! ([`super::disputes`]): the two are never in one ring of the run again, and the fewest members
+//! that account for all the run's disputes sit out of it. A failure two members report
 //! re-forms the epoch. A member that never commits while the others have is dropped after a
 //! grace period. Every one of these leaves a line in the run's log.
 
@@ -241,18 +243,17 @@ impl Cluster {
             self.maybe_agree(now, run);
             return;
         }
-        // A report after a sync, of the recorded step, that came after the majority's: credited
-        // if it holds the recorded state, and a divergence if not.
+        // A report after a sync, of the recorded step, that came after the majority's: kept
+        // (a later report that contradicts it is evidence), credited if it holds the recorded
+        // state, and a divergence if not.
         let Some(r) = self.runs.get(&run) else { return };
+        let late = match self.recorded.get_mut(&run) {
+            Some((p, advanced)) if p.step == step && p.members.contains(&worker) => {
+                p.reports.insert(worker, hash.to_owned()).is_none().then(|| (p.clone(), *advanced))
+            }
+            _ => None,
+        };
         if step == r.committed_step && hash == r.committed_hash {
-            let late = match self.recorded.get_mut(&run) {
-                Some((p, advanced)) if p.step == step && p.members.contains(&worker) => p
-                    .reports
-                    .insert(worker, hash.to_owned())
-                    .is_none()
-                    .then(|| (p.clone(), *advanced)),
-                _ => None,
-            };
             if let Some((p, advanced)) = late {
                 self.credit(run, &p, worker, advanced);
             }
@@ -704,19 +705,14 @@ impl Cluster {
                     FaultKind::BadState => "sending a state that failed its checks",
                     _ => "breaking the ring's protocol",
                 };
-                let (a, b) = (
-                    self.dispute(now, run, reporter, accused),
-                    self.dispute(now, run, accused, reporter),
-                );
+                self.record_dispute(run, reporter, accused);
                 let line = format!(
                     "{reporter} accuses {accused} of {what} ({detail}); the coordinator cannot \
-                     verify it, so both sit out ({reporter} {} s, {accused} {} s: longer for \
-                     whoever keeps disputing with new members), and they are not neighbours again",
-                    a / 1000,
-                    b / 1000
+                     verify it, so the two are never in one ring again"
                 );
                 self.log(run, line.clone());
                 self.restart_epoch(now, run, line, false);
+                self.settle_disputes(now, run);
             }
             (_, Some(p)) => {
                 let n = {
@@ -739,16 +735,15 @@ impl Cluster {
                     );
                     self.log(run, line.clone());
                     self.restart_epoch(now, run, line, false);
-                } else if n >= 3 {
+                } else if n >= 2 {
+                    self.record_dispute(run, reporter, p);
                     let line = format!(
                         "{reporter} and {p} could not form a ring in {n} tries and no other \
-                         member can say who is at fault; both sit out for {} s",
-                        self.config.bench_for / 1000
+                         member can say who is at fault; the two are never in one ring again"
                     );
                     self.log(run, line.clone());
-                    self.bench(now, reporter);
-                    self.bench(now, p);
                     self.restart_epoch(now, run, line, false);
+                    self.settle_disputes(now, run);
                 } else {
                     self.maybe_reform(now, run);
                 }
@@ -759,25 +754,6 @@ impl Cluster {
                 self.maybe_reform(now, run);
             }
         }
-    }
-
-    /// `who` was in a dispute with `with`: it sits out `bench_for` times 2^(k−1), k the number
-    /// of distinct members it has disputed with in this run. An honest member's disputes are
-    /// with the few liars near it; a liar's, with every honest member the ring puts after or
-    /// before it (disputed pairs are never neighbours again), so its benches grow and theirs do
-    /// not. Returns how long it sits out.
-    fn dispute(&mut self, now: Millis, run: RunId, who: WorkerId, with: WorkerId) -> Millis {
-        let set = self.disputes.entry((run, who)).or_default();
-        set.insert(with);
-        let k = set.len() as u32;
-        let d = self.config.bench_for.saturating_mul(1 << k.saturating_sub(1).min(6));
-        self.bench_for(now, who, d);
-        d
-    }
-
-    /// Whether `a` and `b` disputed in `run` (they are not placed side by side again).
-    pub(super) fn disputed(&self, run: RunId, a: WorkerId, b: WorkerId) -> bool {
-        self.disputes.get(&(run, a)).is_some_and(|s| s.contains(&b))
     }
 
     /// A failure two members report is real (an operation fails on every member alike): the

@@ -335,6 +335,7 @@ fn worker_info(c: &Cluster, w: &cluster::WorkerRecord, now: Millis) -> pb::Worke
         excluded: w.ledger.excluded,
         benched_until_unix_ms: c.benched_until(w.id, now),
         banned_from: w.banned.iter().map(|r| r.0).collect(),
+        sitting_out_of: c.sits_out_of_runs(w.id).map(|r| r.0).collect(),
     }
 }
 

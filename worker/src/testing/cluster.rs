@@ -185,6 +185,32 @@ impl Coordinator {
         }
     }
 
+    /// Waits until `n` workers heartbeat over a session (so a run submitted next gets all of
+    /// them in its first epoch), failing after `within`.
+    pub async fn wait_workers(&mut self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ws = self
+                .control
+                .list_workers(pb::ListWorkersRequest::default())
+                .await
+                .expect("test cluster")
+                .into_inner()
+                .workers;
+            let up = ws
+                .iter()
+                .filter(|w| {
+                    w.liveness == pb::Liveness::Alive as i32 && w.last_heartbeat_unix_ms > 0
+                })
+                .count();
+            if up >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "waited {within:?} for {n} workers; {up} are up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Every log line of the run so far.
     pub async fn logs(&mut self, id: u64) -> Vec<String> {
         let mut stream = self
