@@ -352,16 +352,33 @@ impl Group {
         }
         let deadline = Instant::now() + group.net.connect_timeout;
         let next = &members[(rank + 1) % world];
+        // On a failure, whatever was connected hears why (an abort, not a departure) before
+        // the connections are dropped: a neighbour must not blame this member for a failure
+        // that was another's.
+        let endpoint = &group.endpoint;
+        let abort = |e: JoinError| {
+            let reason = truncate(&format!("forming the ring failed: {e}"), 1000);
+            endpoint.close(VarInt::from_u32(CLOSE_ABORT), reason.as_bytes());
+            e
+        };
         let (dialed, accepted) = tokio::try_join!(
-            dial(&group.endpoint, next, epoch, group.net.connections_per_peer, deadline),
-            accept(
-                &group.endpoint,
-                epoch,
-                &group.names,
-                group.prev(),
-                group.net.connections_per_peer,
-                deadline
-            ),
+            async {
+                dial(endpoint, next, epoch, group.net.connections_per_peer, deadline)
+                    .await
+                    .map_err(abort)
+            },
+            async {
+                accept(
+                    endpoint,
+                    epoch,
+                    &group.names,
+                    group.prev(),
+                    group.net.connections_per_peer,
+                    deadline,
+                )
+                .await
+                .map_err(abort)
+            },
         )?;
         group.start_tasks(dialed, accepted, events);
         debug!(epoch, rank, world, "group formed");

@@ -951,6 +951,51 @@ fn a_peer_two_members_cannot_reach_is_dropped_with_a_reason() {
 }
 
 #[test]
+fn a_pair_that_cannot_form_a_ring_in_two_epochs_is_a_dispute_unless_a_sync_came_between() {
+    use super::{Fault, FaultKind};
+    let mut net = Net::new(config());
+    let run = net.submit(3, 8, 1_000_000, 50);
+    let w: Vec<WorkerId> = (0..4).map(|_| net.join()).collect();
+    net.run_for(2_000);
+    let f = Fault { peer: Some(w[3]), kind: FaultKind::Unreachable, detail: "did not connect" };
+    let aborted = Fault { peer: None, kind: FaultKind::Failed, detail: "a neighbour aborted" };
+    // One epoch: w[0] cannot reach w[3] (once or twice), a neighbour aborts: the ring re-forms
+    // with the same members.
+    let (e1, _) = net.epoch_of(run);
+    net.cluster.ring_fault(net.now, w[0], run, e1, f);
+    net.cluster.ring_fault(net.now, w[0], run, e1, f);
+    net.cluster.ring_fault(net.now, w[1], run, e1, aborted);
+    net.run_for(TICK);
+    let (e2, members) = net.epoch_of(run);
+    assert!(e2 > e1 && members.len() == 4, "re-formed with everyone: {members:?}");
+    assert!(net.logged(run, "could not form").is_empty(), "one epoch is no dispute");
+    // A sync recorded by both clears it: the next failure counts as the first.
+    net.run_for(2_000);
+    assert!(net.step(run) > 0);
+    let (e3, _) = net.epoch_of(run);
+    net.cluster.ring_fault(net.now, w[3], run, e3, Fault { peer: Some(w[0]), ..f });
+    net.cluster.ring_fault(net.now, w[1], run, e3, aborted);
+    net.run_for(TICK);
+    assert!(net.logged(run, "could not form").is_empty(), "{:?}", net.logs);
+    // The same pair again in the very next epoch, nothing recorded between: a dispute, and
+    // one of the two (only) sits out; the run goes on with three.
+    let (e4, members) = net.epoch_of(run);
+    assert_eq!(members.len(), 4);
+    net.cluster.ring_fault(net.now, w[0], run, e4, f);
+    net.run_for(TICK);
+    let lines = net.logged(run, "could not form a ring in 2 epochs");
+    assert_eq!(lines.len(), 1, "{:?}", net.logs);
+    let out: Vec<WorkerId> =
+        w.iter().copied().filter(|x| net.cluster.sits_out_of(run, *x)).collect();
+    assert!(out == [w[0]] || out == [w[3]], "one side sits out: {out:?}");
+    let step = net.step(run);
+    net.run_for(3_000);
+    assert!(net.step(run) > step, "the others go on");
+    assert!(!net.epoch_of(run).1.contains(&out[0]));
+    assert!(net.cluster.workers().all(|x| x.banned.is_empty()));
+}
+
+#[test]
 fn a_member_that_never_commits_or_never_reports_is_dropped_and_the_run_goes_on() {
     let mut net = Net::new(config());
     let run = net.submit(2, 8, 1_000_000, 50);

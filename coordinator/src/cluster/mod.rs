@@ -503,6 +503,10 @@ pub struct Cluster {
     disputes: BTreeMap<(RunId, WorkerId), BTreeSet<WorkerId>>,
     /// Per run, the workers its disputes keep out of its ring ([`disputes`]; volatile).
     sit_out: BTreeMap<RunId, BTreeSet<WorkerId>>,
+    /// Per run and pair of members (smaller id first), the epochs in which one could not form a
+    /// ring with the other since a sync both were members of was recorded (volatile).
+    /// How many, and the last one counted.
+    unreachable: BTreeMap<(RunId, WorkerId, WorkerId), (u32, Epoch)>,
     /// Members whose death was counted against a run's restart budget (volatile).
     died_in: BTreeSet<(RunId, WorkerId)>,
     /// When each run's current epoch was formed (volatile).
@@ -532,6 +536,7 @@ impl Cluster {
             recorded: BTreeMap::new(),
             disputes: BTreeMap::new(),
             sit_out: BTreeMap::new(),
+            unreachable: BTreeMap::new(),
             died_in: BTreeSet::new(),
             formed: BTreeMap::new(),
             latest: BTreeMap::new(),
@@ -1299,6 +1304,7 @@ impl Cluster {
         }
         self.disputes.retain(|(r, _), _| *r != run);
         self.sit_out.remove(&run);
+        self.unreachable.retain(|(r, _, _), _| *r != run);
         // Freed workers may serve another run at the next tick.
         let others: Vec<RunId> =
             self.runs.values().filter(|r| !r.state.is_terminal()).map(|r| r.id).collect();

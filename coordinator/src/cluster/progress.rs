@@ -357,6 +357,9 @@ impl Cluster {
         let minority: BTreeMap<WorkerId, String> =
             p.reports.iter().filter(|(_, h)| **h != hash).map(|(w, h)| (*w, h.clone())).collect();
         let (step, epoch) = (p.step, p.epoch);
+        // Members that recorded a sync together reached each other.
+        self.unreachable
+            .retain(|(r, a, b), _| *r != run || !(p.members.contains(a) && p.members.contains(b)));
         self.recorded.insert(run, (p, advanced));
         let r = self.runs.get_mut(&run).expect("run looked up above");
         if r.committed_step < r.total_steps && !minority.is_empty() {
@@ -715,11 +718,7 @@ impl Cluster {
                 self.settle_disputes(now, run);
             }
             (_, Some(p)) => {
-                let n = {
-                    let c = sync.blames.entry((reporter, p)).or_default();
-                    *c += 1;
-                    *c
-                };
+                *sync.blames.entry((reporter, p)).or_default() += 1;
                 sync.failed.insert(reporter);
                 let blamers: BTreeSet<WorkerId> =
                     sync.blames.keys().filter(|(_, b)| *b == p).map(|(a, _)| *a).collect();
@@ -735,10 +734,23 @@ impl Cluster {
                     );
                     self.log(run, line.clone());
                     self.restart_epoch(now, run, line, false);
-                } else if n >= 2 {
+                    return;
+                }
+                // One member alone cannot reach another: in one epoch, a fault of the path or of
+                // either machine; in two epochs with no sync recorded by both in between, a
+                // dispute (no third member can say who is at fault).
+                let pair = (run, reporter.min(p), reporter.max(p));
+                let (n, last) = self.unreachable.entry(pair).or_insert((0, epoch));
+                if *n == 0 || *last != epoch {
+                    *n += 1;
+                    *last = epoch;
+                }
+                let n = *n;
+                if n >= 2 {
+                    self.unreachable.remove(&pair);
                     self.record_dispute(run, reporter, p);
                     let line = format!(
-                        "{reporter} and {p} could not form a ring in {n} tries and no other \
+                        "{reporter} and {p} could not form a ring in {n} epochs and no other \
                          member can say who is at fault; the two are never in one ring again"
                     );
                     self.log(run, line.clone());
