@@ -954,12 +954,14 @@ impl Driver {
         self.send(Up::Metrics(pb::Metrics {
             run_id: ctx.run,
             step: ctx.trainer.sync_step,
-            loss: (w.steps > 0).then(|| w.loss_sum / w.steps as f64),
+            // A diverged loss or norm is not reported: the coordinator refuses figures that are
+            // not finite or beyond 1e15, and closes the session that sends them.
+            loss: (w.steps > 0).then(|| w.loss_sum / w.steps as f64).filter(|l| reportable(*l)),
             tokens_per_sec,
             samples: w.samples,
             bytes,
             accuracy,
-            grad_norm: ctx.trainer.last_grad_norm,
+            grad_norm: Some(ctx.trainer.last_grad_norm).filter(|g| reportable(*g)).unwrap_or(0.0),
             compute_ms: compute.as_secs_f64() * 1e3,
             comm_ms: comm_time.as_secs_f64() * 1e3,
             idle_ms: idle.as_secs_f64() * 1e3,
@@ -1193,4 +1195,9 @@ impl Feeder {
         }
         Ok(if parts.len() == 1 { parts.pop().expect("one part") } else { Batch::cat(&parts) })
     }
+}
+
+/// A figure the coordinator accepts in `Metrics` (finite, in [0, 1e15]).
+fn reportable(v: f64) -> bool {
+    v.is_finite() && (0.0..=1e15).contains(&v)
 }

@@ -996,6 +996,33 @@ fn a_pair_that_cannot_form_a_ring_in_two_epochs_is_a_dispute_unless_a_sync_came_
 }
 
 #[test]
+fn a_session_closed_for_a_malformed_message_sits_out_longer_each_time() {
+    let mut net = Net::new(config());
+    let run = net.submit(2, 8, 1_000_000, 50);
+    let w: Vec<WorkerId> = (0..3).map(|_| net.join()).collect();
+    net.run_for(2_000);
+    let (e1, members) = net.epoch_of(run);
+    assert!(members.contains(&w[1]));
+    net.cluster.misbehaved(net.now, w[1], "invalid checkpoint_done.uri");
+    net.run_for(TICK);
+    let (e2, members) = net.epoch_of(run);
+    assert!(e2 > e1 && !members.contains(&w[1]), "re-formed without it: {members:?}");
+    let first = net.cluster.benched_until(w[1], net.now).saturating_sub(net.now);
+    assert!(first > 0);
+    assert!(!net.logged(run, "no honest worker sends").is_empty(), "{:?}", net.logs);
+    let step = net.step(run);
+    net.run_for(2_000);
+    assert!(net.step(run) > step, "the others go on");
+    // The second time it sits out twice as long; it is never banned on this.
+    net.run_for(first + 3_000);
+    assert!(net.epoch_of(run).1.contains(&w[1]), "it came back");
+    net.cluster.misbehaved(net.now, w[1], "rate limit");
+    let second = net.cluster.benched_until(w[1], net.now).saturating_sub(net.now);
+    assert!(second >= 2 * first - TICK, "{second} after {first}");
+    assert!(net.cluster.workers().all(|x| x.banned.is_empty()));
+}
+
+#[test]
 fn a_member_that_never_commits_or_never_reports_is_dropped_and_the_run_goes_on() {
     let mut net = Net::new(config());
     let run = net.submit(2, 8, 1_000_000, 50);

@@ -1051,6 +1051,32 @@ impl Cluster {
 
     /// The worker is dropped from its ring for failing it (never formed it, never committed):
     /// it sits out, twice as long each time it happens again.
+    /// The worker's session was closed for a message no honest worker sends (malformed, or
+    /// over its quota): its own evidence. It sits out as a dropped member does (twice as long
+    /// each time), so a worker that keeps reconnecting to misbehave cannot re-form its run's
+    /// ring at every return; its run's epoch is re-formed without it at once, and the run's log
+    /// says why.
+    pub fn misbehaved(&mut self, now: Millis, id: WorkerId, why: &str) {
+        if !self.workers.contains_key(&id) {
+            return;
+        }
+        let run = self.workers.get(&id).and_then(|w| w.run);
+        let d = self.drop_member(now, id);
+        let Some(run) = run else { return };
+        let member = self.runs.get(&run).is_some_and(|r| {
+            r.state == RunState::Running && r.members.iter().any(|m| m.worker == id)
+        });
+        if member {
+            let line = format!(
+                "{id}'s session was closed for a message no honest worker sends ({why}); it sits \
+                 out for {} s",
+                d / 1000
+            );
+            self.log(run, line.clone());
+            self.restart_epoch(now, run, line, false);
+        }
+    }
+
     fn drop_member(&mut self, now: Millis, id: WorkerId) -> Millis {
         let drops = self.live.get_mut(&id).map_or(0, |l| {
             l.drops += 1;

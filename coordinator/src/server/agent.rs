@@ -162,10 +162,23 @@ impl Agent for AgentSvc {
                         }
                         None => break,
                     };
-                    if let Err(e) = session.handle(&shared, &tx, msg) {
-                        debug!(error = %e, "closing the session");
-                        let _ = tx.try_send(Err(e));
-                        break;
+                    match session.handle(&shared, &tx, msg) {
+                        Ok(()) => {}
+                        Err(Closing::Refused(e)) => {
+                            debug!(error = %e, "closing the session");
+                            let _ = tx.try_send(Err(e));
+                            break;
+                        }
+                        Err(Closing::Malformed(e)) => {
+                            debug!(error = %e, "closing the session: a malformed message");
+                            let why = limits::sanitize(e.message(), 200);
+                            let _ = shared.with(Admit::Always, |c, now| {
+                                c.misbehaved(now, id, &why);
+                                Ok(())
+                            });
+                            let _ = tx.try_send(Err(e));
+                            break;
+                        }
                     }
                 }
                 shared.sessions.close(id, generation);
@@ -223,6 +236,33 @@ impl Agent for AgentSvc {
     }
 }
 
+/// Why a session is closed.
+#[derive(Debug)]
+enum Closing {
+    /// The worker's own message was malformed or over its quota: nothing an honest worker
+    /// sends, so its own evidence (it sits out, see [`cluster::Cluster::misbehaved`]).
+    Malformed(Status),
+    /// Refused in the cluster's current state (a report it could not know was stale, or a
+    /// store that is behind): no fault of its own is proven.
+    Refused(Status),
+}
+
+impl From<Status> for Closing {
+    fn from(s: Status) -> Self {
+        Self::Malformed(s)
+    }
+}
+
+impl From<WireError> for Closing {
+    fn from(e: WireError) -> Self {
+        Self::Malformed(e.into())
+    }
+}
+
+fn refused<T>(r: Result<T, Status>) -> Result<T, Closing> {
+    r.map_err(Closing::Refused)
+}
+
 /// One worker's session: its identity, where it connects from, and its quotas.
 struct Session {
     id: WorkerId,
@@ -241,22 +281,23 @@ impl Session {
         shared: &Shared,
         tx: &SessionTx,
         msg: pb::AgentMessage,
-    ) -> Result<(), Status> {
+    ) -> Result<(), Closing> {
         use pb::agent_message::Msg;
         let id = self.id;
         let now = Instant::now();
         if !self.limits.all.take(now) {
-            return Err(exhausted("session"));
+            return Err(exhausted("session").into());
         }
         let Some(msg) = msg.msg else {
-            return Err(Status::invalid_argument("empty agent message"));
+            return Err(Status::invalid_argument("empty agent message").into());
         };
         match msg {
             Msg::Hello(h) => {
                 if std::mem::replace(&mut self.hello, true) {
                     return Err(Status::invalid_argument(
                         "Hello is the first message of a session, and only the first",
-                    ));
+                    )
+                    .into());
                 }
                 let addr: Option<SocketAddr> = if h.ring_addr.is_empty() {
                     None
@@ -264,19 +305,19 @@ impl Session {
                     Some(limits::ring_addr("ring_addr", &h.ring_addr, self.from)?)
                 };
                 let from = self.from;
-                shared.with(Admit::Always, |c, now| {
+                refused(shared.with(Admit::Always, |c, now| {
                     c.session_opened(now, id, from, addr).map_err(|e| match e {
                         cluster::WorkerError::AddressFlapping(..) => {
                             Status::resource_exhausted(e.to_string())
                         }
                         _ => Status::not_found(e.to_string()),
                     })
-                })
+                }))
             }
             Msg::Heartbeat(hb) => {
                 let _t = shared.telemetry.time("Heartbeat");
                 if hb.rtts.len() > MAX_RING {
-                    return Err(Status::invalid_argument("too many rtts"));
+                    return Err(Status::invalid_argument("too many rtts").into());
                 }
                 let rtts = hb
                     .rtts
@@ -284,9 +325,9 @@ impl Session {
                     .filter(|r| r.worker_id > 0 && r.worker_id != id.0)
                     .map(|r| (WorkerId(r.worker_id), r.rtt_us))
                     .collect();
-                shared.with(Admit::Always, |c, now| {
+                refused(shared.with(Admit::Always, |c, now| {
                     c.heartbeat(now, id, Some(rtts)).map_err(|e| Status::not_found(e.to_string()))
-                })?;
+                }))?;
                 let ack = pb::CoordinatorMessage {
                     msg: Some(pb::coordinator_message::Msg::HeartbeatAck(pb::HeartbeatAck {
                         seq: hb.seq,
@@ -297,7 +338,7 @@ impl Session {
             }
             Msg::Metrics(m) => {
                 if !self.limits.metrics.take(now) {
-                    return Err(exhausted("Metrics"));
+                    return Err(exhausted("Metrics").into());
                 }
                 let run = convert::run_id(m.run_id)?;
                 let metrics = cluster::Metrics {
@@ -317,17 +358,17 @@ impl Session {
                     bytes_received: m.bytes_received,
                     param_hash: convert::param_hash("metrics.param_hash", &m.param_hash)?,
                 };
-                shared.with(Admit::IfStoreKeepsUp, |c, now| {
+                refused(shared.with(Admit::IfStoreKeepsUp, |c, now| {
                     c.metrics(now, id, &metrics).map_err(status_of_report)
-                })
+                }))
             }
             Msg::StepCommitted(s) => {
                 let run = convert::run_id(s.run_id)?;
                 let hash = convert::param_hash("step_committed.param_hash", &s.param_hash)?;
-                shared.with(Admit::Always, |c, now| {
+                refused(shared.with(Admit::Always, |c, now| {
                     c.step_committed(now, id, run, convert::epoch(s.epoch), s.step, &hash);
                     Ok(())
-                })
+                }))
             }
             Msg::SyncCommit(s) => {
                 let run = convert::run_id(s.run_id)?;
@@ -338,14 +379,14 @@ impl Session {
                     )
                     .into());
                 }
-                shared.with(Admit::Always, |c, now| {
+                refused(shared.with(Admit::Always, |c, now| {
                     c.sync_commit(now, id, run, convert::epoch(s.epoch), s.step, s.segment_norms)
                         .map_err(status_of_report)
-                })
+                }))
             }
             Msg::RingFault(f) => {
                 if !self.limits.faults.take(now) {
-                    return Err(exhausted("RingFault"));
+                    return Err(exhausted("RingFault").into());
                 }
                 let run = convert::run_id(f.run_id)?;
                 let peer = (f.peer_worker_id != 0).then_some(WorkerId(f.peer_worker_id));
@@ -363,19 +404,26 @@ impl Session {
                         .into());
                     }
                 };
-                self.fault(shared, run, f.epoch, peer, kind, &f.detail)
+                refused(self.fault(shared, run, f.epoch, peer, kind, &f.detail))
             }
             Msg::MemberFault(f) => {
                 if !self.limits.faults.take(now) {
-                    return Err(exhausted("MemberFault"));
+                    return Err(exhausted("MemberFault").into());
                 }
                 let run = convert::run_id(f.run_id)?;
                 let accused = convert::worker_id(f.worker_id)?;
-                self.fault(shared, run, f.epoch, Some(accused), FaultKind::Misbehaved, &f.reason)
+                refused(self.fault(
+                    shared,
+                    run,
+                    f.epoch,
+                    Some(accused),
+                    FaultKind::Misbehaved,
+                    &f.reason,
+                ))
             }
             Msg::CheckpointDone(cp) => {
                 if !self.limits.checkpoints.take(now) {
-                    return Err(exhausted("CheckpointDone"));
+                    return Err(exhausted("CheckpointDone").into());
                 }
                 let run = convert::run_id(cp.run_id)?;
                 limits::printable("checkpoint_done.uri", &cp.uri, 1024)?;
@@ -388,10 +436,10 @@ impl Session {
                     )
                     .into());
                 }
-                shared.with(Admit::IfStoreKeepsUp, |c, now| {
+                refused(shared.with(Admit::IfStoreKeepsUp, |c, now| {
                     c.checkpoint_done(now, id, run, cp.step, &cp.uri, &cp.sha256)
                         .map_err(status_of_report)
-                })
+                }))
             }
         }
     }
