@@ -358,6 +358,9 @@ impl Session {
                     bytes_received: m.bytes_received,
                     param_hash: convert::param_hash("metrics.param_hash", &m.param_hash)?,
                 };
+                // A value no honest worker reports (non-finite, negative, absurd) is the
+                // sender's own evidence, like any malformed message: it sits out.
+                metrics.check().map_err(Status::invalid_argument)?;
                 refused(shared.with(Admit::IfStoreKeepsUp, |c, now| {
                     c.metrics(now, id, &metrics).map_err(status_of_report)
                 }))
