@@ -40,7 +40,7 @@ use crate::codec::{self, Compression, Element};
 use crate::io::{self, NetRuntime};
 use crate::schedule::{Action, ChunkId, Phase, RingPlan, RingSchedule};
 use crate::tls::{self, Identity, TlsError, TrustAnchor};
-use crate::transport::{self, NetConfig};
+use crate::transport::{self, NetConfig, PortLease};
 use crate::wan::{LinkCondition, WanSocket};
 use crate::wire::{Codec, FrameError, HEADER_LEN, Header, Kind, WirePhase};
 
@@ -78,6 +78,9 @@ pub struct GroupSpec {
     pub rank: usize,
     pub net: NetConfig,
     pub emulation: Option<Emulation>,
+    /// A hold on the endpoint's port that outlives the group, so that its owner can free the
+    /// port for the next group while this one's connections still drain (see [`PortLease`]).
+    pub port: Option<PortLease>,
 }
 
 /// Why a group could not be formed.
@@ -277,7 +280,7 @@ impl Group {
         socket: Option<std::net::UdpSocket>,
         net_runtime: tokio::runtime::Handle,
     ) -> Result<Self, JoinError> {
-        let GroupSpec { epoch, members, rank, net, emulation } = spec;
+        let GroupSpec { epoch, members, rank, net, emulation, port } = spec;
         net.check().map_err(JoinError::Config)?;
         let world = members.len();
         if rank >= world {
@@ -319,6 +322,9 @@ impl Group {
         // (see `crate::io`), whatever runtime the caller is on.
         let runtime = NetRuntime::new(net_runtime.clone());
         let mut udp: Arc<dyn AsyncUdpSocket> = runtime.wrap_udp_socket(socket).map_err(bind_err)?;
+        if let Some(port) = &port {
+            udp = port.wrap(udp).map_err(bind_err)?;
+        }
         if let Some(e) = &emulation {
             let _in = net_runtime.enter();
             udp = WanSocket::new(udp, e.condition.clone(), e.seed ^ rank as u64);

@@ -33,5 +33,5 @@ pub use group::{
     ReduceOp, segments,
 };
 pub use tls::{DevCa, Identity, TrustAnchor};
-pub use transport::{Congestion, NetConfig};
+pub use transport::{Congestion, NetConfig, PortLease};
 pub use wan::{LinkCondition, LinkPreset};

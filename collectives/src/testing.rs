@@ -73,6 +73,7 @@ impl LocalRing {
                         rank,
                         net: net.clone(),
                         emulation: emulation.clone(),
+                        port: None,
                     },
                     anchor: ca.anchor(),
                     identity: ca.issue(&names[rank])?,

@@ -2,12 +2,18 @@
 //! neighbour, congestion control, liveness timers.
 
 use std::fmt;
+use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
+use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use quinn::{EndpointConfig, MtuDiscoveryConfig, TransportConfig, VarInt};
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{
+    AsyncUdpSocket, EndpointConfig, MtuDiscoveryConfig, TransportConfig, UdpPoller, VarInt,
+};
 
 /// Congestion controller used by every connection of a group.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -220,6 +226,162 @@ pub fn bind(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
     sock.set_send_buffer_size(buffer).ok();
     sock.bind(&addr.into())?;
     Ok(sock.into())
+}
+
+/// The owner's hold on the UDP port of a group's QUIC endpoint.
+///
+/// A closed QUIC endpoint keeps its socket until every connection has drained, for three probe
+/// timeouts. After a stall (a process stopped for 20 s, a machine swapping) the round-trip
+/// estimate, and so the drain, can grow to a minute, while the next epoch needs the same port
+/// at once. [`PortLease::release`] takes the socket away from the old endpoint: the port is
+/// free at once; the endpoint's draining connections go on without a socket (what they send
+/// is dropped, and nothing arrives). The worker releases the last epoch's port before it binds
+/// the next one, when the old group's close frames are long sent.
+#[derive(Clone, Default)]
+pub struct PortLease {
+    slot: Arc<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    socket: Mutex<Option<Arc<dyn AsyncUdpSocket>>>,
+}
+
+impl Slot {
+    fn get(&self) -> Option<Arc<dyn AsyncUdpSocket>> {
+        self.socket.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl fmt::Debug for PortLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PortLease").field("held", &self.slot.get().is_some()).finish()
+    }
+}
+
+impl PortLease {
+    /// Closes the socket. A send or receive in progress on the network runtime holds it for
+    /// the length of that call: this waits for them (up to a second, which only a send
+    /// blocked on a full socket buffer could take), so that the port is free on return.
+    pub fn release(&self) {
+        let Some(socket) = self.slot.socket.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        // Nothing takes a new reference once the slot is empty: the count only falls.
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while Arc::strong_count(&socket) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// Whether the socket is still held.
+    pub fn is_held(&self) -> bool {
+        self.slot.get().is_some()
+    }
+
+    /// `socket`, behind this lease: what the endpoint gets instead.
+    pub(crate) fn wrap(
+        &self,
+        socket: Arc<dyn AsyncUdpSocket>,
+    ) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+        let leased = Leased {
+            addr: socket.local_addr()?,
+            max_transmit_segments: socket.max_transmit_segments(),
+            max_receive_segments: socket.max_receive_segments(),
+            may_fragment: socket.may_fragment(),
+            slot: self.slot.clone(),
+        };
+        *self.slot.socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket);
+        Ok(Arc::new(leased))
+    }
+}
+
+/// A socket that its [`PortLease`] can take away. Nothing here keeps the inner socket alive
+/// beyond one call, so a release closes it.
+#[derive(Debug)]
+struct Leased {
+    addr: SocketAddr,
+    max_transmit_segments: usize,
+    max_receive_segments: usize,
+    may_fragment: bool,
+    slot: Arc<Slot>,
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Slot")
+    }
+}
+
+impl AsyncUdpSocket for Leased {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(LeasedPoller { slot: self.slot.clone(), inner: None })
+    }
+
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        match self.slot.get() {
+            Some(s) => s.try_send(transmit),
+            // Released: what a draining connection still sends goes nowhere.
+            None => Ok(()),
+        }
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        match self.slot.get() {
+            Some(s) => s.poll_recv(cx, bufs, meta),
+            // Released: nothing arrives any more (the endpoint's timers still run).
+            None => Poll::Pending,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.max_transmit_segments
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.max_receive_segments
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.may_fragment
+    }
+}
+
+/// Waits until the leased socket is writable. It holds the inner socket's poller (and so the
+/// socket) only while a send waits, and lets go as soon as it is ready or released.
+struct LeasedPoller {
+    slot: Arc<Slot>,
+    inner: Option<Pin<Box<dyn UdpPoller>>>,
+}
+
+impl fmt::Debug for LeasedPoller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LeasedPoller")
+    }
+}
+
+impl UdpPoller for LeasedPoller {
+    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(socket) = self.slot.get() else {
+            self.inner = None;
+            return Poll::Ready(Ok(()));
+        };
+        let inner = self.inner.get_or_insert_with(|| socket.create_io_poller());
+        let ready = inner.as_mut().poll_writable(cx);
+        if ready.is_ready() {
+            self.inner = None;
+        }
+        ready
+    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use collectives::testing::LocalRing;
 use collectives::wire::{Codec, HEADER_LEN, Header, Kind, WirePhase};
 use collectives::{
-    Compression, DevCa, Emulation, Group, JoinError, LinkCondition, NetConfig, OpError, ReduceOp,
-    tls,
+    Compression, DevCa, Emulation, Group, JoinError, LinkCondition, NetConfig, OpError, PortLease,
+    ReduceOp, tls,
 };
 
 fn net() -> NetConfig {
@@ -395,4 +395,50 @@ fn bad_group_specs_are_named() {
     p.spec.members[0].name = "rank 0".into();
     let err = rt.block_on(p.join()).unwrap_err();
     assert!(err.to_string().contains("rank 0"), "{err}");
+}
+
+/// A group closed while its peer is silent keeps its connection draining for three probe
+/// timeouts (a minute after a long stall of this process), and its endpoint the port. The next
+/// epoch binds the same port: the group's port lease takes the socket from the old endpoint,
+/// so the port is free at once while the old connection still drains.
+#[test]
+fn a_released_port_is_free_while_the_old_endpoint_drains() {
+    let rt = runtime();
+    let peer_rt = runtime();
+    let mut parts = LocalRing::build(2, 1, &net(), None).unwrap().into_iter();
+    let (mut a, b) = (parts.next().unwrap(), parts.next().unwrap());
+    let lease = PortLease::default();
+    a.spec.port = Some(lease.clone());
+    let addr = a.spec.members[0].addr;
+    let (g0, g1) =
+        rt.block_on(async { tokio::join!(a.join(), b.join_on(peer_rt.handle().clone())) });
+    let (g0, g1) = (g0.unwrap(), g1.unwrap());
+    // The peer goes silent (its network torn down without a word); rank 0 closes its group.
+    peer_rt.shutdown_background();
+    drop(g1);
+    rt.block_on(async move { drop(g0) });
+    assert!(lease.is_held(), "the endpoint still has its socket while it drains");
+    let before = collectives::transport::bind(addr, 1 << 20).map(drop);
+    println!("binding {addr} before the release: {before:?}");
+    lease.release();
+    assert!(!lease.is_held());
+    let again = collectives::transport::bind(addr, 1 << 20);
+    assert!(again.is_ok(), "the released port is free: {again:?}");
+    // The old endpoint drains without a socket, and a group forms on the port again.
+    let mut parts = LocalRing::build(2, 2, &net(), None).unwrap().into_iter();
+    let (mut a, mut b) = (parts.next().unwrap(), parts.next().unwrap());
+    a.socket = again.unwrap();
+    a.spec.members[0].addr = addr;
+    b.spec.members[0].addr = addr;
+    let (mut g0, mut g1) = rt.block_on(async { tokio::try_join!(a.join(), b.join()) }).unwrap();
+    let (mut x, mut y) = (vec![1.0f32; 1000], vec![2.0f32; 1000]);
+    rt.block_on(async {
+        let (r0, r1) = tokio::join!(
+            g0.all_reduce(&mut x, ReduceOp::Sum, Compression::None),
+            g1.all_reduce(&mut y, ReduceOp::Sum, Compression::None)
+        );
+        r0.unwrap();
+        r1.unwrap();
+    });
+    assert!(x.iter().chain(&y).all(|v| *v == 3.0));
 }

@@ -17,8 +17,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use collectives::NetConfig;
 use collectives::group::{Emulation, Group, GroupSpec, Member};
+use collectives::{NetConfig, PortLease};
 use coordinator::runfile::RunSpec;
 use coordinator::testing::AgentRpc;
 use proto::pb;
@@ -123,6 +123,9 @@ pub struct Driver {
     stop: Option<(u64, String)>,
     /// A run this worker could not start (its file, its model, its data).
     unusable: Option<u64>,
+    /// The ring port of the last group this worker formed or tried to: released before the
+    /// next one binds it (the old endpoint may still be draining its connections).
+    port: Option<PortLease>,
 }
 
 /// How an epoch ended.
@@ -216,6 +219,7 @@ impl Driver {
             ctx: None,
             stop: None,
             unusable: None,
+            port: None,
         }
     }
 
@@ -486,7 +490,7 @@ impl Driver {
         out
     }
 
-    fn form_ring(&self, e: &pb::EpochChange, attempt: &Attempt) -> Result<Group, Outcome> {
+    fn form_ring(&mut self, e: &pb::EpochChange, attempt: &Attempt) -> Result<Group, Outcome> {
         // The certificate may have been renewed since this worker started.
         let identity = Identity::load(&self.cfg.state_dir, &self.identity.ca_pin)
             .ok()
@@ -513,18 +517,25 @@ impl Driver {
             .collect::<Result<Vec<_>, Outcome>>()?;
         let (identity, anchor) =
             identity.ring_tls().map_err(|err| Outcome::Failed(format!("{err:#}")))?;
+        let port = PortLease::default();
         let spec = GroupSpec {
             epoch: e.epoch,
             members,
             rank,
             net: self.cfg.net.clone(),
             emulation: self.cfg.emulation.clone(),
+            port: Some(port.clone()),
         };
+        // The last epoch's endpoint, closed when its group was dropped, may still be draining
+        // its connections (for a minute after a stall): its port is taken from it first.
+        if let Some(old) = self.port.replace(port) {
+            old.release();
+        }
         let bind = self.cfg.ring_bind;
         let buffer = self.cfg.net.socket_buffer;
         let token = attempt.token.clone();
         self.rt.block_on(async move {
-            // The previous epoch's endpoint may hold the port for a moment after it closed.
+            // Another process (or a hostile neighbour on this host) may hold the port a while.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             let socket = loop {
                 match collectives::transport::bind(bind, buffer) {

@@ -353,6 +353,7 @@ fn run_process(args: &BenchArgs, sweep: &Sweep, rank: usize) -> Result<Vec<Row>>
         rank,
         net: args.net(),
         emulation: args.emulation(1 + rank as u64),
+        port: None,
     };
     benches::cli::runtime()?.block_on(async move {
         let mut g = Group::join(spec, &anchor, &identity).await.context("forming the ring")?;
