@@ -12,9 +12,9 @@ use proto::{RunId, RunState};
 
 use crate::ca::{ca_hash, read_ca_der};
 use crate::client::ConnectConfig;
-use crate::runfile::{self, RunSpec};
 use crate::server::{self, ServerConfig};
 use crate::testing::{Control, control};
+use runspec::{self, RunSpec};
 
 /// longhaul: train one model on GPUs scattered across the internet.
 #[derive(Debug, Parser)]
@@ -199,7 +199,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if path.exists() && !force {
                 bail!("{} exists (use --force to overwrite)", path.display());
             }
-            std::fs::write(&path, runfile::EXAMPLE)
+            std::fs::write(&path, runspec::EXAMPLE)
                 .with_context(|| format!("writing {}", path.display()))?;
             eprintln!(
                 "wrote {}; edit it, then `longhaul submit {}`",

@@ -1,6 +1,6 @@
 //! longhaul's control plane.
 //!
-//! The coordinator validates run files ([`runfile`]), keeps the cluster's state as a sans-IO state
+//! The coordinator validates run files (with [`runspec`]), keeps the cluster's state as a sans-IO state
 //! machine ([`cluster`]), hands out data shards ([`shards`]), persists everything that matters
 //! ([`store`]), issues certificates ([`ca`]) and serves the gRPC API ([`server`]) and shard bytes over HTTPS ([`shard_server`]). The `longhaul`
 //! binary ([`cli`]) is a thin shell around it.
@@ -11,7 +11,6 @@ pub mod client;
 pub mod cluster;
 pub mod floats;
 pub mod metrics;
-pub mod runfile;
 pub mod server;
 pub mod shard_server;
 pub mod shards;

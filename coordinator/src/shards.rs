@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::cluster::Millis;
-use crate::runfile::{DataFormat, Dataset};
+use runspec::{DataFormat, Dataset};
 
 /// The URI scheme of virtual shards: `synthetic:addition/{digits}/{index}`.
 pub const SYNTHETIC_SCHEME: &str = "synthetic:";

@@ -77,7 +77,7 @@ pub fn synthetic_run_file(min: u32, max: u32, steps: u64) -> String {
 /// The example with its `[dataset]` table's body replaced by `dataset`, and the given worker
 /// bounds and step budget.
 fn with_dataset(dataset: &str, min: u32, max: u32, steps: u64) -> String {
-    let ex = crate::runfile::EXAMPLE;
+    let ex = runspec::EXAMPLE;
     let (head, rest) = ex.split_once("[dataset]\n").expect("the example has a [dataset] table");
     let (_, tail) = rest.split_once("[optimizer]").expect("the example has an [optimizer] table");
     let replace = |text: String, from: &str, to: String| {

@@ -223,7 +223,7 @@ fn compare(base: &Outcome, attacked: &Outcome) -> bool {
 
 /// Runs an attacked scenario and compares it with the baseline. In diloco, a run that loses
 /// more than 2 points is run once more, and only a second miss fails the suite: about one
-/// attacked diloco run in twenty has ended several points low (0.973, 0.846, once 0.773)
+/// attacked diloco run in ten has ended several points low (0.973, 0.846, once 0.773)
 /// after a few early epoch changes, with every honest replica on the recorded state and
 /// nothing non-finite applied, and why is not found yet (see `docs/benchmarks.md`; honest
 /// churn and other seeds never did). The miss and its evidence are printed, never hidden.

@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use proto::{Epoch, LeaseId, Liveness, RunId, RunState, WorkerId};
 
 use super::{Cluster, Command, Config, EpochInfo, Millis, Output};
-use crate::runfile::RunSpec;
 use crate::shards::{Lease, Manifest, ShardInfo};
+use runspec::RunSpec;
 
 const TICK: Millis = 100;
 

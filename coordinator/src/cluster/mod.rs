@@ -54,9 +54,9 @@ use proto::{Epoch, LeaseId, Liveness, RunId, RunState, WorkerId};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::runfile::{RunSpec, SyncMode};
 use crate::shards::{Lease, LeaseError, Manifest, ShardBook};
 use crate::store::{CheckpointRecord, MetricPoint};
+use runspec::{RunSpec, SyncMode};
 
 pub use progress::{AgreementInfo, Fault, FaultKind, PendingSync, PlanInfo};
 pub use ring::order_ring;
@@ -430,7 +430,7 @@ impl Metrics {
 #[derive(Debug, Error, PartialEq)]
 pub enum SubmitError {
     #[error("run file: {0}")]
-    RunFile(#[from] crate::runfile::RunFileError),
+    RunFile(#[from] runspec::RunFileError),
     #[error("dataset manifest has no shards")]
     EmptyManifest,
 }

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::aggregate::{self, Commitment, Exclusion};
 use super::{Cluster, Command, Dirty, Millis, ReportError};
-use crate::runfile::SyncMode;
+use runspec::SyncMode;
 
 /// What the coordinator decided for an epoch's start (ranks are positions in the ring).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,8 +16,8 @@ use tracing::info;
 use super::{Shared, now_ms, page_size, run_info, worker_info};
 use crate::ca::{new_secret, secret_hash};
 use crate::cluster::{self, Millis};
-use crate::runfile::RunSpec;
 use crate::shards::Manifest;
+use runspec::RunSpec;
 
 /// Uses a join token may be created with at most.
 const MAX_TOKEN_USES: u32 = 100_000;

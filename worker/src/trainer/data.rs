@@ -72,14 +72,10 @@ pub struct Addition {
 }
 
 impl Addition {
-    /// Tokens of one sample (without padding): `3 * digits + 4`.
+    /// Tokens of one sample (without padding): see [`runspec::addition_sample_len`], which
+    /// the run file's `seq_len` is checked against.
     pub fn sample_len(&self) -> usize {
-        3 * self.digits as usize + 4
-    }
-
-    /// The shortest `seq_len` that fits a sample.
-    pub fn min_seq_len(&self) -> usize {
-        self.sample_len() - 1
+        runspec::addition_sample_len(self.digits) as usize
     }
 
     /// One sample: tokens and, per position, whether its next token is scored.

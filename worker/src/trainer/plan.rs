@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use coordinator::runfile::{self, DataFormat, RunSpec};
+use runspec::{self, DataFormat, RunSpec};
 use tch::Device;
 
 use super::data::{Addition, DataError, ShardData, TokenWidth};
@@ -137,14 +137,8 @@ pub fn train_spec(
     let format = ShardFormat::of(spec);
     let seq_len = spec.seq_len as usize;
     let (input, outputs) = match format {
-        ShardFormat::Addition { digits, .. } => {
-            let min = Addition { digits }.min_seq_len();
-            if seq_len < min {
-                return Err(format!(
-                    "training.seq_len = {seq_len} is too short for {digits}-digit addition \
-                     (a sample needs {min})"
-                ));
-            }
+        // The run file's parser saw that a sample fits `seq_len`.
+        ShardFormat::Addition { .. } => {
             let v = super::data::ADDITION_VOCAB;
             (Input::Tokens { vocab: v }, v)
         }
@@ -158,11 +152,11 @@ pub fn train_spec(
         }
     };
     let model = match &spec.model {
-        runfile::Model::Builtin(b) => ModelSource::Builtin(ModelConfig {
+        runspec::Model::Builtin(b) => ModelSource::Builtin(ModelConfig {
             arch: match b.arch {
-                runfile::Arch::Gpt => Arch::Gpt,
-                runfile::Arch::Mlp => Arch::Mlp,
-                runfile::Arch::Convnet => Arch::Convnet,
+                runspec::Arch::Gpt => Arch::Gpt,
+                runspec::Arch::Mlp => Arch::Mlp,
+                runspec::Arch::Convnet => Arch::Convnet,
             },
             layers: i64::from(b.layers),
             width: i64::from(b.width),
@@ -171,21 +165,16 @@ pub fn train_spec(
             outputs,
             input,
         }),
-        runfile::Model::TorchScript { path } => {
-            if path.starts_with("https://") || path.starts_with("http://") {
-                return Err(format!(
-                    "model.torchscript = {path:?}: this worker loads TorchScript from a local \
-                     path; copy the file to every worker"
-                ));
-            }
+        // A local path or file:// URI (the parser refuses any other scheme).
+        runspec::Model::TorchScript { path } => {
             ModelSource::TorchScript(PathBuf::from(path.trim_start_matches("file://")))
         }
     };
     let o = &spec.optimizer;
     let optim = OptimConfig {
         kind: match o.kind {
-            runfile::OptimizerKind::AdamW => OptimKind::AdamW,
-            runfile::OptimizerKind::Sgd => OptimKind::Sgd,
+            runspec::OptimizerKind::AdamW => OptimKind::AdamW,
+            runspec::OptimizerKind::Sgd => OptimKind::Sgd,
         },
         weight_decay: o.weight_decay,
         betas: o.betas,
@@ -194,9 +183,9 @@ pub fn train_spec(
     };
     let schedule = LrSchedule {
         decay: match spec.schedule.kind {
-            runfile::ScheduleKind::Constant => Decay::Constant,
-            runfile::ScheduleKind::Linear => Decay::Linear,
-            runfile::ScheduleKind::Cosine => Decay::Cosine,
+            runspec::ScheduleKind::Constant => Decay::Constant,
+            runspec::ScheduleKind::Linear => Decay::Linear,
+            runspec::ScheduleKind::Cosine => Decay::Cosine,
         },
         peak: o.lr,
         floor: spec.schedule.min_lr,
@@ -204,15 +193,15 @@ pub fn train_spec(
         total: total_steps,
     };
     let sync = match spec.sync {
-        runfile::SyncMode::Ddp => SyncMode::Ddp,
-        runfile::SyncMode::Diloco { inner_steps, outer_lr, outer_momentum } => {
+        runspec::SyncMode::Ddp => SyncMode::Ddp,
+        runspec::SyncMode::Diloco { inner_steps, outer_lr, outer_momentum } => {
             SyncMode::Diloco { inner_steps: u64::from(inner_steps), outer_lr, outer_momentum }
         }
     };
     let compression = match spec.compression {
-        runfile::Compression::None => collectives::Compression::None,
-        runfile::Compression::Bf16 => collectives::Compression::Bf16,
-        runfile::Compression::Int8 => collectives::Compression::Int8,
+        runspec::Compression::None => collectives::Compression::None,
+        runspec::Compression::Bf16 => collectives::Compression::Bf16,
+        runspec::Compression::Int8 => collectives::Compression::Int8,
     };
     Ok(TrainSpec {
         model,

@@ -29,7 +29,7 @@ layers = 2                # 1..=96 (default: gpt 4, mlp 2, convnet 2)
 width = 64                # model width, 1..=16384 (default: gpt 128, mlp 256, convnet 32)
 heads = 4                 # gpt only; must divide width (default 4)
 # context = 16            # gpt only: positions, >= training.seq_len (default: seq_len)
-# ...or a TorchScript module (a path on every worker, or an https:// URI):
+# ...or a TorchScript module, at this path (or file:// URI) on every worker:
 # torchscript = "models/my_model.pt"
 
 [dataset]
@@ -421,6 +421,14 @@ struct RawCheckpoint {
     keep: Option<u32>,
 }
 
+/// Tokens of one synthetic-addition sample of `digits`-digit operands (without padding):
+/// `a+b=c` and an end token, where `c` may have one digit more. A model is trained on
+/// `sample_len - 1` positions (inputs and next-token targets), so that is the shortest
+/// `training.seq_len` that fits a sample.
+pub fn addition_sample_len(digits: u32) -> u32 {
+    3 * digits + 4
+}
+
 fn invalid(
     field: &'static str,
     value: impl fmt::Debug,
@@ -626,12 +634,43 @@ impl RawRun {
                 if path.trim().is_empty() {
                     return Err(invalid("model.torchscript", &path, "a path or URI to a .pt file"));
                 }
+                if path.contains("://") && !path.starts_with("file://") {
+                    return Err(invalid(
+                        "model.torchscript",
+                        &path,
+                        "a path (or file:// URI) that exists on every worker: workers load \
+                         TorchScript from their own disk and download none",
+                    ));
+                }
                 Model::TorchScript { path }
             }
         };
 
         let d = required(self.dataset, "dataset", "a [dataset] table")?;
         let dataset = validate_dataset(d)?;
+        if let (Model::Builtin(BuiltinModel { arch: Arch::Gpt, .. }), DataFormat::Safetensors) =
+            (&model, dataset.format)
+        {
+            return Err(invalid(
+                "model.builtin",
+                "gpt",
+                "`mlp` or `convnet` for safetensors (gpt needs tokens: synthetic-addition, text, \
+                 tokens-u16, tokens-u32)",
+            ));
+        }
+        if let DataFormat::SyntheticAddition { digits, .. } = dataset.format {
+            let min = addition_sample_len(digits) - 1;
+            if seq_len < min {
+                return Err(invalid(
+                    "training.seq_len",
+                    seq_len,
+                    format!(
+                        "at least {min}: a {digits}-digit addition sample is {} tokens",
+                        min + 1
+                    ),
+                ));
+            }
+        }
 
         let o = required(self.optimizer, "optimizer", "an [optimizer] table")?;
         let kind = choice(
@@ -1076,8 +1115,12 @@ mod tests {
         let spec =
             parse(SYNTHETIC, "format = \"tokens-u32\"\nuri = \"/t\"\nvocab = 2147483648").unwrap();
         assert_eq!(spec.dataset.vocab, 1 << 31);
-        let spec =
-            parse(SYNTHETIC, "format = \"safetensors\"\nuri = \"/s.json\"\nclasses = 10").unwrap();
+        // Over tensors, an mlp (gpt needs tokens: see `gpt_needs_tokens`).
+        let tensors =
+            no_digits(SYNTHETIC, "format = \"safetensors\"\nuri = \"/s.json\"\nclasses = 10")
+                .replacen("builtin = \"gpt\" ", "builtin = \"mlp\" ", 1)
+                .replacen("heads = 4 ", "", 1);
+        let spec = RunSpec::parse(&tensors).unwrap();
         assert_eq!((spec.dataset.format, spec.dataset.vocab), (DataFormat::Safetensors, 10));
 
         let refused = |to: &str, field: &str, needle: &str| {
@@ -1187,6 +1230,52 @@ mod tests {
             RunSpec::parse(&text.replacen("torchscript", "width = 8\ntorchscript", 1)).unwrap_err();
         assert_eq!(err.field(), Some("model.width"), "{err}");
         assert!(err.to_string().contains("defines its shape"), "{err}");
+        // A worker loads TorchScript from its own disk: a download URI is refused here, not by
+        // every worker it is sent to.
+        let local = RunSpec::parse(&text.replacen("\"m.pt\"", "\"file:///models/m.pt\"", 1));
+        assert!(local.is_ok(), "{local:?}");
+        for uri in ["https://example.com/m.pt", "http://h/m.pt", "s3://b/m.pt"] {
+            let err = RunSpec::parse(&text.replacen("m.pt", uri, 1)).unwrap_err();
+            assert_eq!(err.field(), Some("model.torchscript"), "{err}");
+            assert!(err.to_string().contains("download none"), "{err}");
+        }
+    }
+
+    /// gpt embeds tokens: over a safetensors dataset it is refused here, not by every worker.
+    #[test]
+    fn gpt_needs_tokens() {
+        let tensors = "format = \"safetensors\"\nuri = \"file:///d/m.json\"\nclasses = 10";
+        let text = EXAMPLE.replacen("digits = 3 ", "", 1).replacen(SYNTHETIC, tensors, 1);
+        let err = RunSpec::parse(&text).unwrap_err();
+        assert_eq!(err.field(), Some("model.builtin"), "{err}");
+        assert!(err.to_string().contains("gpt needs tokens"), "{err}");
+        let mlp = text.replacen("builtin = \"gpt\" ", "builtin = \"mlp\" ", 1).replacen(
+            "heads = 4 ",
+            "",
+            1,
+        );
+        assert!(RunSpec::parse(&mlp).is_ok(), "{:?}", RunSpec::parse(&mlp));
+    }
+
+    /// A synthetic-addition sample must fit `seq_len`: refused here rather than by every
+    /// worker the run is assigned to.
+    #[test]
+    fn an_addition_sample_fits_the_sequence() {
+        check("digits = 3 ", "digits = 9 ", "training.seq_len", "9-digit addition sample is 31");
+        for digits in 1..=9u32 {
+            let min = addition_sample_len(digits) - 1;
+            let text = EXAMPLE.replacen("digits = 3 ", &format!("digits = {digits} "), 1).replacen(
+                "seq_len = 16 ",
+                &format!("seq_len = {min} "),
+                1,
+            );
+            let spec = RunSpec::parse(&text).unwrap();
+            assert_eq!(spec.seq_len, min);
+            let short =
+                text.replacen(&format!("seq_len = {min} "), &format!("seq_len = {} ", min - 1), 1);
+            let err = RunSpec::parse(&short).unwrap_err();
+            assert_eq!(err.field(), Some("training.seq_len"), "{err}");
+        }
     }
 
     #[test]
