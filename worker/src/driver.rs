@@ -965,10 +965,11 @@ impl Driver {
         self.send(Up::Metrics(pb::Metrics {
             run_id: ctx.run,
             step: ctx.trainer.sync_step,
-            // A diverged loss or norm is not reported: the coordinator refuses figures that are
-            // not finite or beyond 1e15, and closes the session that sends them.
+            // A diverged loss or norm, or a rate over a vanishing interval, is not reported: the
+            // coordinator takes figures that are not finite or beyond 1e15 for a malformed
+            // message, closes the session and keeps the sender out of its ring a while.
             loss: (w.steps > 0).then(|| w.loss_sum / w.steps as f64).filter(|l| reportable(*l)),
-            tokens_per_sec,
+            tokens_per_sec: if reportable(tokens_per_sec) { tokens_per_sec } else { 0.0 },
             samples: w.samples,
             bytes,
             accuracy,

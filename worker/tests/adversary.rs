@@ -169,17 +169,17 @@ async fn scenario(
             let eval = text.lines().rev().find(|l| l.contains("held-out evaluation"));
             format!(
                 "{}: {} epochs ended, took over state {} times, left out of {} syncs, {} shared \
-                 shards, {} lapsed leases; run loss {:?}; {}",
+                 shards, {} lapsed leases; {}",
                 w.name,
                 count("epoch ended"),
                 count("took over the ring's state"),
                 count("left out of this sync"),
                 count("sharing a shard"),
                 count("is not held by this worker"),
-                r.loss,
                 eval.and_then(|l| l.split("INFO").nth(1)).unwrap_or("no evaluation").trim()
             )
         })
+        .chain([format!("the run's last reported training loss: {:?}", r.loss)])
         .collect();
     let out = Outcome { accuracy, wall, epochs: r.epoch, restarts: r.restarts, logs, evidence };
     println!(

@@ -359,7 +359,9 @@ impl Session {
                     param_hash: convert::param_hash("metrics.param_hash", &m.param_hash)?,
                 };
                 // A value no honest worker reports (non-finite, negative, absurd) is the
-                // sender's own evidence, like any malformed message: it sits out.
+                // sender's own evidence, like any malformed message: it sits out. Checked here,
+                // before admission, so that a store running behind never turns it into a mere
+                // refusal; `Cluster::metrics` checks again, for callers other than this shell.
                 metrics.check().map_err(Status::invalid_argument)?;
                 refused(shared.with(Admit::IfStoreKeepsUp, |c, now| {
                     c.metrics(now, id, &metrics).map_err(status_of_report)
