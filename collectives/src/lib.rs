@@ -21,6 +21,7 @@ pub mod codec;
 pub mod group;
 pub mod io;
 pub mod schedule;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;
 pub mod transport;

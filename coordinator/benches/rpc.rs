@@ -85,7 +85,7 @@ async fn bench(n: usize, secs: u64) -> Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let cfg = testing::connect_config(&url, dir.path())?;
-    let mut control = testing::control(&cfg, &testing::admin_token(dir.path())?)?;
+    let mut control = client::control(&cfg, &testing::admin_token(dir.path())?)?;
     let manifest = testing::write_dataset(&dir.path().join("data"), 20_000)?;
     control
         .submit_run(pb::SubmitRunRequest {

@@ -11,6 +11,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use client::pki::{ca_hash, hex};
 use rand::RngCore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -38,8 +39,6 @@ pub enum SignError {
     BadCsr(rcgen::Error),
     #[error("signing failed: {0}")]
     Sign(rcgen::Error),
-    #[error("unreadable certificate: {0}")]
-    BadCert(String),
 }
 
 /// The CA with its key, the server identity and the admin credential.
@@ -76,16 +75,6 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), PkiError> {
     f.write_all(data).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     fs::rename(&tmp, path).map_err(io(path))
-}
-
-/// `sha256:<hex>` of a certificate's DER encoding: the CA pin.
-pub fn ca_hash(der: &[u8]) -> String {
-    format!("sha256:{}", hex(&Sha256::digest(der)))
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// SHA-256 of a secret, for storage and comparison.
@@ -223,34 +212,4 @@ pub fn csr_key_id(csr_pem: &str) -> Result<String, SignError> {
     let csr =
         rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(SignError::BadCsr)?;
     Ok(hex(&Sha256::digest(csr.public_key.subject_public_key_info())))
-}
-
-/// A certificate's remaining and total validity.
-pub fn cert_validity(
-    cert_pem: &str,
-) -> Result<(std::time::Duration, std::time::Duration), SignError> {
-    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-        .map_err(|e| SignError::BadCert(e.to_string()))?;
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(&der).map_err(|e| SignError::BadCert(e.to_string()))?;
-    let v = cert.validity();
-    let (from, until) = (v.not_before.timestamp(), v.not_after.timestamp());
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let secs = |s: i64| std::time::Duration::from_secs(s.max(0) as u64);
-    Ok((secs(until - now), secs(until - from)))
-}
-
-/// A CSR for an existing key (a worker renewing its certificate keeps its key, its identity).
-pub fn csr_for_key(key_pem: &str) -> Result<String, SignError> {
-    let key = rcgen::KeyPair::from_pem(key_pem).map_err(SignError::Sign)?;
-    let params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(SignError::Sign)?;
-    params.serialize_request(&key).and_then(|c| c.pem()).map_err(SignError::Sign)
-}
-
-/// A key pair and CSR for a worker (used by agents, tests and the benchmark).
-pub fn new_csr() -> Result<(String, String), rcgen::Error> {
-    let key = rcgen::KeyPair::generate()?;
-    let params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    let csr = params.serialize_request(&key)?;
-    Ok((csr.pem()?, key.serialize_pem()))
 }

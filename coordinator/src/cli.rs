@@ -10,11 +10,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use proto::pb;
 use proto::{RunId, RunState};
 
-use crate::ca::{ca_hash, read_ca_der};
-use crate::client::ConnectConfig;
-use crate::server::{self, ServerConfig};
-use crate::testing::{Control, control};
+use client::pki::ca_hash;
+use client::{ConnectArgs, Control, control};
 use runspec::{self, RunSpec};
+
+use crate::ca::read_ca_der;
+use crate::server::{self, ServerConfig};
 
 /// longhaul: train one model on GPUs scattered across the internet.
 #[derive(Debug, Parser)]
@@ -31,17 +32,9 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 struct Conn {
-    /// Coordinator URL.
-    #[arg(
-        long,
-        global = true,
-        env = "LONGHAUL_COORDINATOR",
-        default_value = "https://127.0.0.1:7070"
-    )]
-    coordinator: String,
-    /// The coordinator's CA pin (`longhaul ca-hash`). Default: from the state directory's ca.pem.
-    #[arg(long, global = true, env = "LONGHAUL_CA_HASH")]
-    ca_hash: Option<String>,
+    /// Where the coordinator is; the CA pin defaults to the state directory's `ca.pem`.
+    #[command(flatten)]
+    at: ConnectArgs,
     /// The admin credential. Default: the state directory's admin.token.
     #[arg(long, global = true, env = "LONGHAUL_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -311,8 +304,8 @@ async fn shutdown_signal() {
 }
 
 fn connect(conn: &Conn, home: &Path) -> Result<Control> {
-    let pin = match &conn.ca_hash {
-        Some(p) => p.clone(),
+    let pin = match conn.at.pin() {
+        Some(p) => p.to_owned(),
         None => ca_hash(
             &read_ca_der(home).context("no --ca-hash given and no CA in the state directory")?,
         ),
@@ -324,13 +317,7 @@ fn connect(conn: &Conn, home: &Path) -> Result<Control> {
             .trim()
             .to_owned(),
     };
-    let cfg = ConnectConfig {
-        url: conn.coordinator.clone(),
-        ca_pin: pin,
-        connect_timeout: Duration::from_secs(10),
-        request_timeout: Duration::from_secs(30),
-    };
-    Ok(control(&cfg, &token)?)
+    Ok(control(&conn.at.config(&pin), &token)?)
 }
 
 fn rpc_err(e: tonic::Status) -> anyhow::Error {

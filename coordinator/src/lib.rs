@@ -7,7 +7,6 @@
 
 pub mod ca;
 pub mod cli;
-pub mod client;
 pub mod cluster;
 pub mod floats;
 pub mod metrics;
@@ -15,4 +14,5 @@ pub mod server;
 pub mod shard_server;
 pub mod shards;
 pub mod store;
+#[cfg(feature = "testing")]
 pub mod testing;

@@ -30,8 +30,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::client::WORKER_HEADER;
 use crate::server::{ClientCerts, ServeError, Shared, tls_config};
+use client::WORKER_HEADER;
 
 /// The response header carrying the shard's lower-case hex SHA-256 from the manifest.
 pub const SHA256_HEADER: &str = "x-longhaul-sha256";

@@ -137,7 +137,7 @@ impl Manifest {
         }
         let uri = format!("file://{}", abs.display());
         Ok(Self {
-            shards: vec![ShardInfo { uri, size, sha256: crate::ca::hex(&hasher.finalize()) }],
+            shards: vec![ShardInfo { uri, size, sha256: client::pki::hex(&hasher.finalize()) }],
         })
     }
 }
@@ -471,7 +471,7 @@ mod tests {
         let s = &m.shards[0];
         assert_eq!(s.uri, format!("file://{}", std::fs::canonicalize(&book).unwrap().display()));
         assert_eq!(s.size, 18);
-        assert_eq!(s.sha256, crate::ca::hex(&sha2::Sha256::digest(b"to be or not to be")));
+        assert_eq!(s.sha256, client::pki::hex(&sha2::Sha256::digest(b"to be or not to be")));
         assert!(!s.is_synthetic());
         // Empty and missing files are refused, naming the file.
         std::fs::write(&book, b"").unwrap();

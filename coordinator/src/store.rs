@@ -269,7 +269,7 @@ impl Store {
             .collect();
         for row in tx.open_table(TOKENS).map_err(dberr)?.iter().map_err(dberr)? {
             let (k, v) = row.map_err(dberr)?;
-            let key = format!("join_tokens_v2/{}", crate::ca::hex(k.value()));
+            let key = format!("join_tokens_v2/{}", client::pki::hex(k.value()));
             if let Some(t) = keep(&mut bad, parse::<TokenRecord>(&key, v.value()), v.value()) {
                 out.tokens.insert(*k.value(), t);
             }

@@ -3,21 +3,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use client::pki::{ca_hash, hex, new_csr};
+use client::{AgentRpc, ConnectConfig, agent_client, channel};
 use proto::pb;
 use proto::pb::agent_client::AgentClient;
-use proto::pb::control_client::ControlClient;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codegen::InterceptedService;
-use tonic::transport::Channel;
 
-use crate::ca::{ca_hash, hex, new_csr, read_ca_der};
-use crate::client::{AdminAuth, ClientIdentity, ConnectConfig, ConnectError, WorkerAuth, channel};
-
-pub type Control = ControlClient<InterceptedService<Channel, AdminAuth>>;
-pub type AgentRpc = AgentClient<InterceptedService<Channel, WorkerAuth>>;
+use crate::ca::read_ca_der;
 
 /// Connection settings for a coordinator whose state directory is `dir`.
 pub fn connect_config(url: &str, dir: &Path) -> anyhow::Result<ConnectConfig> {
@@ -28,11 +21,6 @@ pub fn connect_config(url: &str, dir: &Path) -> anyhow::Result<ConnectConfig> {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),
     })
-}
-
-/// An admin control client.
-pub fn control(cfg: &ConnectConfig, admin_token: &str) -> Result<Control, ConnectError> {
-    Ok(ControlClient::with_interceptor(channel(cfg, None)?, AdminAuth::new(admin_token)?))
 }
 
 /// Reads the admin token from a state directory.
@@ -120,20 +108,6 @@ pub async fn join(
         .await?
         .into_inner();
     Ok((resp.worker_id, resp.cert_pem, key))
-}
-
-/// An agent client authenticated by its certificate.
-pub fn agent_client(
-    cfg: &ConnectConfig,
-    id: u64,
-    cert_pem: &str,
-    key_pem: &str,
-) -> anyhow::Result<AgentRpc> {
-    let chain =
-        CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
-    let ch = channel(cfg, Some(ClientIdentity { chain, key }))?;
-    Ok(AgentClient::with_interceptor(ch, WorkerAuth(id)))
 }
 
 impl ScriptedAgent {
@@ -324,14 +298,10 @@ pub async fn https_get(
         authority.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("no port in {url}"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
     let client_identity = match identity {
-        Some((_, cert, key)) => Some(ClientIdentity {
-            chain: CertificateDer::pem_slice_iter(cert.as_bytes())
-                .collect::<Result<Vec<_>, _>>()?,
-            key: PrivateKeyDer::from_pem_slice(key.as_bytes())?,
-        }),
+        Some((_, cert, key)) => Some(client::identity(cert, key)?),
         None => None,
     };
-    let tls = crate::client::tls_client_config(ca_pin, client_identity, b"http/1.1")?;
+    let tls = client::tls_client_config(ca_pin, client_identity, b"http/1.1")?;
     let tcp = tokio::net::TcpStream::connect(authority).await?;
     let name = rustls_pki_types::ServerName::try_from(host)?;
     let mut s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use coordinator::client::ConnectConfig;
+use client::ConnectConfig;
 use coordinator::cluster;
 use coordinator::server::{self, ServerConfig};
 use coordinator::testing::{self, ScriptedAgent};
@@ -23,7 +23,7 @@ const T: Duration = Duration::from_secs(10);
 struct Running {
     cfg: ConnectConfig,
     shards_port: u16,
-    control: testing::Control,
+    control: client::Control,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -59,7 +59,7 @@ impl Running {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         let cfg = testing::connect_config(&url, dir).unwrap();
-        let control = testing::control(&cfg, &testing::admin_token(dir).unwrap()).unwrap();
+        let control = client::control(&cfg, &testing::admin_token(dir).unwrap()).unwrap();
         Self { cfg, shards_port, control, stop: Some(stop), task }
     }
 
@@ -179,27 +179,25 @@ async fn join_storm_with_one_token_and_idempotent_joins() {
     let mut s = Running::start(dir.path()).await;
     let token = s.token(1).await;
     println!("scenario: 20 joins with one single-use token, then a retried join");
-    let (csr, _key) = coordinator::ca::new_csr().unwrap();
+    let (csr, _key) = client::pki::new_csr().unwrap();
     let join = |csr: String| {
         let cfg = s.cfg.clone();
         let token = token.clone();
         async move {
-            proto::pb::agent_client::AgentClient::new(
-                coordinator::client::channel(&cfg, None).unwrap(),
-            )
-            .join(pb::JoinRequest {
-                token,
-                csr_pem: csr,
-                host: "storm".into(),
-                ring_addr: "127.0.0.1:7001".into(),
-            })
-            .await
+            proto::pb::agent_client::AgentClient::new(client::channel(&cfg, None).unwrap())
+                .join(pb::JoinRequest {
+                    token,
+                    csr_pem: csr,
+                    host: "storm".into(),
+                    ring_addr: "127.0.0.1:7001".into(),
+                })
+                .await
         }
     };
     let first = join(csr.clone()).await.unwrap().into_inner();
     let mut refused = 0;
     for _ in 0..20 {
-        let (other, _) = coordinator::ca::new_csr().unwrap();
+        let (other, _) = client::pki::new_csr().unwrap();
         let st = join(other).await.unwrap_err();
         assert_eq!(st.code(), Code::Unauthenticated);
         assert!(st.message().contains("used up"), "{st}");
@@ -213,19 +211,17 @@ async fn join_storm_with_one_token_and_idempotent_joins() {
         "  checked: 1 worker joined, {refused} joins refused (token used up), the retry got the same worker"
     );
     // A host name with terminal escapes is refused.
-    let (csr, _) = coordinator::ca::new_csr().unwrap();
+    let (csr, _) = client::pki::new_csr().unwrap();
     let token2 = s.token(1).await;
-    let st = proto::pb::agent_client::AgentClient::new(
-        coordinator::client::channel(&s.cfg, None).unwrap(),
-    )
-    .join(pb::JoinRequest {
-        token: token2,
-        csr_pem: csr,
-        host: "\u{1b}]0;pwned\u{7}".into(),
-        ring_addr: "127.0.0.1:7002".into(),
-    })
-    .await
-    .unwrap_err();
+    let st = proto::pb::agent_client::AgentClient::new(client::channel(&s.cfg, None).unwrap())
+        .join(pb::JoinRequest {
+            token: token2,
+            csr_pem: csr,
+            host: "\u{1b}]0;pwned\u{7}".into(),
+            ring_addr: "127.0.0.1:7002".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
     s.stop().await;
 }
@@ -568,10 +564,10 @@ async fn leases_are_capped_and_certificates_renew_only_for_the_same_key() {
         "  checked: {tracked} tracked leases for the hoarder; the other member still leases a shard of its own (run {run})"
     );
     // Renewal: the same key gets a fresh certificate; another key is refused.
-    let csr = coordinator::ca::csr_for_key(&a.key_pem).unwrap();
+    let csr = client::pki::csr_for_key(&a.key_pem).unwrap();
     let r = a.rpc.renew(pb::RenewRequest { csr_pem: csr }).await.unwrap().into_inner();
     assert!(r.cert_pem.contains("BEGIN CERTIFICATE"));
-    let (other, _) = coordinator::ca::new_csr().unwrap();
+    let (other, _) = client::pki::new_csr().unwrap();
     let st = a.rpc.renew(pb::RenewRequest { csr_pem: other }).await.unwrap_err();
     assert_eq!(st.code(), Code::PermissionDenied);
     s.stop().await;

@@ -55,11 +55,7 @@ fn cli(home: &Path, url: &str, args: &[&str]) -> std::process::Output {
 }
 
 /// Reconnects with exponential backoff, as a worker does.
-async fn reconnect(
-    cfg: &coordinator::client::ConnectConfig,
-    a: &ScriptedAgent,
-    addr: &str,
-) -> ScriptedAgent {
+async fn reconnect(cfg: &client::ConnectConfig, a: &ScriptedAgent, addr: &str) -> ScriptedAgent {
     let mut delay = Duration::from_millis(50);
     for _ in 0..30 {
         // The session call succeeds only once the server answered (the channel connects then).

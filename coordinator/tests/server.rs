@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use coordinator::client::ConnectConfig;
+use client::ConnectConfig;
 use coordinator::cluster;
 use coordinator::server::{self, ServerConfig};
 use coordinator::testing::{self, ScriptedAgent};
@@ -64,11 +64,11 @@ async fn start_with(dir: &Path, shards: bool) -> Running {
 
 const T: Duration = Duration::from_secs(10);
 
-async fn submit(control: &mut testing::Control, run_toml: String) -> u64 {
+async fn submit(control: &mut client::Control, run_toml: String) -> u64 {
     control.submit_run(pb::SubmitRunRequest { run_toml }).await.unwrap().into_inner().run_id
 }
 
-async fn join_token(control: &mut testing::Control) -> String {
+async fn join_token(control: &mut client::Control) -> String {
     control
         .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: 600, uses: 10 })
         .await
@@ -81,7 +81,7 @@ async fn join_token(control: &mut testing::Control) -> String {
 async fn join_heartbeat_lease_complete_and_epoch_changes() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start(dir.path()).await;
-    let mut control = testing::control(&srv.cfg, &srv.admin).unwrap();
+    let mut control = client::control(&srv.cfg, &srv.admin).unwrap();
     let manifest = testing::write_dataset(&dir.path().join("data"), 6).unwrap();
     let run = submit(&mut control, testing::run_file(&manifest, 2, 4, 1_000_000)).await;
     let token = join_token(&mut control).await;
@@ -353,7 +353,7 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
 async fn refusals_are_clear() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start(dir.path()).await;
-    let mut control = testing::control(&srv.cfg, &srv.admin).unwrap();
+    let mut control = client::control(&srv.cfg, &srv.admin).unwrap();
 
     // A bad token.
     let err = testing::join(&srv.cfg, "lh_join_nope", "127.0.0.1:1").await.unwrap_err();
@@ -399,13 +399,12 @@ async fn refusals_are_clear() {
     );
 
     // A missing or wrong admin credential.
-    let mut plain = proto::pb::control_client::ControlClient::new(
-        coordinator::client::channel(&srv.cfg, None).unwrap(),
-    );
+    let mut plain =
+        proto::pb::control_client::ControlClient::new(client::channel(&srv.cfg, None).unwrap());
     let st = plain.list_runs(pb::ListRunsRequest::default()).await.unwrap_err();
     assert_eq!(st.code(), Code::Unauthenticated);
     assert!(st.message().contains("admin credential"), "{st}");
-    let mut bad_admin = testing::control(&srv.cfg, "lh_admin_wrong").unwrap();
+    let mut bad_admin = client::control(&srv.cfg, "lh_admin_wrong").unwrap();
     let st = bad_admin.list_runs(pb::ListRunsRequest::default()).await.unwrap_err();
     assert_eq!(st.code(), Code::PermissionDenied);
 
@@ -442,27 +441,24 @@ async fn refusals_are_clear() {
     assert!(st.message().contains("dataset.uri"), "{st}");
 
     // Agent calls need the worker's certificate, and it must be the worker's own.
-    let mut anon = proto::pb::agent_client::AgentClient::new(
-        coordinator::client::channel(&srv.cfg, None).unwrap(),
-    );
+    let mut anon =
+        proto::pb::agent_client::AgentClient::new(client::channel(&srv.cfg, None).unwrap());
     let st = anon.lease_shard(pb::LeaseShardRequest {}).await.unwrap_err();
     assert_eq!(st.code(), Code::Unauthenticated, "{st}");
     let (id, cert, key) = testing::join(&srv.cfg, &good, "127.0.0.1:2").await.unwrap();
-    let mut impostor = testing::agent_client(&srv.cfg, id + 1, &cert, &key).unwrap();
+    let mut impostor = client::agent_client(&srv.cfg, id + 1, &cert, &key).unwrap();
     let st = impostor.lease_shard(pb::LeaseShardRequest {}).await.unwrap_err();
     assert_eq!(st.code(), Code::PermissionDenied, "{st}");
     // A bad CSR.
-    let st = proto::pb::agent_client::AgentClient::new(
-        coordinator::client::channel(&srv.cfg, None).unwrap(),
-    )
-    .join(pb::JoinRequest {
-        token: good.clone(),
-        csr_pem: "garbage".into(),
-        host: "h".into(),
-        ring_addr: "127.0.0.1:3".into(),
-    })
-    .await
-    .unwrap_err();
+    let st = proto::pb::agent_client::AgentClient::new(client::channel(&srv.cfg, None).unwrap())
+        .join(pb::JoinRequest {
+            token: good.clone(),
+            csr_pem: "garbage".into(),
+            host: "h".into(),
+            ring_addr: "127.0.0.1:3".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
     // A bad ring address.
     let err = testing::join(&srv.cfg, &good, "not-an-address").await.unwrap_err();
@@ -515,7 +511,7 @@ async fn metrics_and_health() {
 async fn shards_over_https_with_mutual_tls() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start_with(dir.path(), true).await;
-    let mut control = testing::control(&srv.cfg, &srv.admin).unwrap();
+    let mut control = client::control(&srv.cfg, &srv.admin).unwrap();
     let manifest = testing::write_dataset(&dir.path().join("data"), 3).unwrap();
     let run = submit(&mut control, testing::run_file(&manifest, 1, 4, 1_000)).await;
     let token = join_token(&mut control).await;
@@ -548,7 +544,7 @@ async fn shards_over_https_with_mutual_tls() {
     assert_eq!(r.header("content-length"), Some(lease.size.to_string().as_str()));
     assert_eq!(r.header(coordinator::shard_server::SHA256_HEADER), Some(lease.sha256.as_str()));
     use sha2::Digest;
-    assert_eq!(coordinator::ca::hex(&sha2::Sha256::digest(&r.body)), lease.sha256);
+    assert_eq!(client::pki::hex(&sha2::Sha256::digest(&r.body)), lease.sha256);
 
     // No client certificate: refused in the TLS handshake.
     let err = testing::https_get(&lease.url, &srv.cfg.ca_pin, None).await.unwrap_err();
@@ -586,7 +582,7 @@ async fn lease(a: &mut ScriptedAgent) -> pb::ShardLease {
 async fn one_file_and_synthetic_datasets() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start_with(dir.path(), true).await;
-    let mut control = testing::control(&srv.cfg, &srv.admin).unwrap();
+    let mut control = client::control(&srv.cfg, &srv.admin).unwrap();
 
     // Any local file is a one-shard text dataset, hashed at submission and served over HTTPS.
     let book = dir.path().join("book.txt");
@@ -611,7 +607,7 @@ async fn one_file_and_synthetic_datasets() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.body, std::fs::read(&book).unwrap());
     use sha2::Digest;
-    assert_eq!(coordinator::ca::hex(&sha2::Sha256::digest(&r.body)), l.sha256);
+    assert_eq!(client::pki::hex(&sha2::Sha256::digest(&r.body)), l.sha256);
     let base = l.url.split("/runs/").next().unwrap().to_owned();
 
     // Synthetic addition: virtual shards, no URL, nothing to serve.

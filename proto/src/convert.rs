@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use thiserror::Error;
 
-use crate::domain::{Epoch, LeaseId, Liveness, RunId, RunState, WorkerId};
+use crate::domain::{Epoch, LeaseId, Liveness, ParamHash, RunId, RunState, WorkerId};
 use crate::pb;
 
 /// A wire value that does not make sense.
@@ -49,13 +49,11 @@ pub fn socket_addr(field: &'static str, v: &str) -> Result<SocketAddr, WireError
 
 /// A parameter hash as workers report it: 16 lower-case hex digits (a 64-bit hash), or "" when
 /// the worker does not know it.
-pub fn param_hash(field: &'static str, v: &str) -> Result<String, WireError> {
-    if v.is_empty() || (v.len() == 16 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-    {
-        Ok(v.to_owned())
-    } else {
-        Err(WireError::new(field, format!("{v:?} is not 16 lower-case hex digits")))
+pub fn param_hash(field: &'static str, v: &str) -> Result<Option<ParamHash>, WireError> {
+    if v.is_empty() {
+        return Ok(None);
     }
+    v.parse().map(Some).map_err(|e: crate::IdError| WireError::new(field, e.to_string()))
 }
 
 impl From<RunState> for pb::RunState {
@@ -135,13 +133,33 @@ mod tests {
 
     #[test]
     fn param_hashes_are_16_lower_case_hex_digits_or_empty() {
-        assert_eq!(param_hash("param_hash", "0123456789abcdef").as_deref(), Ok("0123456789abcdef"));
-        assert_eq!(param_hash("param_hash", "").as_deref(), Ok(""));
+        let h = param_hash("param_hash", "0123456789abcdef").unwrap();
+        assert_eq!(h, Some(ParamHash(0x0123_4567_89ab_cdef)));
+        assert_eq!(h.unwrap().to_string(), "0123456789abcdef");
+        assert_eq!(param_hash("param_hash", ""), Ok(None));
+        assert_eq!(ParamHash(7).to_string(), "0000000000000007");
         for bad in ["0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "0123456789abcdeg"]
         {
             let e = param_hash("step_committed.param_hash", bad).unwrap_err();
             assert_eq!(e.field, "step_committed.param_hash");
             assert!(e.reason.contains(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn an_optional_hash_is_stored_as_the_wire_spells_it() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct R {
+            #[serde(with = "crate::domain::opt_hash")]
+            h: Option<ParamHash>,
+        }
+        for (r, text) in [
+            (R { h: None }, r#"{"h":""}"#),
+            (R { h: Some(ParamHash(0xdead_beef)) }, r#"{"h":"00000000deadbeef"}"#),
+        ] {
+            assert_eq!(serde_json::to_string(&r).unwrap(), text);
+            assert_eq!(serde_json::from_str::<R>(text).unwrap(), r);
+        }
+        assert!(serde_json::from_str::<R>(r#"{"h":"DEADBEEF00000000"}"#).is_err());
     }
 }

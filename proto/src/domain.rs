@@ -29,6 +29,78 @@ pub struct Epoch(pub u64);
 #[serde(transparent)]
 pub struct LeaseId(pub u64);
 
+/// The hash of a replica's state (its parameters): 64 bits, written as 16 lower-case hex
+/// digits on the wire, in records and in logs. Members agree on progress by comparing these.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ParamHash(pub u64);
+
+impl fmt::Display for ParamHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl fmt::Debug for ParamHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for ParamHash {
+    type Err = IdError;
+
+    /// Exactly 16 lower-case hex digits: one spelling per hash, so that equal strings are equal
+    /// hashes.
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        let err = || IdError {
+            what: "parameter hash",
+            value: s.chars().take(40).collect(),
+            expected: "16 lower-case hex digits",
+        };
+        if s.len() != 16 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(err());
+        }
+        u64::from_str_radix(s, 16).map(Self).map_err(|_| err())
+    }
+}
+
+impl Serialize for ParamHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ParamHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `Option<ParamHash>` as a string, "" for none: the spelling of the wire and of records
+/// written before the newtype (`#[serde(with = "proto::domain::opt_hash")]`).
+pub mod opt_hash {
+    use super::ParamHash;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(h: &Option<ParamHash>, s: S) -> Result<S::Ok, S::Error> {
+        match h {
+            Some(h) => s.collect_str(h),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ParamHash>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() { Ok(None) } else { s.parse().map(Some).map_err(serde::de::Error::custom) }
+    }
+}
+
+/// How an optional hash is shown: the hash, or "" when there is none (as on the wire).
+pub fn hash_text(h: Option<ParamHash>) -> String {
+    h.map(|h| h.to_string()).unwrap_or_default()
+}
+
 /// An identifier that could not be read.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("invalid {what} {value:?}: expected {expected}")]

@@ -5,7 +5,7 @@
 
 pub mod domain;
 
-pub use domain::{Epoch, IdError, LeaseId, Liveness, RunId, RunState, WorkerId};
+pub use domain::{Epoch, IdError, LeaseId, Liveness, ParamHash, RunId, RunState, WorkerId};
 
 /// Wire types and services generated from `proto/longhaul.proto`.
 #[allow(clippy::all, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use coordinator::client::ConnectConfig;
-use coordinator::testing::{AgentRpc, agent_client};
+use client::ConnectConfig;
+use client::{AgentRpc, agent_client};
 use proto::pb;
 use proto::pb::agent_client::AgentClient;
 use proto::pb::agent_message::Msg as Up;
@@ -117,8 +117,8 @@ pub async fn join(
     host: &str,
     ring_addr: &str,
 ) -> Result<Identity> {
-    let (csr, key) = coordinator::ca::new_csr().context("generating a key and CSR")?;
-    let mut rpc = AgentClient::new(coordinator::client::channel(cfg, None)?);
+    let (csr, key) = client::pki::new_csr().context("generating a key and CSR")?;
+    let mut rpc = AgentClient::new(client::channel(cfg, None)?);
     let resp = rpc
         .join(pb::JoinRequest {
             token: token.trim().to_owned(),
@@ -310,11 +310,11 @@ async fn renew_if_due(
     identity: &mut Identity,
     state_dir: &Path,
 ) -> Result<()> {
-    let (left, total) = coordinator::ca::cert_validity(&identity.cert_pem)?;
+    let (left, total) = client::pki::cert_validity(&identity.cert_pem)?;
     if left > total / 3 {
         return Ok(());
     }
-    let csr = coordinator::ca::csr_for_key(&identity.key_pem)?;
+    let csr = client::pki::csr_for_key(&identity.key_pem)?;
     let mut rpc = identity.client(cfg)?;
     let resp = rpc
         .renew(pb::RenewRequest { csr_pem: csr })

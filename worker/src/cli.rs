@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use client::{ConnectArgs, ConnectConfig};
 use collectives::NetConfig;
 use collectives::group::Emulation;
 use collectives::wan::LinkPreset;
-use coordinator::client::ConnectConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -50,17 +50,9 @@ enum Command {
 
 #[derive(Debug, Clone, Args)]
 struct Opts {
-    /// The coordinator's URL.
-    #[arg(
-        long,
-        global = true,
-        env = "LONGHAUL_COORDINATOR",
-        default_value = "https://127.0.0.1:7070"
-    )]
-    coordinator: String,
-    /// The coordinator's CA pin (`longhaul ca-hash` prints it).
-    #[arg(long, global = true, env = "LONGHAUL_CA_HASH")]
-    ca_hash: Option<String>,
+    /// Where the coordinator is; the CA pin is required.
+    #[command(flatten)]
+    at: ConnectArgs,
     /// A join token (`longhaul token create`); needed only until this worker has joined.
     #[arg(long, global = true, env = "LONGHAUL_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -137,18 +129,13 @@ pub fn main() -> ExitCode {
 
 impl Opts {
     fn connect(&self) -> Result<ConnectConfig> {
-        let Some(pin) = self.ca_hash.clone().filter(|p| !p.trim().is_empty()) else {
+        let Some(pin) = self.at.pin() else {
             bail!(
                 "--ca-hash (LONGHAUL_CA_HASH) is required: the coordinator's CA pin, printed by \
                  `longhaul ca-hash` on the coordinator"
             );
         };
-        Ok(ConnectConfig {
-            url: self.coordinator.trim_end_matches('/').to_owned(),
-            ca_pin: pin.trim().to_owned(),
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(30),
-        })
+        Ok(self.at.config(pin))
     }
 
     fn state_dir(&self) -> PathBuf {
@@ -456,7 +443,7 @@ async fn probe_coordinator(
             Ok(mut rpc) => rpc.lease_shard(pb::LeaseShardRequest {}).await.map(|_| ()),
             Err(e) => return (false, format!("{e:#}"), None),
         },
-        None => match coordinator::client::channel(cfg, None) {
+        None => match client::channel(cfg, None) {
             Ok(ch) => pb::agent_client::AgentClient::new(ch)
                 .lease_shard(pb::LeaseShardRequest {})
                 .await

@@ -17,9 +17,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
+use client::AgentRpc;
 use collectives::group::{Emulation, Group, GroupSpec, Member};
 use collectives::{NetConfig, PortLease};
-use coordinator::testing::AgentRpc;
 use proto::pb;
 use proto::pb::agent_message::Msg as Up;
 use runspec::RunSpec;
@@ -35,6 +35,7 @@ use crate::trainer::data::{Batch, ShardData, ShardReader, shard_seed};
 use crate::trainer::plan::{self, DeviceChoice, ShardFormat};
 use crate::trainer::{Agreement, Commitment, Coordinate, Plan, SyncMode, TrainError, Trainer};
 use collectives::group::{JoinError, OpError};
+use proto::ParamHash;
 use proto::pb::FaultKind;
 
 /// How the driver runs.
@@ -57,7 +58,7 @@ pub struct DriverConfig {
     /// Fault injection (adversary tests): lie to the coordinator.
     pub attack: Option<Attack>,
     /// How to reach the coordinator (for a client with a renewed certificate).
-    pub connect: coordinator::client::ConnectConfig,
+    pub connect: client::ConnectConfig,
 }
 
 /// A hostile worker's lies to the coordinator, for the adversary tests (hidden
@@ -382,7 +383,7 @@ impl Driver {
         if c.last_checkpoint != Some(c.trainer.sync_step) && c.trainer.sync_step > 0 {
             self.checkpoint(&mut c);
         }
-        info!(run, step = c.trainer.sync_step, hash = %format!("{:016x}", c.trainer.hash()),
+        info!(run, step = c.trainer.sync_step, hash = %c.trainer.hash(),
             "run stopped: {reason}");
     }
 
@@ -616,7 +617,7 @@ impl Driver {
         }
         if agreement.receivers.contains(&comm.rank()) {
             info!(run = ctx.run, step = ctx.trainer.sync_step, source = agreement.source,
-                hash = %format!("{:016x}", ctx.trainer.hash()), "took over the ring's state (hash verified)");
+                hash = %ctx.trainer.hash(), "took over the ring's state (hash verified)");
         }
         ctx.started.get_or_insert_with(Instant::now);
         info!(
@@ -731,9 +732,9 @@ impl Driver {
     /// Reports the state held after a sync (the coordinator records a step once a majority of
     /// the epoch reports the same hash).
     fn commit(&self, ctx: &RunCtx, epoch: u64) {
-        let mut hash = format!("{:016x}", ctx.trainer.hash());
+        let mut hash = ctx.trainer.hash().to_string();
         if self.cfg.attack == Some(Attack::ForgeHash) {
-            hash = format!("{:016x}", ctx.trainer.hash() ^ 0x5a5a_5a5a);
+            hash = ParamHash(ctx.trainer.hash().0 ^ 0x5a5a_5a5a).to_string();
         }
         self.send(Up::StepCommitted(pb::StepCommitted {
             run_id: ctx.run,
@@ -766,7 +767,7 @@ impl Driver {
 
     /// Reports the state this member brings to an epoch.
     fn report_held(&self, ctx: &RunCtx, e: &pb::EpochChange) {
-        let (mut step, mut hash) = (ctx.trainer.sync_step, format!("{:016x}", ctx.trainer.hash()));
+        let (mut step, mut hash) = (ctx.trainer.sync_step, ctx.trainer.hash().to_string());
         match self.cfg.attack {
             Some(Attack::ClaimAhead) => {
                 step += 1_000_000;
@@ -802,12 +803,8 @@ impl Driver {
                 d.agreement.as_ref().filter(|a| a.run_id == run && a.epoch == epoch).cloned()
             })
             .map_err(Outcome::Interrupted)?;
-        let hash = match a.param_hash.as_str() {
-            "" => None,
-            h => Some(u64::from_str_radix(h, 16).map_err(|_| {
-                Outcome::Failed(format!("the agreement's hash {h:?} is not 16 hex digits"))
-            })?),
-        };
+        let hash = proto::convert::param_hash("agreement.param_hash", &a.param_hash)
+            .map_err(|e| Outcome::Failed(e.to_string()))?;
         let ranks = |v: &[u32]| v.iter().map(|r| *r as usize).collect::<Vec<_>>();
         Ok(Agreement {
             step: a.step,
@@ -908,7 +905,7 @@ impl Driver {
             idle_s = wall.saturating_sub(compute + comm_time).as_secs_f64(),
             bytes_sent = sent,
             bytes_received = received,
-            hash = %format!("{:016x}", ctx.trainer.hash()),
+            hash = %ctx.trainer.hash(),
             "finished the run's steps"
         );
     }
@@ -979,7 +976,7 @@ impl Driver {
             idle_ms: idle.as_secs_f64() * 1e3,
             bytes_sent: sent,
             bytes_received: received,
-            param_hash: format!("{:016x}", ctx.trainer.hash()),
+            param_hash: ctx.trainer.hash().to_string(),
             epoch: ctx.epoch,
         }));
         ctx.last_report = Instant::now();

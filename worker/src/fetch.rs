@@ -10,8 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -80,7 +79,7 @@ async fn copy(src: &Path, dst: &Path) -> Result<String> {
             w.write_all(&buf[..n])?;
         }
         w.sync_all()?;
-        Ok(coordinator::ca::hex(&h.finalize()))
+        Ok(client::pki::hex(&h.finalize()))
     })
     .await?
 }
@@ -91,14 +90,8 @@ async fn download(url: &str, identity: &Identity, dst: &Path, size: u64) -> Resu
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let (host, _) = authority.rsplit_once(':').with_context(|| format!("no port in {url}"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-    let chain = CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())?;
-    let tls = coordinator::client::tls_client_config(
-        &identity.ca_pin,
-        Some(coordinator::client::ClientIdentity { chain, key }),
-        b"http/1.1",
-    )?;
+    let me = client::identity(&identity.cert_pem, &identity.key_pem)?;
+    let tls = client::tls_client_config(&identity.ca_pin, Some(me), b"http/1.1")?;
     let tcp = tokio::net::TcpStream::connect(authority)
         .await
         .with_context(|| format!("connecting to {authority}"))?;
@@ -159,5 +152,5 @@ async fn download(url: &str, identity: &Identity, dst: &Path, size: u64) -> Resu
         bail!("{url}: {got} bytes, the lease names {size}");
     }
     file.sync_all().await?;
-    Ok(coordinator::ca::hex(&h.finalize()))
+    Ok(client::pki::hex(&h.finalize()))
 }

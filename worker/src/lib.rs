@@ -10,5 +10,6 @@ pub mod comm;
 pub mod driver;
 pub mod fetch;
 pub mod schedule;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod trainer;

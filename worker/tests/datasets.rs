@@ -12,7 +12,7 @@ use tch::{Kind, Tensor};
 use worker::testing::cluster::{Coordinator, Worker, run_file};
 
 fn sha256(bytes: &[u8]) -> String {
-    coordinator::ca::hex(&sha2::Sha256::digest(bytes))
+    client::pki::hex(&sha2::Sha256::digest(bytes))
 }
 
 /// Trains `toml` on 2 workers to completion; returns the run's final info and the workers.

@@ -39,7 +39,7 @@ fn ddp_matches_one_process_on_the_union_of_batches() {
     let mut reference = Trainer::new(spec.clone()).unwrap();
     assert_eq!(params(&reference), params(&trainers[0]), "same seed, same initial bits");
 
-    let per_step: Vec<Vec<(Vec<f32>, u64)>> = per_rank(
+    let per_step: Vec<Vec<(Vec<f32>, proto::ParamHash)>> = per_rank(
         trainers.into_iter().zip(comms).zip(local_plans(3)).collect(),
         |rank, ((mut tr, mut comm), mut plans)| {
             let mut out = Vec::new();
@@ -102,7 +102,7 @@ fn diloco_reaches_the_target_accuracy_on_addition() {
         },
     );
     let (hash, acc, loss, p) = &results[0];
-    println!("diloco: exact-match accuracy {acc:.3}, loss {loss:.4}, hash {hash:016x}");
+    println!("diloco: exact-match accuracy {acc:.3}, loss {loss:.4}, hash {hash}");
     for r in &results[1..] {
         assert_eq!(r.0, *hash, "replicas must agree after the last sync");
         assert_eq!(&r.3, p);

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use proto::{Epoch, LeaseId, Liveness, RunId, RunState, WorkerId};
+use proto::{Epoch, LeaseId, Liveness, ParamHash, RunId, RunState, WorkerId};
 
 use super::{Cluster, Command, Config, EpochInfo, Millis, Output};
 use crate::shards::{Lease, Manifest, ShardInfo};
@@ -97,8 +97,8 @@ pub(super) struct Net {
 }
 
 /// The state hash agents in agreement report after `step`.
-pub(super) fn hash_of(step: u64) -> String {
-    format!("{:016x}", step.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+pub(super) fn hash_of(step: u64) -> ParamHash {
+    ParamHash(step.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// A ddp run file (every step a sync) with the given bounds and budget.
@@ -271,7 +271,7 @@ impl Net {
                 a.phase = Phase::Agreeing;
                 let (state, h) =
                     (a.state, if a.tainted { hash_of(a.state ^ 1) } else { hash_of(a.state) });
-                self.cluster.step_committed(now, id, ep.run, ep.epoch, state, &h);
+                self.cluster.step_committed(now, id, ep.run, ep.epoch, state, h);
                 self.check();
             }
             Phase::Training if now >= a.next_step => {
@@ -292,7 +292,7 @@ impl Net {
                 a.tainted = behaviour == Behaviour::Diverged;
                 a.phase = Phase::Training;
                 a.next_step = now + step_every;
-                self.cluster.step_committed(now, id, ep.run, ep.epoch, t, &hash(t));
+                self.cluster.step_committed(now, id, ep.run, ep.epoch, t, hash(t));
                 self.check();
             }
             Phase::Syncing(_) => {}
@@ -428,7 +428,7 @@ impl Net {
             if r.committed_step > 0 {
                 assert_eq!(
                     r.committed_hash,
-                    hash_of(r.committed_step),
+                    Some(hash_of(r.committed_step)),
                     "run {}: a forged record",
                     r.id
                 );
@@ -773,12 +773,12 @@ fn the_recorded_state_and_the_pending_sync_survive_a_restart_which_forms_a_new_e
     let (a, _b) = (net.join(), net.join());
     net.run_for(5_000);
     let r = net.cluster.run(run).unwrap();
-    let (step, hash, epoch) = (r.committed_step, r.committed_hash.clone(), r.epoch);
+    let (step, hash, epoch) = (r.committed_step, r.committed_hash, r.epoch);
     assert!(step > 0);
-    assert_eq!(hash, hash_of(step));
+    assert_eq!(hash, Some(hash_of(step)));
     let mut c = restore(&net, net.now);
     let r2 = c.run(run).unwrap();
-    assert_eq!((r2.committed_step, r2.committed_hash.clone()), (step, hash.clone()));
+    assert_eq!((r2.committed_step, r2.committed_hash), (step, hash));
     assert_eq!(r2.pending.as_ref().map(|p| p.step), r.pending.as_ref().map(|p| p.step));
     // What the old epoch was doing in memory is gone: the next tick forms a new one.
     c.session_opened(net.now, a, None, None).expect("known");
@@ -827,7 +827,7 @@ fn a_report_that_contradicts_an_earlier_one_bans_whichever_came_first() {
     let t = net.step(run);
     assert!(net.cluster.worker(w[0]).unwrap().banned.is_empty(), "one odd report is no proof");
     // Then it claims the recorded state for that same step: two states for one step.
-    net.cluster.step_committed(net.now, w[0], run, epoch, t, &hash_of(t));
+    net.cluster.step_committed(net.now, w[0], run, epoch, t, hash_of(t));
     assert_eq!(net.cluster.worker(w[0]).unwrap().banned, vec![run], "{:?}", net.logs);
     net.run_for(TICK);
     assert!(!net.logged(run, "two states").is_empty(), "{:?}", net.logs);
@@ -843,9 +843,9 @@ fn a_forged_report_never_records_a_step_nor_completes_the_run() {
     let before = net.step(run);
     // Completion, a far step, u64::MAX, the next step with a wrong hash, first: none counts.
     for (step, hash) in [
-        (600, "deadbeefdeadbeef"),
-        (u64::MAX, "0000000000000000"),
-        (before + 1, "1111111111111111"),
+        (600, ParamHash(0xdead_beef_dead_beef)),
+        (u64::MAX, ParamHash(0)),
+        (before + 1, ParamHash(0x1111_1111_1111_1111)),
     ] {
         net.cluster.step_committed(net.now, w[0], run, epoch, step, hash);
     }
@@ -878,7 +878,7 @@ fn a_lone_claim_of_a_newer_state_at_an_epoch_change_is_not_the_source() {
         run,
         epoch,
         recorded + 1000,
-        &hash_of(recorded + 1000),
+        hash_of(recorded + 1000),
     );
     net.run_for(6_000);
     let agreement = net.agents[&newcomer]
@@ -1143,7 +1143,7 @@ fn metrics_are_validated_and_sums_stay_finite() {
         idle_ms: 0.0,
         bytes_sent: 0,
         bytes_received: 0,
-        param_hash: String::new(),
+        param_hash: None,
     };
     let step = net.step(run);
     assert!(net.cluster.metrics(net.now, w[0], &m(f64::MAX, None, step)).is_err());

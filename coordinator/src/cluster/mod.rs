@@ -50,7 +50,7 @@ mod harness;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
-use proto::{Epoch, LeaseId, Liveness, RunId, RunState, WorkerId};
+use proto::{Epoch, LeaseId, Liveness, ParamHash, RunId, RunState, WorkerId};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -170,9 +170,9 @@ pub struct EpochInfo {
     pub epoch: Epoch,
     pub members: Vec<Member>,
     pub committed_step: u64,
-    /// The state hash recorded with `committed_step` ("" if none yet).
-    #[serde(default)]
-    pub committed_hash: String,
+    /// The state hash recorded with `committed_step` (none yet: the seeded initial state).
+    #[serde(default, with = "proto::domain::opt_hash")]
+    pub committed_hash: Option<ParamHash>,
     pub total_steps: u64,
     /// Whether the run file goes with it (to a member new to the run, or re-sent).
     #[serde(default)]
@@ -196,10 +196,10 @@ pub struct RunRecord {
     pub epoch: Epoch,
     pub members: Vec<Member>,
     pub committed_step: u64,
-    /// The state hash a majority of the epoch that planned `committed_step` reported ("" if
+    /// The state hash a majority of the epoch that planned `committed_step` reported (none if
     /// unknown).
-    #[serde(default)]
-    pub committed_hash: String,
+    #[serde(default, with = "proto::domain::opt_hash")]
+    pub committed_hash: Option<ParamHash>,
     /// The synchronisation planned and not yet recorded (persisted with the plan, so that the
     /// members' reports still count after a coordinator restart).
     #[serde(default)]
@@ -243,7 +243,7 @@ pub struct RunRecord {
     /// The states recorded before `committed_step`, newest last (at most 32): where the run
     /// rewinds to if no member holds the recorded state any more.
     #[serde(default)]
-    pub history: Vec<(u64, String)>,
+    pub history: Vec<(u64, ParamHash)>,
 }
 
 /// A worker's durable record, with its contribution ledger.
@@ -376,8 +376,8 @@ pub struct Metrics {
     pub idle_ms: f64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    /// The worker's state hash (16 hex digits, or "").
-    pub param_hash: String,
+    /// The worker's state hash, if it knows it.
+    pub param_hash: Option<ParamHash>,
 }
 
 /// The largest rate, time or byte count a metrics report may carry: beyond anything real, and
@@ -627,7 +627,7 @@ impl Cluster {
             epoch: Epoch(0),
             members: Vec::new(),
             committed_step: 0,
-            committed_hash: String::new(),
+            committed_hash: None,
             pending: None,
             total_steps: spec.total_steps(spec.min_workers),
             min_workers: spec.min_workers,
@@ -723,7 +723,7 @@ impl Cluster {
                 ledger: Ledger::default(),
                 banned: Vec::new(),
                 key: key.to_owned(),
-                token: crate::ca::hex(&token[..4]),
+                token: client::pki::hex(&token[..4]),
                 ip: None,
             },
         );
@@ -1596,7 +1596,7 @@ fn epoch_info(r: &RunRecord) -> EpochInfo {
         epoch: r.epoch,
         members: r.members.clone(),
         committed_step: r.committed_step,
-        committed_hash: r.committed_hash.clone(),
+        committed_hash: r.committed_hash,
         total_steps: r.total_steps,
         with_spec: true,
     }

@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use proto::{Epoch, Liveness, RunId, RunState, WorkerId};
+use proto::{Epoch, Liveness, ParamHash, RunId, RunState, WorkerId};
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{self, Commitment, Exclusion};
@@ -40,8 +40,8 @@ pub struct AgreementInfo {
     pub run: RunId,
     pub epoch: Epoch,
     pub step: u64,
-    /// "" with step 0: the seeded initial state, which receivers rebuild themselves.
-    pub hash: String,
+    /// None with step 0: the seeded initial state, which receivers rebuild themselves.
+    pub hash: Option<ParamHash>,
     pub source: usize,
     pub receivers: Vec<usize>,
     /// diloco: the ranks whose progress in the round under way counts (the others joined it
@@ -76,7 +76,7 @@ pub struct PendingSync {
     pub excluded: Vec<WorkerId>,
     /// What each member reported holding after it (volatile: re-reported at the next epoch).
     #[serde(skip)]
-    pub reports: BTreeMap<WorkerId, String>,
+    pub reports: BTreeMap<WorkerId, ParamHash>,
 }
 
 /// Recorded states kept per run, for a rewind when no member holds the newest one.
@@ -122,7 +122,7 @@ pub(super) struct EpochSync {
     members: Vec<WorkerId>,
     started: Millis,
     /// The state each member reported at the start.
-    held: BTreeMap<WorkerId, (u64, String)>,
+    held: BTreeMap<WorkerId, (u64, ParamHash)>,
     agreement: Option<AgreementInfo>,
     /// When the current round began (the agreement, or the last plan).
     round_start: Millis,
@@ -183,7 +183,7 @@ impl EpochSync {
 
 impl Cluster {
     /// A member reports the state it holds: at the start of an epoch, and after every sync
-    /// (`hash`: 16 hex digits; "" is ignored). See the module documentation.
+    /// (a member that does not know its hash reports nothing). See the module documentation.
     pub fn step_committed(
         &mut self,
         now: Millis,
@@ -191,17 +191,17 @@ impl Cluster {
         run: RunId,
         epoch: Epoch,
         step: u64,
-        hash: &str,
+        hash: ParamHash,
     ) {
         let Some(r) = self.runs.get(&run) else { return };
-        if r.state != RunState::Running || hash.is_empty() || epoch > r.epoch {
+        if r.state != RunState::Running || epoch > r.epoch {
             return;
         }
         // Its own earlier report of the last recorded step says otherwise: evidence.
         if let Some((p, _)) = self.recorded.get(&run)
             && p.step == step
             && let Some(h) = p.reports.get(&worker)
-            && h != hash
+            && *h != hash
         {
             let evidence = format!("it reported two states for step {step}: {h} and {hash}");
             self.ban(now, run, worker, &evidence);
@@ -213,7 +213,7 @@ impl Cluster {
             && p.members.contains(&worker)
         {
             match p.reports.get(&worker) {
-                Some(h) if h != hash => {
+                Some(h) if *h != hash => {
                     let evidence =
                         format!("it reported two states for step {step}: {h} and {hash}");
                     self.ban(now, run, worker, &evidence);
@@ -223,7 +223,7 @@ impl Cluster {
                 None => {
                     let p = self.runs.get_mut(&run).and_then(|r| r.pending.as_mut());
                     if let Some(p) = p {
-                        p.reports.insert(worker, hash.to_owned());
+                        p.reports.insert(worker, hash);
                     }
                     self.maybe_record(now, run);
                 }
@@ -239,7 +239,7 @@ impl Cluster {
             && sync.rank(worker).is_some()
             && !sync.held.contains_key(&worker)
         {
-            sync.held.insert(worker, (step, hash.to_owned()));
+            sync.held.insert(worker, (step, hash));
             self.maybe_agree(now, run);
             return;
         }
@@ -249,25 +249,25 @@ impl Cluster {
         let Some(r) = self.runs.get(&run) else { return };
         let late = match self.recorded.get_mut(&run) {
             Some((p, advanced)) if p.step == step && p.members.contains(&worker) => {
-                p.reports.insert(worker, hash.to_owned()).is_none().then(|| (p.clone(), *advanced))
+                p.reports.insert(worker, hash).is_none().then(|| (p.clone(), *advanced))
             }
             _ => None,
         };
-        if step == r.committed_step && hash == r.committed_hash {
+        if step == r.committed_step && Some(hash) == r.committed_hash {
             if let Some((p, advanced)) = late {
                 self.credit(run, &p, worker, advanced);
             }
             return;
         }
         if step == r.committed_step
-            && !r.committed_hash.is_empty()
-            && hash != r.committed_hash
+            && let Some(recorded) = r.committed_hash
+            && hash != recorded
             && current
             && r.members.iter().any(|m| m.worker == worker)
         {
             let line = format!(
-                "{worker} diverged: it holds {hash} after step {step}, the recorded state is {}",
-                r.committed_hash
+                "{worker} diverged: it holds {hash} after step {step}, the recorded state is \
+                 {recorded}"
             );
             self.log_once(run, line.clone());
             self.diverged(now, run, &[worker], line);
@@ -312,9 +312,9 @@ impl Cluster {
     fn maybe_record(&mut self, now: Millis, run: RunId) {
         let Some(r) = self.runs.get(&run) else { return };
         let Some(p) = &r.pending else { return };
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut counts: BTreeMap<ParamHash, usize> = BTreeMap::new();
         for h in p.reports.values() {
-            *counts.entry(h.as_str()).or_default() += 1;
+            *counts.entry(*h).or_default() += 1;
         }
         let Some((hash, n)) = counts.into_iter().max_by_key(|(_, n)| *n) else { return };
         if 2 * n <= p.members.len() {
@@ -334,17 +334,16 @@ impl Cluster {
             }
             return;
         }
-        let hash = hash.to_owned();
         let r = self.runs.get_mut(&run).expect("run looked up above");
         let p = r.pending.take().expect("pending looked up above");
         let advanced = p.step - r.committed_step;
-        if !r.committed_hash.is_empty() {
-            r.history.push((r.committed_step, r.committed_hash.clone()));
+        if let Some(h) = r.committed_hash {
+            r.history.push((r.committed_step, h));
             let excess = r.history.len().saturating_sub(HISTORY);
             r.history.drain(..excess);
         }
         r.committed_step = p.step;
-        r.committed_hash = hash.clone();
+        r.committed_hash = Some(hash);
         r.updated_ms = now;
         self.dirty.insert(Dirty::Run(run));
         // The ledger: the members that hold the recorded state (those whose report comes later
@@ -354,8 +353,8 @@ impl Cluster {
         for w in holders {
             self.credit(run, &p, w, advanced);
         }
-        let minority: BTreeMap<WorkerId, String> =
-            p.reports.iter().filter(|(_, h)| **h != hash).map(|(w, h)| (*w, h.clone())).collect();
+        let minority: BTreeMap<WorkerId, ParamHash> =
+            p.reports.iter().filter(|(_, h)| **h != hash).map(|(w, h)| (*w, *h)).collect();
         let (step, epoch) = (p.step, p.epoch);
         // Members that recorded a sync together reached each other.
         self.unreachable
@@ -408,19 +407,18 @@ impl Cluster {
             return;
         };
         // A fresh run records the initial state once a majority of the first epoch reports it.
-        if r.committed_step == 0 && r.committed_hash.is_empty() {
-            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        if r.committed_step == 0 && r.committed_hash.is_none() {
+            let mut counts: BTreeMap<ParamHash, usize> = BTreeMap::new();
             for (s, h) in sync.held.values() {
                 if *s == 0 {
-                    *counts.entry(h.as_str()).or_default() += 1;
+                    *counts.entry(*h).or_default() += 1;
                 }
             }
             if let Some((h, n)) = counts.into_iter().max_by_key(|(_, n)| *n)
                 && 2 * n > sync.members.len()
             {
-                let h = h.to_owned();
                 let r = self.runs.get_mut(&run).expect("run looked up above");
-                r.committed_hash = h;
+                r.committed_hash = Some(h);
                 self.dirty.insert(Dirty::Run(run));
             }
         }
@@ -443,11 +441,13 @@ impl Cluster {
         }
         let r = &self.runs[&run];
         let sync = &self.syncs[&run];
-        let target = (r.committed_step, r.committed_hash.clone());
-        let holds = |w: &WorkerId| sync.held.get(w).is_some_and(|h| *h == target);
+        let target = (r.committed_step, r.committed_hash);
+        let holds = |w: &WorkerId| {
+            sync.held.get(w).is_some_and(|&(s, h)| s == target.0 && Some(h) == target.1)
+        };
         let holders: Vec<usize> =
             (0..sync.members.len()).filter(|&i| holds(&sync.members[i])).collect();
-        let (source, receivers, contributors) = if target.1.is_empty() {
+        let (source, receivers, contributors) = if target.1.is_none() {
             // No recorded state yet: everyone starts from the seed; a member holding anything
             // else rebuilds it.
             let at_zero = |w: &WorkerId| sync.held.get(w).is_some_and(|(s, _)| *s == 0);
@@ -473,14 +473,16 @@ impl Cluster {
             let line = format!(
                 "no member of epoch {} holds the recorded state (step {}, {}); rewinding to \
                  step {step} ({hash}), recorded earlier, which a member holds",
-                sync.epoch, target.0, target.1
+                sync.epoch,
+                target.0,
+                proto::domain::hash_text(target.1)
             );
             let r = self.runs.get_mut(&run).expect("run looked up above");
             while r.history.last().is_some_and(|h| h.0 >= step) {
                 r.history.pop();
             }
             r.committed_step = step;
-            r.committed_hash = hash;
+            r.committed_hash = Some(hash);
             r.message = line.clone();
             self.dirty.insert(Dirty::Run(run));
             self.log(run, line);
@@ -492,7 +494,7 @@ impl Cluster {
                  waiting for a member that does",
                 sync.epoch,
                 target.0,
-                target.1,
+                proto::domain::hash_text(target.1),
                 describe(&sync.held.iter().map(|(w, (s, h))| (*w, format!("{s}:{h}"))).collect())
             );
             let r = self.runs.get_mut(&run).expect("run looked up above");
@@ -826,7 +828,7 @@ impl Cluster {
     }
 }
 
-fn describe(reports: &BTreeMap<WorkerId, String>) -> String {
+fn describe(reports: &BTreeMap<WorkerId, impl std::fmt::Display>) -> String {
     let mut parts: Vec<String> = reports.iter().map(|(w, h)| format!("{w} {h}")).collect();
     if parts.len() > 16 {
         let more = parts.len() - 16;

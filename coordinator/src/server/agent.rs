@@ -369,9 +369,13 @@ impl Session {
             }
             Msg::StepCommitted(s) => {
                 let run = convert::run_id(s.run_id)?;
-                let hash = convert::param_hash("step_committed.param_hash", &s.param_hash)?;
+                // A member that does not know its state's hash has nothing to report.
+                let Some(hash) = convert::param_hash("step_committed.param_hash", &s.param_hash)?
+                else {
+                    return Ok(());
+                };
                 refused(shared.with(Admit::Always, |c, now| {
-                    c.step_committed(now, id, run, convert::epoch(s.epoch), s.step, &hash);
+                    c.step_committed(now, id, run, convert::epoch(s.epoch), s.step, hash);
                     Ok(())
                 }))
             }

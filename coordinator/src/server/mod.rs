@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use proto::convert;
+use proto::domain::hash_text;
 use proto::pb;
 use proto::pb::agent_server::AgentServer;
 use proto::pb::control_server::ControlServer;
@@ -40,10 +41,10 @@ use tonic::{Request, Status};
 use tracing::{debug, info, warn};
 
 use crate::ca::{Pki, PkiError};
-use crate::client::WORKER_HEADER;
 use crate::cluster::{self, Cluster, Command, Millis, Output};
 use crate::metrics::Telemetry;
 use crate::store::{Batch, Store, StoreError};
+use client::WORKER_HEADER;
 use writer::{Pending, Sessions, Writer};
 
 /// Server settings. The defaults suit a coordinator on the public internet serving up to a few
@@ -252,7 +253,7 @@ fn run_info(c: &Cluster, r: &cluster::RunRecord) -> pb::RunInfo {
         accuracy: r.accuracy.filter(|a| a.is_finite()),
         compute_utilisation: c.compute_utilisation(r.id),
         bytes_moved: c.bytes_moved(r.id),
-        committed_hash: r.committed_hash.clone(),
+        committed_hash: hash_text(r.committed_hash),
         latest_checkpoint: r.latest_checkpoint.clone(),
     }
 }
@@ -280,7 +281,7 @@ fn command_to_wire(c: &Cluster, cmd: Command) -> pb::CoordinatorMessage {
             } else {
                 String::new()
             },
-            committed_hash: e.committed_hash,
+            committed_hash: hash_text(e.committed_hash),
         }),
         Command::Abort { run, epoch, reason } => {
             Msg::Abort(pb::Abort { run_id: run.0, epoch: epoch.0, reason })
@@ -295,7 +296,7 @@ fn command_to_wire(c: &Cluster, cmd: Command) -> pb::CoordinatorMessage {
             run_id: a.run.0,
             epoch: a.epoch.0,
             step: a.step,
-            param_hash: a.hash,
+            param_hash: hash_text(a.hash),
             source: a.source as u32,
             receivers: ranks(&a.receivers),
             contributors: ranks(&a.contributors),
@@ -329,7 +330,7 @@ fn worker_info(c: &Cluster, w: &cluster::WorkerRecord, now: Millis) -> pb::Worke
         uptime_ms: c.uptime(w.id).unwrap_or(w.ledger.uptime_ms),
         joined_unix_ms: w.joined_ms,
         loss: latest.and_then(|m| m.loss),
-        param_hash: latest.map(|m| m.param_hash.clone()).unwrap_or_default(),
+        param_hash: hash_text(latest.and_then(|m| m.param_hash)),
         compute_utilisation: latest.and_then(cluster::Metrics::compute_utilisation).unwrap_or(0.0),
         syncs: w.ledger.syncs,
         excluded: w.ledger.excluded,

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use coordinator::client::ConnectConfig;
+use client::ConnectConfig;
+use client::{Control, control};
 use coordinator::cluster;
 use coordinator::server::{self, ServerConfig};
-use coordinator::testing::{Control, connect_config, control};
+use coordinator::testing::connect_config;
 use proto::pb;
 
 /// A coordinator served from this process, or a `longhaul serve` child process.

@@ -22,7 +22,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use coordinator::ca::hex;
+use client::pki::hex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
@@ -55,7 +55,7 @@ pub struct Meta {
     pub step: u64,
     pub optimizer_steps: u64,
     /// 16 hex digits: the hash of the synchronised parameters (`Trainer::hash`).
-    pub param_hash: String,
+    pub param_hash: proto::ParamHash,
     /// `ddp` or `diloco`.
     pub sync: String,
     pub cursor: Option<Cursor>,

@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use collectives::Compression;
 use collectives::group::OpError;
+use proto::ParamHash;
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::comm::Comm;
@@ -160,7 +161,7 @@ pub trait Coordinate {
 pub struct Agreement {
     pub step: u64,
     /// `None` with step 0: the seeded initial state, which receivers rebuild themselves.
-    pub hash: Option<u64>,
+    pub hash: Option<ParamHash>,
     pub source: usize,
     pub receivers: Vec<usize>,
     /// diloco: the ranks whose progress in the round under way counts.
@@ -202,7 +203,7 @@ pub struct Trainer {
     /// diloco: the step from which this replica's local progress counts toward the next sync.
     pub inner_start: u64,
     outer: Option<OuterState>,
-    hash: u64,
+    hash: ParamHash,
     /// ddp: flat local gradients computed but not yet synchronised.
     pending: Option<Vec<f32>>,
     /// Time spent computing (forward, backward, optimizer).
@@ -292,7 +293,7 @@ impl Trainer {
             sync_step: 0,
             inner_start: 0,
             outer: None,
-            hash: 0,
+            hash: ParamHash(0),
             pending: None,
             compute: Duration::ZERO,
             samples_since_sync: 0,
@@ -323,16 +324,16 @@ impl Trainer {
         self.params.iter().map(|p| p.numel()).sum()
     }
 
-    /// The hash of the synchronised, replicated state (16 hex digits when formatted with
-    /// `{:016x}`): what every member of a ring holds bitwise after a sync.
-    pub fn hash(&self) -> u64 {
+    /// The hash of the synchronised, replicated state: what every member of a ring holds
+    /// bitwise after a sync.
+    pub fn hash(&self) -> ParamHash {
         self.hash
     }
 
     /// ddp: the parameters, the optimizer state and its step count; diloco: the global
     /// parameters and the outer momentum (the inner optimizer state is each member's own).
-    fn compute_hash(&self) -> u64 {
-        match &self.outer {
+    fn compute_hash(&self) -> ParamHash {
+        ParamHash(match &self.outer {
             Some(o) => {
                 state::hash_tensors(&[o.global.shallow_clone(), o.momentum.shallow_clone()], &[])
             }
@@ -341,7 +342,7 @@ impl Trainer {
                 ts.extend(self.opt.tensors());
                 state::hash_tensors(&ts, &[self.opt.steps as u64])
             }
-        }
+        })
     }
 
     /// Runs the model and back-propagates the batch's mean loss. Gradients replace any earlier
@@ -601,7 +602,7 @@ impl Trainer {
             Some(hash) if !a.receivers.is_empty() => {
                 if rank == a.source && self.hash != hash {
                     return Err(TrainError::State(format!(
-                        "named the source of state {hash:016x}, but holds {:016x}",
+                        "named the source of state {hash}, but holds {}",
                         self.hash
                     )));
                 }
@@ -616,9 +617,7 @@ impl Trainer {
                         let got = self.hash;
                         // Back to what it held: nothing of the bad state stays.
                         let _ = self.load_blob(&before, before_step);
-                        return Err(bad(format!(
-                            "hashes to {got:016x}, the recorded state is {hash:016x}"
-                        )));
+                        return Err(bad(format!("hashes to {got}, the recorded state is {hash}")));
                     }
                 }
             }
@@ -796,9 +795,9 @@ impl Trainer {
         self.inner_start = meta.step;
         self.pending = None;
         self.hash = self.compute_hash();
-        if format!("{:016x}", self.hash) != meta.param_hash {
+        if self.hash != meta.param_hash {
             return Err(TrainError::State(format!(
-                "checkpoint parameters hash to {:016x}, its metadata says {}",
+                "checkpoint parameters hash to {}, its metadata says {}",
                 self.hash, meta.param_hash
             )));
         }
@@ -816,7 +815,7 @@ impl Trainer {
             run,
             step: self.sync_step,
             optimizer_steps: self.opt.steps as u64,
-            param_hash: format!("{:016x}", self.hash),
+            param_hash: self.hash,
             sync: match self.spec.sync {
                 SyncMode::Ddp => "ddp".into(),
                 SyncMode::Diloco { .. } => "diloco".into(),

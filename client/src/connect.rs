@@ -14,7 +14,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use thiserror::Error;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::ca::ca_hash;
+use crate::pki::ca_hash;
 
 /// Where and how to connect.
 #[derive(Clone, Debug)]
