@@ -122,8 +122,9 @@ pub struct Driver {
     ctx: Option<RunCtx>,
     /// A stop that arrived while the run's state was out in an epoch.
     stop: Option<(u64, String)>,
-    /// A run this worker could not start (its file, its model, its data).
-    unusable: Option<u64>,
+    /// A run this worker cannot start (its file, its model, its data), why, and the last epoch
+    /// of it it declined.
+    unusable: Option<(u64, String, u64)>,
     /// The ring port of the last group this worker formed or tried to: released before the
     /// next one binds it (the old endpoint may still be draining its connections).
     port: Option<PortLease>,
@@ -255,31 +256,21 @@ impl Driver {
                 continue;
             }
             let Some(e) = self.latest.clone() else { continue };
-            if self.unusable == Some(e.run_id) {
-                continue;
-            }
             if self.ctx.as_ref().map(|c| c.run) != Some(e.run_id) {
                 match self.start_run(&e) {
                     Ok(ctx) => self.ctx = Some(ctx),
                     Err(err) => {
                         // A run this worker cannot train ends nothing but its part in it: it
-                        // says so, leaves the ring to the others (it never joins it) and waits
-                        // for the next run.
+                        // declines it (the coordinator takes it out of the run and gives it
+                        // another) and waits for the next run; the process never exits for a
+                        // run's content.
                         error!(
                             run = e.run_id,
                             "this worker cannot train run {}: {err:#}", e.run_id
                         );
-                        self.send(Up::RingFault(pb::RingFault {
-                            run_id: e.run_id,
-                            epoch: e.epoch,
-                            peer_worker_id: 0,
-                            kind: FaultKind::Failed as i32,
-                            detail: format!("this worker cannot train the run: {err:#}")
-                                .chars()
-                                .take(300)
-                                .collect(),
-                        }));
-                        self.unusable = Some(e.run_id);
+                        let why: String = format!("{err:#}").chars().take(300).collect();
+                        self.decline(e.run_id, e.epoch, &why);
+                        self.unusable = Some((e.run_id, why, e.epoch));
                         continue;
                     }
                 }
@@ -316,9 +307,23 @@ impl Driver {
         }
     }
 
+    /// Tells the coordinator that this worker cannot train `run`.
+    fn decline(&self, run: u64, epoch: u64, why: &str) {
+        self.send(Up::RingFault(pb::RingFault {
+            run_id: run,
+            epoch,
+            peer_worker_id: 0,
+            kind: FaultKind::Declined as i32,
+            detail: why.to_owned(),
+        }));
+    }
+
     /// Whether there is an epoch to (re)join now.
     fn ready(&self) -> bool {
         let Some(e) = &self.latest else { return false };
+        if self.unusable.as_ref().is_some_and(|(run, _, _)| *run == e.run_id) {
+            return false;
+        }
         match &self.ctx {
             Some(c) if c.run == e.run_id => {
                 !c.finished
@@ -345,6 +350,16 @@ impl Driver {
                     && let Some(l) = self.latest.as_ref().filter(|l| l.run_id == e.run_id)
                 {
                     e.run_toml = l.run_toml.clone();
+                }
+                // Given a run it already declined (a coordinator restarted since forgets): it
+                // declines again.
+                if let Some((run, why, told)) = self.unusable.as_mut()
+                    && *run == e.run_id
+                    && e.epoch > *told
+                {
+                    *told = e.epoch;
+                    let (run, epoch, why) = (*run, e.epoch, why.clone());
+                    self.decline(run, epoch, &why);
                 }
                 if newer {
                     self.latest = Some(e);

@@ -105,3 +105,54 @@ async fn diloco_survives_a_kill_and_takes_a_joiner() {
 async fn ddp_survives_a_kill_and_takes_a_joiner() {
     kill_one_then_join_one("mode = \"ddp\"\ncompression = \"none\"").await;
 }
+
+/// A run the coordinator accepts and no worker can train (its TorchScript file is on no
+/// worker's disk) costs nothing but itself: the worker declines it and stays up, the run waits
+/// saying why, and the same process trains the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_no_worker_can_train_costs_nothing_but_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::start(&dir.path().join("coordinator")).await;
+    let token = c.token().await;
+    let good = run_file(1, 1, 40, "mode = \"ddp\"");
+    let builtin = "builtin = \"gpt\"\nlayers = 2\nwidth = 64\nheads = 4\n";
+    assert!(good.contains(builtin));
+    let bad = good.replace(builtin, "torchscript = \"/nonexistent/longhaul-test/model.pt\"\n");
+    let bad_run = c.submit(&bad).await;
+    let mut w = spawn(dir.path(), "w1", &c, &token);
+    let r = c
+        .wait_run(bad_run, Duration::from_secs(120), "the worker to decline the run", |r| {
+            r.message.contains("declined it")
+        })
+        .await;
+    assert!(r.message.contains("model.pt"), "{}", r.message);
+    let declined = r.message.clone();
+    assert_eq!(r.state, RunState::Running as i32, "a declined run waits: {}", r.message);
+    let logs = c.logs(bad_run).await;
+    assert!(logs.iter().any(|l| l.contains("cannot train this run")), "{logs:#?}");
+
+    let good_run = c.submit(&good).await;
+    let r = c
+        .wait_run(
+            good_run,
+            Duration::from_secs(180),
+            "the same worker to train the next run",
+            |r| r.state != RunState::Running as i32 && r.state != RunState::Pending as i32,
+        )
+        .await;
+    if r.state != RunState::Completed as i32 {
+        dump(&[&w]);
+        panic!("the next run ended {}: {}", r.state, r.message);
+    }
+    assert_eq!(r.committed_step, 40, "{}", r.message);
+    eprintln!(
+        "declined run: {declined:?}; next run: {} after {} steps",
+        r.message, r.committed_step
+    );
+    // One process all along: it never exited for a run's content.
+    assert!(w.child.try_wait().unwrap().is_none(), "the worker exited");
+    let text = w.log_text();
+    assert_eq!(text.matches("cannot train run").count(), 1, "declined once: {text}");
+    drop(w);
+    c.stop().await;
+}

@@ -932,6 +932,51 @@ fn an_accusation_keeps_one_side_out_never_bans_and_never_stalls_the_run() {
 }
 
 #[test]
+fn a_worker_that_cannot_train_a_run_leaves_it_alone_and_serves_the_next() {
+    use super::{Fault, FaultKind};
+    let mut net = Net::new(config());
+    let first = net.submit(2, 8, 1_000_000, 50);
+    let second = net.submit(1, 1, 1_000_000, 50);
+    let w: Vec<WorkerId> = (0..4).map(|_| net.join()).collect();
+    net.run_for(3_000);
+    let (epoch, members) = net.epoch_of(first);
+    assert_eq!(members.len(), 4);
+    let declined = Fault { peer: None, kind: FaultKind::Declined, detail: "no such model file" };
+    // A non-member's or a stale epoch's word changes nothing.
+    net.cluster.ring_fault(net.now, WorkerId(99), first, epoch, declined);
+    net.cluster.ring_fault(net.now, w[1], first, Epoch(epoch.0 + 7), declined);
+    assert_eq!(net.epoch_of(first).0, epoch);
+    // w1 declines: it leaves at once, blames nobody, and is never assigned the run again; the
+    // run goes on with the others, and w1 serves the run that wants a worker.
+    net.cluster.ring_fault(net.now, w[1], first, epoch, declined);
+    let step = net.step(first);
+    net.run_for(config().bench_for + 35_000);
+    let (_, members) = net.epoch_of(first);
+    assert_eq!(sorted(members), sorted(vec![w[0], w[2], w[3]]));
+    assert_eq!(net.epoch_of(second).1, vec![w[1]]);
+    assert!(net.step(first) > step, "the run went on");
+    assert!(!net.logged(first, "cannot train this run").is_empty(), "{:?}", net.logs);
+    assert!(net.cluster.workers().all(|x| x.banned.is_empty()));
+    assert!(net.cluster.sitting_out(first).next().is_none());
+    assert_eq!(net.cluster.run(first).unwrap().restarts, 0);
+    // Too few can train it: the run waits, and says why.
+    for x in [w[0], w[2]] {
+        let (epoch, _) = net.epoch_of(first);
+        net.cluster.ring_fault(net.now, x, first, epoch, declined);
+        net.run_for(TICK);
+    }
+    net.run_for(5_000);
+    assert_eq!(net.state(first), RunState::Running);
+    assert!(net.epoch_of(first).1.is_empty());
+    let r = net.cluster.run(first).unwrap();
+    assert!(
+        r.message.contains("3 declined it") && r.message.contains("no such model file"),
+        "{}",
+        r.message
+    );
+}
+
+#[test]
 fn a_peer_two_members_cannot_reach_is_dropped_with_a_reason() {
     use super::{Fault, FaultKind};
     let mut net = Net::new(config());

@@ -503,6 +503,9 @@ pub struct Cluster {
     disputes: BTreeMap<(RunId, WorkerId), BTreeSet<WorkerId>>,
     /// Per run, the workers its disputes keep out of its ring ([`disputes`]; volatile).
     sit_out: BTreeMap<RunId, BTreeSet<WorkerId>>,
+    /// Per run, the workers that said they cannot train it, and why (volatile: a worker
+    /// assigned again after a restart says so again).
+    declined: BTreeMap<(RunId, WorkerId), String>,
     /// Per run and pair of members (smaller id first), the epochs in which one could not form a
     /// ring with the other since a sync both were members of was recorded (volatile).
     /// How many, and the last one counted.
@@ -536,6 +539,7 @@ impl Cluster {
             recorded: BTreeMap::new(),
             disputes: BTreeMap::new(),
             sit_out: BTreeMap::new(),
+            declined: BTreeMap::new(),
             unreachable: BTreeMap::new(),
             died_in: BTreeSet::new(),
             formed: BTreeMap::new(),
@@ -1096,6 +1100,27 @@ impl Cluster {
         }
     }
 
+    /// `id` says it cannot train `run` (it cannot build the model or read the data): it leaves
+    /// the run and is not assigned to it again while the run lasts. Its word is enough: it
+    /// harms nobody but itself (no ledger credit, no other member named). A run every worker
+    /// declines waits for one that can, and its message says why the others cannot.
+    pub(super) fn decline(&mut self, now: Millis, run: RunId, id: WorkerId, detail: &str) {
+        let why: String = detail.chars().take(200).collect();
+        self.declined.insert((run, id), why.clone());
+        self.release_and_leave(run, id);
+        let line = format!("{id} cannot train this run and leaves it: {why}");
+        self.log(run, line.clone());
+        self.restart_epoch(now, run, line, false);
+    }
+
+    /// ", N declined (first reason)" for a run's waiting message, or "" if none declined.
+    fn declined_note(&self, run: RunId) -> String {
+        let mut reasons = self.declined.range((run, WorkerId(0))..=(run, WorkerId(u64::MAX)));
+        let Some(((_, first), why)) = reasons.next() else { return String::new() };
+        let n = 1 + reasons.count();
+        format!("; {n} declined it ({first}: {why})")
+    }
+
     /// Bans `id` from `run` on evidence: its id, its key and its public address are never
     /// assigned to the run again, and the epoch is re-formed without it.
     fn ban(&mut self, now: Millis, run: RunId, id: WorkerId, evidence: &str) {
@@ -1146,10 +1171,11 @@ impl Cluster {
             let have = self.workers.values().filter(|w| w.run == Some(run)).count() as u32;
             for _ in have..r.max_workers {
                 // The smallest free id not banned from this run nor kept out by its disputes.
-                let Some(pos) = free
-                    .iter()
-                    .rposition(|id| !self.banned_from(*id, r) && !self.sits_out_of(run, *id))
-                else {
+                let Some(pos) = free.iter().rposition(|id| {
+                    !self.banned_from(*id, r)
+                        && !self.sits_out_of(run, *id)
+                        && !self.declined.contains_key(&(run, *id))
+                }) else {
                     break;
                 };
                 let id = free.remove(pos);
@@ -1224,11 +1250,15 @@ impl Cluster {
             }
             if (ids.len() as u32) < r.min_workers {
                 self.syncs.remove(&run);
+                let declined = self.declined_note(run);
                 let r = self.runs.get_mut(&run).expect("run looked up above");
                 if !r.members.is_empty() || forced {
                     r.members.clear();
-                    r.message =
-                        format!("waiting for workers ({} of {} live)", ids.len(), r.min_workers);
+                    r.message = format!(
+                        "waiting for workers ({} of {} live){declined}",
+                        ids.len(),
+                        r.min_workers
+                    );
                     self.dirty.insert(Dirty::Run(run));
                 }
                 continue;
@@ -1330,6 +1360,7 @@ impl Cluster {
         }
         self.disputes.retain(|(r, _), _| *r != run);
         self.sit_out.remove(&run);
+        self.declined.retain(|(r, _), _| *r != run);
         self.unreachable.retain(|(r, _, _), _| *r != run);
         // Freed workers may serve another run at the next tick.
         let others: Vec<RunId> =

@@ -95,6 +95,8 @@ pub enum FaultKind {
     BadState,
     /// An operation failed without naming a peer.
     Failed,
+    /// The reporter cannot train the run at all: it leaves it (its word harms only itself).
+    Declined,
 }
 
 /// A member's report that its ring failed.
@@ -700,6 +702,10 @@ impl Cluster {
         let Some(sync) = self.syncs.get_mut(&run) else { return };
         if sync.epoch != epoch || sync.rank(reporter).is_none() {
             return; // stale or foreign
+        }
+        if kind == FaultKind::Declined {
+            self.decline(now, run, reporter, detail);
+            return;
         }
         if peer.is_some_and(|p| p == reporter || sync.rank(p).is_none()) {
             return;

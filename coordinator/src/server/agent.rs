@@ -405,6 +405,7 @@ impl Session {
                     Ok(pb::FaultKind::Misbehaved) => FaultKind::Misbehaved,
                     Ok(pb::FaultKind::BadState) => FaultKind::BadState,
                     Ok(pb::FaultKind::Failed) => FaultKind::Failed,
+                    Ok(pb::FaultKind::Declined) => FaultKind::Declined,
                     _ => {
                         return Err(WireError::new(
                             "ring_fault.kind",
