@@ -414,10 +414,10 @@ impl Driver {
         let Some(mut c) = self.ctx.take() else { return }; // out in an epoch: later
         self.life.on(Instant::now(), Event::Dropped { run });
         let (_, reason) = self.stop.take().unwrap_or_default();
-        if c.last_checkpoint != Some(c.trainer.sync_step) && c.trainer.sync_step > 0 {
+        if c.last_checkpoint != Some(c.trainer.sync_step()) && c.trainer.sync_step() > 0 {
             self.checkpoint(&mut c);
         }
-        info!(run, step = c.trainer.sync_step, hash = %c.trainer.hash(),
+        info!(run, step = c.trainer.sync_step(), hash = %c.trainer.hash(),
             "run stopped: {reason}");
     }
 
@@ -472,7 +472,7 @@ impl Driver {
         let ts =
             plan::train_spec(&spec, e.total_steps, device, features).map_err(|m| anyhow!(m))?;
         let mut trainer = Trainer::new(ts).map_err(|err| anyhow!("{err}"))?;
-        trainer.poison = self.cfg.poison;
+        trainer.set_poison(self.cfg.poison);
         // A certificate renewed by the agent since this worker started: leases use it.
         if let Ok(Some(id)) = Identity::load(&self.cfg.state_dir, &self.identity.ca_pin)
             && id.worker_id == self.identity.worker_id
@@ -491,12 +491,13 @@ impl Driver {
                     "resumed from checkpoint"),
                 Err(err) => {
                     warn!(path = %path.display(), "checkpoint does not fit this run ({err}); starting fresh");
-                    trainer = Trainer::new(trainer.spec.clone()).map_err(|err| anyhow!("{err}"))?;
-                    trainer.poison = self.cfg.poison;
+                    trainer =
+                        Trainer::new(trainer.spec().clone()).map_err(|err| anyhow!("{err}"))?;
+                    trainer.set_poison(self.cfg.poison);
                 }
             }
         }
-        let last_checkpoint = (trainer.sync_step > 0).then_some(trainer.sync_step);
+        let last_checkpoint = (trainer.sync_step() > 0).then_some(trainer.sync_step());
         Ok(RunCtx {
             run: e.run_id,
             spec,
@@ -664,7 +665,7 @@ impl Driver {
             return interrupted_or_failed(attempt, err);
         }
         if agreement.receivers.contains(&comm.rank()) {
-            info!(run = ctx.run, step = ctx.trainer.sync_step, source = agreement.source,
+            info!(run = ctx.run, step = ctx.trainer.sync_step(), source = agreement.source,
                 hash = %ctx.trainer.hash(), "took over the ring's state (hash verified)");
         }
         ctx.started.get_or_insert_with(Instant::now);
@@ -673,13 +674,13 @@ impl Driver {
             epoch = e.epoch,
             rank = comm.rank(),
             world = comm.world(),
-            step = ctx.trainer.sync_step,
+            step = ctx.trainer.sync_step(),
             "training in the ring"
         );
 
         loop {
             // The ring already holds the last step (this member joined after it).
-            if ctx.trainer.sync_step >= ctx.total {
+            if ctx.trainer.sync_step() >= ctx.total {
                 self.finish(ctx, Some(comm));
                 return Outcome::Finished;
             }
@@ -693,14 +694,14 @@ impl Driver {
                 Err(o) => return o,
             };
             if synced {
-                if ctx.trainer.last_coefficient == 0.0 {
+                if ctx.trainer.last_coefficient() == 0.0 {
                     debug!(
                         run = ctx.run,
-                        step = ctx.trainer.sync_step,
+                        step = ctx.trainer.sync_step(),
                         "left out of this sync by the plan"
                     );
                 }
-                if ctx.trainer.sync_step >= ctx.total {
+                if ctx.trainer.sync_step() >= ctx.total {
                     // The last step: checkpoint, evaluation and final report go out before the
                     // commit, which ends the run at the coordinator.
                     self.finish(ctx, Some(comm));
@@ -727,7 +728,7 @@ impl Driver {
         attempt: &Attempt,
     ) -> Result<bool, Outcome> {
         let fail = |err: TrainError| interrupted_or_failed(attempt, err);
-        match ctx.trainer.spec.sync {
+        match ctx.trainer.spec().sync {
             SyncMode::Ddp => {
                 if !ctx.trainer.has_pending() {
                     self.forward_backward(ctx, attempt)?;
@@ -752,7 +753,7 @@ impl Driver {
     }
 
     fn forward_backward(&mut self, ctx: &mut RunCtx, attempt: &Attempt) -> Result<(), Outcome> {
-        let n = ctx.trainer.spec.batch_size;
+        let n = ctx.trainer.spec().batch_size;
         let batch = ctx
             .feeder
             .next_batch(n, &self.rt, &self.rpc, &attempt.token)
@@ -768,7 +769,7 @@ impl Driver {
         w.counted += s.counted;
         w.samples += s.samples as u64;
         let tokens = if ctx.feeder.format.has_tokens() {
-            s.samples as u64 * ctx.trainer.spec.seq_len as u64
+            s.samples as u64 * ctx.trainer.spec().seq_len as u64
         } else {
             s.samples as u64
         };
@@ -787,7 +788,7 @@ impl Driver {
         self.send(Up::StepCommitted(pb::StepCommitted {
             run_id: ctx.run,
             epoch,
-            step: ctx.trainer.sync_step,
+            step: ctx.trainer.sync_step(),
             param_hash: hash,
         }));
         if self.cfg.attack == Some(Attack::Accuse)
@@ -815,7 +816,7 @@ impl Driver {
 
     /// Reports the state this member brings to an epoch.
     fn report_held(&self, ctx: &RunCtx, e: &pb::EpochChange) {
-        let (mut step, mut hash) = (ctx.trainer.sync_step, ctx.trainer.hash().to_string());
+        let (mut step, mut hash) = (ctx.trainer.sync_step(), ctx.trainer.hash().to_string());
         match self.cfg.attack {
             Some(Attack::ClaimAhead) => {
                 step += 1_000_000;
@@ -927,10 +928,10 @@ impl Driver {
     /// The run's last step is synchronised: a final checkpoint, the held-out accuracy and the
     /// last report.
     fn finish(&self, ctx: &mut RunCtx, comm: Option<&RingComm>) {
-        if ctx.last_checkpoint != Some(ctx.trainer.sync_step) {
+        if ctx.last_checkpoint != Some(ctx.trainer.sync_step()) {
             self.checkpoint(ctx);
         }
-        let eval = plan::holdout(ctx.feeder.format, ctx.trainer.spec.seq_len, 512)
+        let eval = plan::holdout(ctx.feeder.format, ctx.trainer.spec().seq_len, 512)
             .and_then(|b| ctx.trainer.evaluate(&b).ok());
         if let Some(s) = &eval {
             info!(
@@ -943,10 +944,10 @@ impl Driver {
         self.report(ctx, comm, eval.map(|s| s.correct as f64 / s.counted.max(1) as f64), true);
         let wall = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
         let (comm_time, sent, received) = ctx.comm_in(comm);
-        let compute = ctx.trainer.compute;
+        let compute = ctx.trainer.compute();
         info!(
             run = ctx.run,
-            step = ctx.trainer.sync_step,
+            step = ctx.trainer.sync_step(),
             wall_s = wall.as_secs_f64(),
             compute_s = compute.as_secs_f64(),
             comm_s = comm_time.as_secs_f64(),
@@ -970,12 +971,12 @@ impl Driver {
         ) {
             Ok((path, sha)) => {
                 ctx.checkpoint_wanted = false;
-                ctx.last_checkpoint = Some(ctx.trainer.sync_step);
-                info!(run = ctx.run, step = ctx.trainer.sync_step, path = %path.display(),
+                ctx.last_checkpoint = Some(ctx.trainer.sync_step());
+                info!(run = ctx.run, step = ctx.trainer.sync_step(), path = %path.display(),
                     took = ?t.elapsed(), "checkpoint written");
                 self.send(Up::CheckpointDone(pb::CheckpointDone {
                     run_id: ctx.run,
-                    step: ctx.trainer.sync_step,
+                    step: ctx.trainer.sync_step(),
                     uri: format!("file://{}", path.display()),
                     sha256: sha,
                 }));
@@ -993,7 +994,7 @@ impl Driver {
     ) {
         let elapsed = ctx.last_report.elapsed().as_secs_f64().max(1e-9);
         let wall = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
-        let compute = ctx.trainer.compute;
+        let compute = ctx.trainer.compute();
         let (comm_time, sent, received) = ctx.comm_in(comm);
         let idle = wall.saturating_sub(compute + comm_time);
         let w = std::mem::take(&mut ctx.window);
@@ -1009,7 +1010,7 @@ impl Driver {
         };
         self.send(Up::Metrics(pb::Metrics {
             run_id: ctx.run,
-            step: ctx.trainer.sync_step,
+            step: ctx.trainer.sync_step(),
             // A diverged loss or norm, or a rate over a vanishing interval, is not reported: the
             // coordinator takes figures that are not finite or beyond 1e15 for a malformed
             // message, closes the session and keeps the sender out of its ring a while.
@@ -1018,7 +1019,7 @@ impl Driver {
             samples: w.samples,
             bytes,
             accuracy,
-            grad_norm: Some(ctx.trainer.last_grad_norm).filter(|g| reportable(*g)).unwrap_or(0.0),
+            grad_norm: Some(ctx.trainer.last_grad_norm()).filter(|g| reportable(*g)).unwrap_or(0.0),
             compute_ms: compute.as_secs_f64() * 1e3,
             comm_ms: comm_time.as_secs_f64() * 1e3,
             idle_ms: idle.as_secs_f64() * 1e3,

@@ -92,7 +92,7 @@ fn diloco_reaches_the_target_accuracy_on_addition() {
                 tr.apply_local().unwrap();
                 if tr.diloco_due() {
                     tr.diloco_sync(&mut comm, &mut plans).unwrap();
-                    assert!((tr.last_coefficient - 1.0 / 3.0).abs() < 1e-6, "equal shares");
+                    assert!((tr.last_coefficient() - 1.0 / 3.0).abs() < 1e-6, "equal shares");
                 }
             }
             comm.close();
@@ -157,7 +157,7 @@ fn checkpoints_round_trip_bitwise_and_resume_continues_the_loss_curve() {
         for step in 0..10 {
             train(&mut a, step);
         }
-        assert_eq!(a.sync_step, 10);
+        assert_eq!(a.sync_step(), 10);
         let cursor = checkpoint::Cursor { shard: 3, data_epoch: 1, next: 320 };
         let meta = a.checkpoint_meta(42, Some(cursor.clone()));
         checkpoint::write(dir.path(), &a.checkpoint_tensors(), meta, 2).unwrap();
@@ -219,7 +219,7 @@ fn broken_or_lying_contributions_never_reach_the_parameters() {
             .map(|r| {
                 let mut t = Trainer::new(spec.clone()).unwrap();
                 if r == liar {
-                    t.poison = Some(Poison { after_step: 0, kind });
+                    t.set_poison(Some(Poison { after_step: 0, kind }));
                 }
                 t
             })
@@ -243,7 +243,7 @@ fn broken_or_lying_contributions_never_reach_the_parameters() {
                             tr.diloco_sync(&mut comm, &mut plans)
                         }
                     };
-                    coefficients.push(tr.last_coefficient);
+                    coefficients.push(tr.last_coefficient());
                     if r.is_err() {
                         outcome = r;
                         break;

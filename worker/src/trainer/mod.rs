@@ -190,31 +190,31 @@ struct OuterState {
 /// One replica.
 #[derive(Debug)]
 pub struct Trainer {
-    pub spec: TrainSpec,
+    spec: TrainSpec,
     _vs: nn::VarStore,
     net: Box<dyn Net>,
     names: Vec<String>,
     params: Vec<Tensor>,
     opt: Optimizer,
     /// Optimizer steps taken (inner steps in diloco).
-    pub step: u64,
+    step: u64,
     /// The step of the last synchronisation; the state at it is what replicas agree on.
-    pub sync_step: u64,
+    sync_step: u64,
     /// diloco: the step from which this replica's local progress counts toward the next sync.
-    pub inner_start: u64,
+    inner_start: u64,
     outer: Option<OuterState>,
     hash: ParamHash,
     /// ddp: flat local gradients computed but not yet synchronised.
     pending: Option<Vec<f32>>,
     /// Time spent computing (forward, backward, optimizer).
-    pub compute: Duration,
+    compute: Duration,
     /// Samples trained on since the last synchronisation.
-    pub samples_since_sync: u64,
-    pub last_grad_norm: f64,
+    samples_since_sync: u64,
+    last_grad_norm: f64,
     /// The coefficient the last sync's plan gave this member (0: it was left out).
-    pub last_coefficient: f32,
+    last_coefficient: f32,
     /// Fault injection for tests: from this step on, what this member sends is corrupted.
-    pub poison: Option<Poison>,
+    poison: Option<Poison>,
 }
 
 /// A corruption of what a member sends (fault injection, for the chaos and adversary tests).
@@ -328,6 +328,42 @@ impl Trainer {
     /// bitwise after a sync.
     pub fn hash(&self) -> ParamHash {
         self.hash
+    }
+
+    /// What this replica trains.
+    pub fn spec(&self) -> &TrainSpec {
+        &self.spec
+    }
+
+    /// Optimizer steps taken (inner steps in diloco).
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The step of the last synchronisation: the state at it is what replicas agree on.
+    pub fn sync_step(&self) -> u64 {
+        self.sync_step
+    }
+
+    /// Time spent computing (forward, backward, optimizer) so far.
+    pub fn compute(&self) -> Duration {
+        self.compute
+    }
+
+    /// The gradient norm of the last step.
+    pub fn last_grad_norm(&self) -> f64 {
+        self.last_grad_norm
+    }
+
+    /// The coefficient the last sync's plan gave this member (0: it was left out).
+    pub fn last_coefficient(&self) -> f32 {
+        self.last_coefficient
+    }
+
+    /// Fault injection for tests: from `poison.after_step` on, what this member sends is
+    /// corrupted.
+    pub fn set_poison(&mut self, poison: Option<Poison>) {
+        self.poison = poison;
     }
 
     /// ddp: the parameters, the optimizer state and its step count; diloco: the global
