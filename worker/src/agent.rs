@@ -8,6 +8,7 @@
 //! flight (or the ring being formed), whatever the trainer thread is doing.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use client::ConnectConfig;
 use client::{AgentRpc, agent_client};
+use collectives::group::Member;
 use proto::pb;
 use proto::pb::agent_client::AgentClient;
 use proto::pb::agent_message::Msg as Up;
@@ -24,6 +26,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+use crate::trainer::{Agreement, Plan};
 
 /// How often the agent heartbeats (the coordinator suspects a worker after 3 s of silence).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -140,14 +144,30 @@ pub async fn join(
     })
 }
 
-/// A command for the trainer thread.
+/// A command for the trainer thread, in its own terms: the wire's messages are read here, once,
+/// and never reach the driver.
 #[derive(Clone, Debug)]
 pub enum Down {
-    Epoch(pb::EpochChange),
+    Epoch(EpochInfo),
     /// The coordinator's decision for an epoch's start.
-    Agreement(pb::Agreement),
+    Agreement {
+        run: u64,
+        epoch: u64,
+        agreement: Agreement,
+    },
     /// The plan of one synchronisation.
-    Plan(pb::SyncPlan),
+    Plan {
+        run: u64,
+        epoch: u64,
+        plan: Plan,
+    },
+    /// A message of this epoch that could not be read (a coordinator bug, never a peer's
+    /// doing): the epoch fails here, and the driver says why.
+    Unreadable {
+        run: u64,
+        epoch: u64,
+        why: String,
+    },
     Checkpoint {
         run: u64,
         step: u64,
@@ -159,6 +179,61 @@ pub enum Down {
     },
     /// The session is lost for good (the coordinator no longer knows this worker).
     Fatal(String),
+}
+
+/// An epoch as the coordinator announced it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochInfo {
+    pub run: u64,
+    pub epoch: u64,
+    /// Ring order.
+    pub members: Vec<RingMember>,
+    pub total_steps: u64,
+    /// The run file; "" when the coordinator sent it with an earlier epoch of the run (the
+    /// driver keeps it from there).
+    pub run_toml: String,
+}
+
+/// A member of an epoch's ring.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingMember {
+    pub worker_id: u64,
+    pub member: Member,
+}
+
+impl EpochInfo {
+    fn from_wire(e: pb::EpochChange) -> Result<Self, String> {
+        let members = e
+            .members
+            .into_iter()
+            .map(|m| {
+                let addr = m.addr.parse::<SocketAddr>().map_err(|_| {
+                    format!("member {} has a bad ring address {:?}", m.name, m.addr)
+                })?;
+                Ok(RingMember { worker_id: m.worker_id, member: Member { name: m.name, addr } })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self {
+            run: e.run_id,
+            epoch: e.epoch,
+            members,
+            total_steps: e.total_steps,
+            run_toml: e.run_toml,
+        })
+    }
+}
+
+fn agreement_from_wire(a: &pb::Agreement) -> Result<Agreement, String> {
+    let hash = proto::convert::param_hash("agreement.param_hash", &a.param_hash)
+        .map_err(|e| e.to_string())?;
+    let ranks = |v: &[u32]| v.iter().map(|r| *r as usize).collect::<Vec<_>>();
+    Ok(Agreement {
+        step: a.step,
+        hash,
+        source: a.source as usize,
+        receivers: ranks(&a.receivers),
+        contributors: ranks(&a.contributors),
+    })
 }
 
 /// What the trainer is doing in the ring right now: cancelled by the agent when that ends.
@@ -460,9 +535,12 @@ fn on_command(side: &AgentSide, msg: DownMsg) {
     match msg {
         DownMsg::HeartbeatAck(_) => {}
         DownMsg::Epoch(e) => {
-            let epoch = e.epoch;
-            cancel(e.run_id, &|a| a.epoch < epoch, format!("epoch {epoch} announced"));
-            let _ = side.down.send(Down::Epoch(e));
+            let (run, epoch) = (e.run_id, e.epoch);
+            cancel(run, &|a| a.epoch < epoch, format!("epoch {epoch} announced"));
+            let _ = side.down.send(match EpochInfo::from_wire(e) {
+                Ok(e) => Down::Epoch(e),
+                Err(why) => Down::Unreadable { run, epoch, why },
+            });
         }
         DownMsg::Abort(a) => {
             let epoch = a.epoch;
@@ -472,10 +550,15 @@ fn on_command(side: &AgentSide, msg: DownMsg) {
             let _ = side.down.send(Down::Checkpoint { run: c.run_id, step: c.step });
         }
         DownMsg::Agreement(a) => {
-            let _ = side.down.send(Down::Agreement(a));
+            let (run, epoch) = (a.run_id, a.epoch);
+            let _ = side.down.send(match agreement_from_wire(&a) {
+                Ok(agreement) => Down::Agreement { run, epoch, agreement },
+                Err(why) => Down::Unreadable { run, epoch, why },
+            });
         }
         DownMsg::SyncPlan(p) => {
-            let _ = side.down.send(Down::Plan(p));
+            let plan = Plan { step: p.step, coefficients: p.coefficients, declared: p.declared };
+            let _ = side.down.send(Down::Plan { run: p.run_id, epoch: p.epoch, plan });
         }
         DownMsg::Stop(s) => {
             // A completed run's last synchronisation has committed: members still finishing

@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::agent::{self, Attempt, Down, Identity, Lease, TrainerSide};
+use crate::agent::{self, Attempt, Down, EpochInfo, Identity, Lease, TrainerSide};
 use crate::comm::{Comm, RingComm};
 use crate::lifecycle::{Action, Ended, EpochRef, Event, Lifecycle, Next};
 use crate::trainer::checkpoint::{self, Cursor};
@@ -117,10 +117,12 @@ pub struct Driver {
     link: TrainerSide,
     identity: Identity,
     rpc: AgentRpc,
-    latest: Option<pb::EpochChange>,
+    latest: Option<EpochInfo>,
     /// The latest agreement and plan the coordinator sent (for the epoch in progress).
-    agreement: Option<pb::Agreement>,
-    plan: Option<pb::SyncPlan>,
+    agreement: Option<(u64, u64, Agreement)>,
+    plan: Option<(u64, u64, Plan)>,
+    /// A message of an epoch that could not be read: (run, epoch, why).
+    unreadable: Option<(u64, u64, String)>,
     ctx: Option<RunCtx>,
     /// A stop that arrived while the run's state was out in an epoch.
     stop: Option<(u64, String)>,
@@ -232,6 +234,7 @@ impl Driver {
             latest: None,
             agreement: None,
             plan: None,
+            unreadable: None,
             ctx: None,
             stop: None,
             life,
@@ -351,9 +354,9 @@ impl Driver {
     }
 
     /// The newest epoch announced, if its run was not stopped since (the core decides which).
-    fn latest_epoch(&self) -> Option<&pb::EpochChange> {
+    fn latest_epoch(&self) -> Option<&EpochInfo> {
         let l = self.life.latest()?;
-        self.latest.as_ref().filter(|e| e.run_id == l.run && e.epoch == l.epoch)
+        self.latest.as_ref().filter(|e| e.run == l.run && e.epoch == l.epoch)
     }
 
     fn act(&self, action: Action) {
@@ -373,11 +376,11 @@ impl Driver {
             Down::Epoch(mut e) => {
                 // The run file comes with a member's first epoch of a run; later ones omit it.
                 if e.run_toml.is_empty()
-                    && let Some(l) = self.latest.as_ref().filter(|l| l.run_id == e.run_id)
+                    && let Some(l) = self.latest.as_ref().filter(|l| l.run == e.run)
                 {
                     e.run_toml = l.run_toml.clone();
                 }
-                let at = EpochRef { run: e.run_id, epoch: e.epoch };
+                let at = EpochRef { run: e.run, epoch: e.epoch };
                 if let Some(action) = self.life.on(Instant::now(), Event::Epoch(at)) {
                     self.act(action);
                 }
@@ -390,8 +393,24 @@ impl Driver {
                     c.checkpoint_wanted = true;
                 }
             }
-            Down::Agreement(a) => self.agreement = Some(a),
-            Down::Plan(p) => self.plan = Some(p),
+            Down::Agreement { run, epoch, agreement } => {
+                self.agreement = Some((run, epoch, agreement));
+            }
+            Down::Plan { run, epoch, plan } => self.plan = Some((run, epoch, plan)),
+            Down::Unreadable { run, epoch, why } => {
+                warn!(run, epoch, "an unreadable message from the coordinator: {why}");
+                self.send(Up::RingFault(pb::RingFault {
+                    run_id: run,
+                    epoch,
+                    peer_worker_id: 0,
+                    kind: FaultKind::Failed as i32,
+                    detail: format!("an unreadable message from the coordinator: {why}")
+                        .chars()
+                        .take(300)
+                        .collect(),
+                }));
+                self.unreadable = Some((run, epoch, why));
+            }
             Down::Stop { run, reason, .. } => {
                 self.life.on(Instant::now(), Event::Stopped { run });
                 self.stop = Some((run, reason));
@@ -439,7 +458,7 @@ impl Driver {
         Ok(superseded || attempt.token.is_cancelled())
     }
 
-    fn start_run(&mut self, e: &pb::EpochChange) -> Result<RunCtx, StartError> {
+    fn start_run(&mut self, e: &EpochInfo) -> Result<RunCtx, StartError> {
         let spec = RunSpec::parse(&e.run_toml).map_err(|err| anyhow!("run file: {err}"))?;
         let device = plan::device(self.cfg.device).map_err(|m| anyhow!(m))?;
         let format = ShardFormat::of(&spec);
@@ -449,7 +468,7 @@ impl Driver {
         let features = if matches!(format, ShardFormat::Tensors { .. }) {
             // Waiting for the first shard is an attempt the agent cancels like any other (a
             // newer epoch, an abort, a stop); a shard that cannot be fetched now may be later.
-            let attempt = Attempt::new(e.run_id, e.epoch);
+            let attempt = Attempt::new(e.run, e.epoch);
             if let Ok(mut a) = self.link.attempt.lock() {
                 *a = Some(attempt.clone());
             }
@@ -483,11 +502,11 @@ impl Driver {
             }
             self.identity = Identity { coordinator: self.identity.coordinator.clone(), ..id };
         }
-        info!(run = e.run_id, params = trainer.numel(), ?device, "model built");
+        info!(run = e.run, params = trainer.numel(), ?device, "model built");
         let dir = self.checkpoint_dir();
-        if let Some((path, tensors, meta)) = checkpoint::latest(&dir, e.run_id) {
+        if let Some((path, tensors, meta)) = checkpoint::latest(&dir, e.run) {
             match trainer.restore(&tensors, &meta) {
-                Ok(()) => info!(run = e.run_id, step = meta.step, path = %path.display(),
+                Ok(()) => info!(run = e.run, step = meta.step, path = %path.display(),
                     "resumed from checkpoint"),
                 Err(err) => {
                     warn!(path = %path.display(), "checkpoint does not fit this run ({err}); starting fresh");
@@ -499,7 +518,7 @@ impl Driver {
         }
         let last_checkpoint = (trainer.sync_step() > 0).then_some(trainer.sync_step());
         Ok(RunCtx {
-            run: e.run_id,
+            run: e.run,
             spec,
             total: e.total_steps,
             trainer,
@@ -520,8 +539,8 @@ impl Driver {
         let _ = self.link.up.send(m);
     }
 
-    fn run_epoch(&mut self, e: &pb::EpochChange) -> Outcome {
-        let attempt = Attempt::new(e.run_id, e.epoch);
+    fn run_epoch(&mut self, e: &EpochInfo) -> Outcome {
+        let attempt = Attempt::new(e.run, e.epoch);
         if let Ok(mut a) = self.link.attempt.lock() {
             *a = Some(attempt.clone());
         }
@@ -540,7 +559,7 @@ impl Driver {
         out
     }
 
-    fn form_ring(&mut self, e: &pb::EpochChange, attempt: &Attempt) -> Result<Group, Outcome> {
+    fn form_ring(&mut self, e: &EpochInfo, attempt: &Attempt) -> Result<Group, Outcome> {
         // The certificate may have been renewed since this worker started.
         let identity = Identity::load(&self.cfg.state_dir, &self.identity.ca_pin)
             .ok()
@@ -549,22 +568,10 @@ impl Driver {
             .unwrap_or_else(|| self.identity.clone());
         let me = &self.identity.member_name;
         let rank =
-            e.members.iter().position(|m| &m.name == me).ok_or_else(|| {
+            e.members.iter().position(|m| &m.member.name == me).ok_or_else(|| {
                 Outcome::Failed(format!("{me} is not a member of epoch {}", e.epoch))
             })?;
-        let members = e
-            .members
-            .iter()
-            .map(|m| {
-                let addr = m.addr.parse::<SocketAddr>().map_err(|_| {
-                    Outcome::Failed(format!(
-                        "member {} has a bad ring address {:?}",
-                        m.name, m.addr
-                    ))
-                })?;
-                Ok(Member { name: m.name.clone(), addr })
-            })
-            .collect::<Result<Vec<_>, Outcome>>()?;
+        let members: Vec<Member> = e.members.iter().map(|m| m.member.clone()).collect();
         let (identity, anchor) =
             identity.ring_tls().map_err(|err| Outcome::Failed(format!("{err:#}")))?;
         let port = PortLease::default();
@@ -611,7 +618,7 @@ impl Driver {
         })
     }
 
-    fn train_epoch(&mut self, ctx: &mut RunCtx, e: &pb::EpochChange, attempt: &Attempt) -> Outcome {
+    fn train_epoch(&mut self, ctx: &mut RunCtx, e: &EpochInfo, attempt: &Attempt) -> Outcome {
         // The state this member brings: the coordinator names the epoch's source from these.
         self.report_held(ctx, e);
         if self.cfg.attack == Some(Attack::NoRing) {
@@ -653,7 +660,7 @@ impl Driver {
     fn train_in_ring(
         &mut self,
         ctx: &mut RunCtx,
-        e: &pb::EpochChange,
+        e: &EpochInfo,
         attempt: &Attempt,
         comm: &mut RingComm,
     ) -> Outcome {
@@ -724,7 +731,7 @@ impl Driver {
         &mut self,
         ctx: &mut RunCtx,
         comm: &mut RingComm,
-        e: &pb::EpochChange,
+        e: &EpochInfo,
         attempt: &Attempt,
     ) -> Result<bool, Outcome> {
         let fail = |err: TrainError| interrupted_or_failed(attempt, err);
@@ -733,14 +740,13 @@ impl Driver {
                 if !ctx.trainer.has_pending() {
                     self.forward_backward(ctx, attempt)?;
                 }
-                let mut planner = Planner { driver: self, attempt, run: e.run_id, epoch: e.epoch };
+                let mut planner = Planner { driver: self, attempt, run: e.run, epoch: e.epoch };
                 ctx.trainer.ddp_sync(comm, &mut planner).map_err(fail)?;
                 Ok(true)
             }
             SyncMode::Diloco { .. } => {
                 if ctx.trainer.diloco_due() {
-                    let mut planner =
-                        Planner { driver: self, attempt, run: e.run_id, epoch: e.epoch };
+                    let mut planner = Planner { driver: self, attempt, run: e.run, epoch: e.epoch };
                     ctx.trainer.diloco_sync(comm, &mut planner).map_err(fail)?;
                     Ok(true)
                 } else {
@@ -807,7 +813,7 @@ impl Driver {
     /// The worker id of this member's ring successor in the latest epoch.
     fn successor(&self, epoch: u64) -> Option<u64> {
         let e = self.latest.as_ref().filter(|e| e.epoch == epoch)?;
-        let me = e.members.iter().position(|m| m.name == self.identity.member_name)?;
+        let me = e.members.iter().position(|m| m.member.name == self.identity.member_name)?;
         e.members
             .get((me + 1) % e.members.len())
             .map(|m| m.worker_id)
@@ -815,7 +821,7 @@ impl Driver {
     }
 
     /// Reports the state this member brings to an epoch.
-    fn report_held(&self, ctx: &RunCtx, e: &pb::EpochChange) {
+    fn report_held(&self, ctx: &RunCtx, e: &EpochInfo) {
         let (mut step, mut hash) = (ctx.trainer.sync_step(), ctx.trainer.hash().to_string());
         match self.cfg.attack {
             Some(Attack::ClaimAhead) => {
@@ -841,27 +847,17 @@ impl Driver {
     }
 
     /// Waits for the coordinator's agreement of epoch `e` (it may have come already).
-    fn wait_agreement(
-        &mut self,
-        e: &pb::EpochChange,
-        attempt: &Attempt,
-    ) -> Result<Agreement, Outcome> {
-        let (run, epoch) = (e.run_id, e.epoch);
-        let a = self
-            .wait_for(attempt, |d| {
-                d.agreement.as_ref().filter(|a| a.run_id == run && a.epoch == epoch).cloned()
-            })
-            .map_err(Outcome::Interrupted)?;
-        let hash = proto::convert::param_hash("agreement.param_hash", &a.param_hash)
-            .map_err(|e| Outcome::Failed(e.to_string()))?;
-        let ranks = |v: &[u32]| v.iter().map(|r| *r as usize).collect::<Vec<_>>();
-        Ok(Agreement {
-            step: a.step,
-            hash,
-            source: a.source as usize,
-            receivers: ranks(&a.receivers),
-            contributors: ranks(&a.contributors),
+    fn wait_agreement(&mut self, e: &EpochInfo, attempt: &Attempt) -> Result<Agreement, Outcome> {
+        let (run, epoch) = (e.run, e.epoch);
+        self.wait_for(attempt, |d| {
+            if let Some((_, _, why)) = d.unreadable.as_ref().filter(|u| (u.0, u.1) == (run, epoch))
+            {
+                return Some(Err(Outcome::Failed(why.clone())));
+            }
+            let a = d.agreement.as_ref().filter(|a| (a.0, a.1) == (run, epoch))?;
+            Some(Ok(a.2.clone()))
         })
+        .map_err(Outcome::Interrupted)?
     }
 
     /// Handles commands until `take` finds what it waits for; cancelled with the attempt.
@@ -894,7 +890,7 @@ impl Driver {
     }
 
     /// Reports why this member's ring failed, naming the peer to blame where there is one.
-    fn report_fault(&self, e: &pb::EpochChange, outcome: &Outcome) {
+    fn report_fault(&self, e: &EpochInfo, outcome: &Outcome) {
         let peer_of = |name: &str| proto::WorkerId::from_member_name(name).map_or(0, |w| w.0);
         let (peer, kind, detail) = match outcome {
             Outcome::Ring(JoinError::Timeout { peer, .. } | JoinError::Refused { peer, .. }) => {
@@ -917,7 +913,7 @@ impl Driver {
             Outcome::Finished | Outcome::Interrupted(_) => return,
         };
         self.send(Up::RingFault(pb::RingFault {
-            run_id: e.run_id,
+            run_id: e.run,
             epoch: e.epoch,
             peer_worker_id: peer,
             kind: kind as i32,
@@ -1101,13 +1097,11 @@ impl Coordinate for Planner<'_> {
         let p = self
             .driver
             .wait_for(self.attempt, |d| {
-                d.plan
-                    .as_ref()
-                    .filter(|p| p.run_id == run && p.epoch == epoch && p.step == step)
-                    .cloned()
+                let p = d.plan.as_ref().filter(|p| (p.0, p.1, p.2.step) == (run, epoch, step))?;
+                Some(p.2.clone())
             })
             .map_err(TrainError::NoPlan)?;
-        Ok(Plan { step: p.step, coefficients: p.coefficients, declared: p.declared })
+        Ok(p)
     }
 }
 
