@@ -285,13 +285,8 @@ impl Driver {
                             let why: String = format!("{err:#}").chars().take(300).collect();
                             if passing {
                                 warn!(run = at.run, "cannot start run {} yet: {why}", at.run);
-                                self.send(Up::RingFault(pb::RingFault {
-                                    run_id: at.run,
-                                    epoch: at.epoch,
-                                    peer_worker_id: 0,
-                                    kind: FaultKind::Failed as i32,
-                                    detail: format!("cannot start the run yet: {why}"),
-                                }));
+                                let detail = format!("cannot start the run yet: {why}");
+                                self.fault(at.run, at.epoch, 0, FaultKind::Failed, &detail);
                             } else {
                                 error!(
                                     run = at.run,
@@ -325,9 +320,7 @@ impl Driver {
                         }
                     };
                     self.life.on(Instant::now(), Event::Ended { at, how });
-                    if let Ok(mut a) = self.link.attempt.lock() {
-                        *a = None;
-                    }
+                    self.end_attempt();
                     self.apply_stop();
                 }
             }
@@ -361,13 +354,9 @@ impl Driver {
 
     fn act(&self, action: Action) {
         match action {
-            Action::Decline { at, why } => self.send(Up::RingFault(pb::RingFault {
-                run_id: at.run,
-                epoch: at.epoch,
-                peer_worker_id: 0,
-                kind: FaultKind::Declined as i32,
-                detail: why,
-            })),
+            Action::Decline { at, why } => {
+                self.fault(at.run, at.epoch, 0, FaultKind::Declined, &why);
+            }
         }
     }
 
@@ -399,16 +388,8 @@ impl Driver {
             Down::Plan { run, epoch, plan } => self.plan = Some((run, epoch, plan)),
             Down::Unreadable { run, epoch, why } => {
                 warn!(run, epoch, "an unreadable message from the coordinator: {why}");
-                self.send(Up::RingFault(pb::RingFault {
-                    run_id: run,
-                    epoch,
-                    peer_worker_id: 0,
-                    kind: FaultKind::Failed as i32,
-                    detail: format!("an unreadable message from the coordinator: {why}")
-                        .chars()
-                        .take(300)
-                        .collect(),
-                }));
+                let detail = format!("an unreadable message from the coordinator: {why}");
+                self.fault(run, epoch, 0, FaultKind::Failed, &detail);
                 self.unreadable = Some((run, epoch, why));
             }
             Down::Stop { run, reason, .. } => {
@@ -468,18 +449,11 @@ impl Driver {
         let features = if matches!(format, ShardFormat::Tensors { .. }) {
             // Waiting for the first shard is an attempt the agent cancels like any other (a
             // newer epoch, an abort, a stop); a shard that cannot be fetched now may be later.
-            let attempt = Attempt::new(e.run, e.epoch);
-            if let Ok(mut a) = self.link.attempt.lock() {
-                *a = Some(attempt.clone());
-            }
-            let loaded = match self.poll(&attempt) {
-                Ok(false) => feeder.ensure(&self.rt, &self.rpc, &attempt.token),
-                Ok(true) => Err(anyhow!("superseded")),
-                Err(err) => Err(err),
+            let loaded = match self.begin_attempt(e.run, e.epoch) {
+                Ok(attempt) => feeder.ensure(&self.rt, &self.rpc, &attempt.token),
+                Err(why) => Err(anyhow!(why)),
             };
-            if let Ok(mut a) = self.link.attempt.lock() {
-                *a = None;
-            }
+            self.end_attempt();
             loaded.map_err(|err| StartError {
                 err: err.context("waiting for the first shard"),
                 passing: true,
@@ -539,17 +513,43 @@ impl Driver {
         let _ = self.link.up.send(m);
     }
 
-    fn run_epoch(&mut self, e: &EpochInfo) -> Outcome {
-        let attempt = Attempt::new(e.run, e.epoch);
+    /// Makes (`run`, `epoch`) the attempt the agent cancels when a newer epoch, an abort or a
+    /// stop arrives; an error if a command that came before it was visible already ended it.
+    fn begin_attempt(&mut self, run: u64, epoch: u64) -> Result<Attempt, String> {
+        let attempt = Attempt::new(run, epoch);
         if let Ok(mut a) = self.link.attempt.lock() {
             *a = Some(attempt.clone());
         }
-        // A command that arrived before the attempt was visible to the agent.
         match self.poll(&attempt) {
-            Ok(false) => {}
-            Ok(true) => return Outcome::Interrupted("superseded before it began".into()),
-            Err(err) => return Outcome::Interrupted(format!("{err:#}")),
+            Ok(false) => Ok(attempt),
+            Ok(true) => Err("superseded before it began".into()),
+            Err(err) => Err(format!("{err:#}")),
         }
+    }
+
+    fn end_attempt(&self) {
+        if let Ok(mut a) = self.link.attempt.lock() {
+            *a = None;
+        }
+    }
+
+    /// Tells the coordinator this member's epoch failed, blaming `peer` (0: nobody); the
+    /// detail is bounded as the coordinator keeps it.
+    fn fault(&self, run: u64, epoch: u64, peer: u64, kind: FaultKind, detail: &str) {
+        self.send(Up::RingFault(pb::RingFault {
+            run_id: run,
+            epoch,
+            peer_worker_id: peer,
+            kind: kind as i32,
+            detail: detail.chars().take(300).collect(),
+        }));
+    }
+
+    fn run_epoch(&mut self, e: &EpochInfo) -> Outcome {
+        let attempt = match self.begin_attempt(e.run, e.epoch) {
+            Ok(a) => a,
+            Err(why) => return Outcome::Interrupted(why),
+        };
         let Some(mut ctx) = self.ctx.take() else {
             return Outcome::Failed("no run".into());
         };
@@ -800,13 +800,8 @@ impl Driver {
         if self.cfg.attack == Some(Attack::Accuse)
             && let Some(next) = self.successor(epoch)
         {
-            self.send(Up::RingFault(pb::RingFault {
-                run_id: ctx.run,
-                epoch,
-                peer_worker_id: next,
-                kind: FaultKind::Misbehaved as i32,
-                detail: "sent more than it declared (a lie)".into(),
-            }));
+            let lie = "sent more than it declared (a lie)";
+            self.fault(ctx.run, epoch, next, FaultKind::Misbehaved, lie);
         }
     }
 
@@ -912,13 +907,7 @@ impl Driver {
             Outcome::Train(err) => (0, FaultKind::Failed, err.to_string()),
             Outcome::Finished | Outcome::Interrupted(_) => return,
         };
-        self.send(Up::RingFault(pb::RingFault {
-            run_id: e.run,
-            epoch: e.epoch,
-            peer_worker_id: peer,
-            kind: kind as i32,
-            detail: detail.chars().take(300).collect(),
-        }));
+        self.fault(e.run, e.epoch, peer, kind, &detail);
     }
 
     /// The run's last step is synchronised: a final checkpoint, the held-out accuracy and the
