@@ -14,7 +14,8 @@
 //! - [`tls`]: certificates and the member-restricted verifiers.
 //! - [`transport`]: QUIC settings sized from the bandwidth-delay product.
 //! - [`wan`]: link emulation under QUIC (an `AsyncUdpSocket` decorator) and the named presets.
-//! - [`group`]: the driver that runs the schedule over real connections.
+//! - [`group`]: the ring of one epoch: a sans-IO engine for the protocol, and the shell that
+//!   runs it over real connections.
 //! - [`io`]: the network runtime every group's QUIC endpoint runs on, apart from the caller's
 //!   threads, so liveness never waits on the caller's computation.
 pub mod codec;
