@@ -77,7 +77,7 @@ async fn bench(n: usize, secs: u64) -> Result<()> {
     config.cluster.dead_after = 120_000;
     config.max_connections = n + 100;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::run(listener, config, async move {
+    let server = tokio::spawn(server::run(server::Listeners::api(listener), config, async move {
         let _ = stopped.await;
     }));
     while !dir.path().join("admin.token").exists() {

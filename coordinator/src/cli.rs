@@ -256,7 +256,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         None => String::new(),
                     }
                 );
-                server::run_all(listener, Some(metrics), shards, config, shutdown_signal()).await?;
+                let listeners = server::Listeners { api: listener, metrics: Some(metrics), shards };
+                server::run(listeners, config, shutdown_signal()).await?;
                 Ok(ExitCode::SUCCESS)
             })
         }

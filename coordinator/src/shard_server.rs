@@ -12,9 +12,7 @@
 //! refused in the handshake. Each request names its worker in the `x-longhaul-worker` header (as
 //! on gRPC); a certificate not issued for that `worker-<id>`, or an unknown worker, gets 403.
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -27,9 +25,10 @@ use hyper_util::service::TowerToHyperService;
 use proto::{RunId, WorkerId};
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::server::accept::{Accepted, tls_incoming};
 use crate::server::{ClientCerts, ServeError, Shared, tls_config};
 use client::WORKER_HEADER;
 
@@ -54,58 +53,43 @@ fn cert_is_for(cert: &CertificateDer<'_>, worker: WorkerId) -> bool {
     ee.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
-/// Serves shards on `listener` until `shutdown` completes.
-pub(crate) async fn serve(
+/// Serves shards on `listener` until `cancel`; the connections are taken by the server's one
+/// accept loop (`server::accept`), with its limits.
+pub(crate) fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    cancel: CancellationToken,
 ) -> Result<(), ServeError> {
     let tls = tokio_rustls::TlsAcceptor::from(tls_config(
         shared.pki(),
         ClientCerts::Required,
         b"http/1.1",
     )?);
-    let config = shared.config().clone();
-    let app = Router::new().route("/runs/{run}/shards/{index}", get(shard)).with_state(shared);
-    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let limits = shared.config().accept_limits();
     info!(addr = ?listener.local_addr().ok(), "serving shards over HTTPS");
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Ok(()) },
-        };
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "shard listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let tls = tls.clone();
-        let app = app.clone();
-        let handshake_timeout = config.handshake_timeout;
-        tokio::spawn(async move {
-            let _permit = permit;
-            let stream = match tokio::time::timeout(handshake_timeout, tls.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return debug!(%peer, error = %e, "shard TLS handshake refused"),
-                Err(_) => return debug!(%peer, "shard TLS handshake timed out"),
+    let mut incoming = tls_incoming(listener, tls, limits, cancel.clone(), "shards");
+    let app = Router::new().route("/runs/{run}/shards/{index}", get(shard)).with_state(shared);
+    tokio::spawn(async move {
+        loop {
+            let Accepted { stream, peer, permit } = tokio::select! {
+                _ = cancel.cancelled() => return,
+                a = incoming.recv() => match a { Some(a) => a, None => return },
             };
-            let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
-            let svc = TowerToHyperService::new(app.layer(Extension(Peer(cert))));
-            let builder =
-                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "shard connection ended");
-            }
-        });
-    }
+            let app = app.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+                let svc = TowerToHyperService::new(app.layer(Extension(Peer(cert))));
+                let builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                if let Err(e) = conn.await {
+                    debug!(%peer, error = %e, "shard connection ended");
+                }
+            });
+        }
+    });
+    Ok(())
 }
 
 fn refuse(status: StatusCode, msg: String) -> Response {

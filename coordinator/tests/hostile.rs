@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use client::ConnectConfig;
 use coordinator::cluster;
-use coordinator::server::{self, ServerConfig};
+use coordinator::server::{self, Listeners, ServerConfig};
 use coordinator::testing::{self, ScriptedAgent};
 use proto::pb;
 use proto::pb::agent_message::Msg as Up;
@@ -45,9 +45,13 @@ impl Running {
         config.tick = Duration::from_millis(50);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
-            server::run_all(listener, None, Some(shards), config, async move {
-                let _ = stopped.await;
-            })
+            server::run(
+                Listeners { api: listener, metrics: None, shards: Some(shards) },
+                config,
+                async move {
+                    let _ = stopped.await;
+                },
+            )
             .await
             .unwrap();
         });

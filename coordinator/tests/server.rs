@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use client::ConnectConfig;
 use coordinator::cluster;
-use coordinator::server::{self, ServerConfig};
+use coordinator::server::{self, Listeners, ServerConfig};
 use coordinator::testing::{self, ScriptedAgent};
 use proto::pb;
 use tonic::Code;
@@ -17,14 +17,19 @@ struct Running {
     admin: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    /// The coordinator's clock. A manual one, unless a test needs time to pass by itself: time
+    /// then passes for the coordinator only when the test says so, so no machine is too slow
+    /// for the test (a worker falls silent when the test advances the clock, never because a
+    /// loaded machine delayed its heartbeat).
+    clock: server::Clock,
 }
 
 async fn start(dir: &Path) -> Running {
-    start_with(dir, false).await
+    start_with(dir, false, server::Clock::manual()).await
 }
 
 /// With `shards`, the coordinator also serves shard bytes over HTTPS on another port.
-async fn start_with(dir: &Path, shards: bool) -> Running {
+async fn start_with(dir: &Path, shards: bool, clock: server::Clock) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let shards = match shards {
         true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
@@ -41,9 +46,10 @@ async fn start_with(dir: &Path, shards: bool) -> Running {
     };
     config.tick = Duration::from_millis(50);
     config.max_message_bytes = 1 << 20;
+    config.clock = clock.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
-        server::run_all(listener, None, shards, config, async move {
+        server::run(Listeners { api: listener, metrics: None, shards }, config, async move {
             let _ = stopped.await;
         })
         .await
@@ -59,7 +65,7 @@ async fn start_with(dir: &Path, shards: bool) -> Running {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let cfg = testing::connect_config(&url, dir).unwrap();
     let admin = testing::admin_token(dir).unwrap();
-    Running { url, cfg, admin, stop: Some(stop), task }
+    Running { url, cfg, admin, stop: Some(stop), task, clock }
 }
 
 const T: Duration = Duration::from_secs(10);
@@ -80,7 +86,8 @@ async fn join_token(control: &mut client::Control) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_heartbeat_lease_complete_and_epoch_changes() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = start(dir.path()).await;
+    // Epochs grow and members die as time passes, with heartbeats flowing: the system clock.
+    let srv = start_with(dir.path(), false, server::Clock::System).await;
     let mut control = client::control(&srv.cfg, &srv.admin).unwrap();
     let manifest = testing::write_dataset(&dir.path().join("data"), 6).unwrap();
     let run = submit(&mut control, testing::run_file(&manifest, 2, 4, 1_000_000)).await;
@@ -368,7 +375,7 @@ async fn refusals_are_clear() {
         .unwrap()
         .into_inner()
         .token;
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    srv.clock.advance(Duration::from_millis(1_100));
     let err = testing::join(&srv.cfg, &t, "127.0.0.1:1").await.unwrap_err();
     let st = err.downcast_ref::<tonic::Status>().unwrap();
     assert_eq!(st.code(), Code::Unauthenticated);
@@ -476,10 +483,13 @@ async fn metrics_and_health() {
     let maddr = metrics.local_addr().unwrap();
     let config = ServerConfig::new(dir.path().to_owned());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task =
-        tokio::spawn(server::run_with_metrics(listener, Some(metrics), config, async move {
+    let task = tokio::spawn(server::run(
+        Listeners { api: listener, metrics: Some(metrics), shards: None },
+        config,
+        async move {
             let _ = stopped.await;
-        }));
+        },
+    ));
     let get = |path: &'static str| async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         for _ in 0..100 {
@@ -510,7 +520,7 @@ async fn metrics_and_health() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_over_https_with_mutual_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = start_with(dir.path(), true).await;
+    let srv = start_with(dir.path(), true, server::Clock::manual()).await;
     let mut control = client::control(&srv.cfg, &srv.admin).unwrap();
     let manifest = testing::write_dataset(&dir.path().join("data"), 3).unwrap();
     let run = submit(&mut control, testing::run_file(&manifest, 1, 4, 1_000)).await;
@@ -581,7 +591,7 @@ async fn lease(a: &mut ScriptedAgent) -> pb::ShardLease {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_file_and_synthetic_datasets() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = start_with(dir.path(), true).await;
+    let srv = start_with(dir.path(), true, server::Clock::manual()).await;
     let mut control = client::control(&srv.cfg, &srv.admin).unwrap();
 
     // Any local file is a one-shard text dataset, hashed at submission and served over HTTPS.
@@ -624,5 +634,62 @@ async fn one_file_and_synthetic_datasets() {
     assert_eq!(r.status, 404);
     assert!(String::from_utf8_lossy(&r.body).contains("synthetic"));
     srv.stop.unwrap().send(()).unwrap();
+    tokio::time::timeout(T, srv.task).await.unwrap().unwrap();
+}
+
+/// Liveness follows the coordinator's clock, not the machine's: a worker that falls silent is
+/// suspected once `suspect_after` has passed on the clock and dead once `dead_after` has, and
+/// while the clock stands still nothing changes, however slow the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_worker_is_suspected_then_dead_as_the_clock_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path()).await;
+    let mut control = client::control(&srv.cfg, &srv.admin).unwrap();
+    let token = join_token(&mut control).await;
+    let mut a = ScriptedAgent::join(&srv.cfg, &token, "127.0.0.1:7001").await.unwrap();
+    a.heartbeat(1).await.unwrap();
+    a.expect(T, |m| matches!(m, pb::coordinator_message::Msg::HeartbeatAck(_)).then_some(()))
+        .await
+        .unwrap();
+    let id = a.id;
+    let liveness = |control: client::Control| async move {
+        let mut control = control;
+        let page = control
+            .list_workers(pb::ListWorkersRequest { after: 0, page_size: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        let w = page.workers.into_iter().find(|w| w.worker_id == id).unwrap();
+        pb::Liveness::try_from(w.liveness).unwrap()
+    };
+    let until = |want: pb::Liveness| {
+        let control = control.clone();
+        async move {
+            tokio::time::timeout(T, async {
+                loop {
+                    let now = liveness(control.clone()).await;
+                    if now == want {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{id} never became {want:?}"));
+        }
+    };
+    assert_eq!(liveness(control.clone()).await, pb::Liveness::Alive);
+    // More real time than suspect_after passes (many ticks), the clock does not: still alive.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(liveness(control.clone()).await, pb::Liveness::Alive);
+    // suspect_after is 600 ms, dead_after 1.5 s.
+    srv.clock.advance(Duration::from_millis(700));
+    until(pb::Liveness::Suspect).await;
+    srv.clock.advance(Duration::from_millis(1_000));
+    until(pb::Liveness::Dead).await;
+    // A heartbeat brings it back.
+    a.heartbeat(2).await.unwrap();
+    until(pb::Liveness::Alive).await;
+    drop(srv.stop);
     tokio::time::timeout(T, srv.task).await.unwrap().unwrap();
 }

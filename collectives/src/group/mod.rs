@@ -652,3 +652,35 @@ pub fn segments(world: usize, len: usize) -> Vec<std::ops::Range<usize>> {
         Err(_) => Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On tokio's paused clock: the deadline is exact and costs no real time.
+    #[tokio::test(start_paused = true)]
+    async fn an_operation_that_hears_nothing_fails_at_its_deadline() {
+        let deadline = Duration::from_secs(30);
+        let guard = OpGuard { abort: AbortHandle::default(), deadline, op: 3 };
+        let start = tokio::time::Instant::now();
+        let r: Result<(), _> = guard.run(std::future::pending()).await;
+        assert_eq!(r, Err(OpError::Timeout { op: 3, deadline }));
+        assert_eq!(start.elapsed(), deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_ends_the_operation_at_once_with_the_first_reason() {
+        let abort = AbortHandle::default();
+        let guard = OpGuard { abort: abort.clone(), deadline: Duration::from_secs(30), op: 0 };
+        let start = tokio::time::Instant::now();
+        let aborter = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            abort.abort("the epoch changed");
+            abort.abort("a later reason");
+        });
+        let r: Result<(), _> = guard.run(std::future::pending()).await;
+        assert_eq!(r, Err(OpError::Aborted { reason: "the epoch changed".into() }));
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        aborter.await.unwrap();
+    }
+}

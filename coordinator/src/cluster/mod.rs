@@ -125,6 +125,15 @@ pub enum Dirty {
     Token([u8; 32]),
 }
 
+/// One batch of work for the shell (see [`Cluster::ready`]).
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// Records whose state changed: to persist.
+    pub dirty: BTreeSet<Dirty>,
+    /// In order: appends to persist with the records, commands to deliver once durable.
+    pub outputs: Vec<Output>,
+}
+
 /// What the cluster asks the shell to persist and deliver.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
@@ -1400,6 +1409,13 @@ impl Cluster {
 
     pub fn take_dirty(&mut self) -> BTreeSet<Dirty> {
         std::mem::take(&mut self.dirty)
+    }
+
+    /// Everything changed and produced since the last call, raft-style: the shell persists the
+    /// records `dirty` names and the appends among `outputs` (log lines, metric points,
+    /// checkpoints) in one durable batch, and only then delivers the rest of `outputs`.
+    pub fn ready(&mut self) -> Ready {
+        Ready { dirty: self.take_dirty(), outputs: self.outbox.drain(..).collect() }
     }
 
     pub fn run(&self, id: RunId) -> Option<&RunRecord> {

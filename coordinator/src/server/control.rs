@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use super::{Shared, now_ms, page_size, run_info, worker_info};
+use super::{Shared, page_size, run_info, worker_info};
 use crate::ca::{new_secret, secret_hash};
 use crate::cluster::{self, Millis};
 use crate::shards::Manifest;
@@ -128,8 +128,10 @@ impl Control for ControlSvc {
             let terminal = |i: &pb::RunInfo| {
                 convert::run_state(i.state).map(RunState::is_terminal).unwrap_or(true)
             };
+            let clock = shared.config.clock.clone();
             let ev = |i: pb::RunInfo| {
-                Ok(pb::RunEvent { unix_ms: now_ms(), event: Some(pb::run_event::Event::Status(i)) })
+                let unix_ms = clock.now_ms();
+                Ok(pb::RunEvent { unix_ms, event: Some(pb::run_event::Event::Status(i)) })
             };
             // The log so far, then the state now, then every change.
             for l in history {
@@ -186,7 +188,7 @@ impl Control for ControlSvc {
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let req = req.into_inner();
         let n = page_size(req.page_size);
-        let now = now_ms();
+        let now = self.0.now_ms();
         let c = self.0.lock();
         let mut page: Vec<&cluster::WorkerRecord> =
             c.workers_after(WorkerId(req.after)).take(n + 1).collect();
@@ -220,7 +222,7 @@ impl Control for ControlSvc {
             )));
         }
         let token = new_secret("lh_join_");
-        let expires = now_ms() + ttl.as_millis() as Millis;
+        let expires = self.0.now_ms() + ttl.as_millis() as Millis;
         let hash = secret_hash(&token);
         self.0
             .durable(|c, _| {

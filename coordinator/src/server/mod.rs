@@ -16,6 +16,7 @@
 //! service requires the admin credential. Limits are explicit: message size, request deadline,
 //! handshake deadline, connections, streams per connection, per-session message rates.
 
+pub(crate) mod accept;
 mod agent;
 mod control;
 mod limits;
@@ -35,10 +36,11 @@ use proto::pb::control_server::ControlServer;
 use proto::{RunId, WorkerId};
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::broadcast;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::ca::{Pki, PkiError};
 use crate::cluster::{self, Cluster, Command, Millis, Output};
@@ -65,8 +67,9 @@ pub struct ServerConfig {
     pub max_streams_per_connection: u32,
     pub max_token_ttl: Duration,
     /// The base URL (`https://host:port`) workers fetch shard bytes from, when the coordinator
-    /// serves them; set by [`run_all`] from the shard listener unless given.
+    /// serves them; set by [`run`] from the shard listener unless given.
     pub shards_url: Option<String>,
+    pub clock: Clock,
 }
 
 impl ServerConfig {
@@ -83,6 +86,14 @@ impl ServerConfig {
             max_streams_per_connection: 256,
             max_token_ttl: Duration::from_secs(30 * 24 * 3600),
             shards_url: None,
+            clock: Clock::System,
+        }
+    }
+
+    pub(crate) fn accept_limits(&self) -> accept::AcceptLimits {
+        accept::AcceptLimits {
+            max_connections: self.max_connections,
+            handshake_timeout: self.handshake_timeout,
         }
     }
 }
@@ -104,6 +115,39 @@ pub enum ServeError {
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> Millis {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
+}
+
+/// Where the coordinator reads the time its state machine runs on: liveness, lease expiry,
+/// token expiry, benching, every deadline the cluster keeps. The system clock in production; a
+/// manual clock in tests, which then decide when time passes instead of the machine's load.
+/// (Certificates are the exception: TLS checks them against the system clock.)
+#[derive(Clone, Debug, Default)]
+pub enum Clock {
+    #[default]
+    System,
+    /// Milliseconds since the Unix epoch, moved only by [`Clock::advance`].
+    Manual(Arc<std::sync::atomic::AtomicU64>),
+}
+
+impl Clock {
+    /// A manual clock starting at the system time now.
+    pub fn manual() -> Self {
+        Clock::Manual(Arc::new(now_ms().into()))
+    }
+
+    pub fn now_ms(&self) -> Millis {
+        match self {
+            Clock::System => now_ms(),
+            Clock::Manual(t) => t.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
+
+    /// Moves a manual clock forward; the system clock moves by itself.
+    pub fn advance(&self, by: Duration) {
+        if let Clock::Manual(t) = self {
+            t.fetch_add(by.as_millis() as Millis, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 /// How long shutdown waits for open calls before cutting them.
@@ -142,6 +186,11 @@ impl Shared {
         &self.config
     }
 
+    /// The time the state machine runs on (see [`Clock`]).
+    pub(crate) fn now_ms(&self) -> Millis {
+        self.config.clock.now_ms()
+    }
+
     /// The state machine. A panic while holding the lock is a bug; what the store holds is
     /// the last consistent state, and the next restart reloads it.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Cluster> {
@@ -160,7 +209,7 @@ impl Shared {
                 "the coordinator's state store is behind (a slow or full disk); retry later",
             ));
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let mut cluster = self.lock();
         let out = f(&mut cluster, now);
         let pending = collect(&mut cluster, now);
@@ -195,8 +244,7 @@ impl Shared {
 
 /// Everything the state machine changed and produced since the last call, serialized.
 fn collect(c: &mut Cluster, now: Millis) -> Pending {
-    let dirty = c.take_dirty();
-    let outputs: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+    let cluster::Ready { dirty, outputs } = c.ready();
     let mut batch = match Batch::collect(c, &dirty) {
         Ok(b) => b,
         Err(e) => {
@@ -422,13 +470,14 @@ pub(crate) fn open(config: ServerConfig) -> Result<Arc<Shared>, ServeError> {
     for q in &quarantined {
         warn!(key = %q.key, reason = %q.reason, "state record unreadable: moved to the quarantine table");
     }
-    let mut cluster = Cluster::restore(config.cluster.clone(), now_ms(), loaded);
+    let now = config.clock.now_ms();
+    let mut cluster = Cluster::restore(config.cluster.clone(), now, loaded);
     let (events, _) = broadcast::channel(1024);
     let sessions = Arc::new(Sessions::default());
     let writer = Writer::start(store.clone(), sessions.clone(), events.clone());
     // What restoring changed (runs failed for a damaged record) is first in the writer's queue,
     // so it is durable before anything a request changes; no caller waits on it.
-    drop(writer.submit(collect(&mut cluster, now_ms())));
+    drop(writer.submit(collect(&mut cluster, now)));
     Ok(Arc::new(Shared {
         cluster: Mutex::new(cluster),
         store,
@@ -442,34 +491,33 @@ pub(crate) fn open(config: ServerConfig) -> Result<Arc<Shared>, ServeError> {
     }))
 }
 
-/// Serves the coordinator on `listener` until `shutdown` completes.
+/// The listeners a coordinator serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC API: the `Control` and `Agent` services, over TLS.
+    pub api: TcpListener,
+    /// `/metrics` and `/healthz` over plain HTTP ([`crate::metrics`]).
+    pub metrics: Option<TcpListener>,
+    /// Shard bytes over HTTPS ([`crate::shard_server`]); lease responses then carry each
+    /// shard's URL.
+    pub shards: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// The gRPC API alone.
+    pub fn api(api: TcpListener) -> Self {
+        Self { api, metrics: None, shards: None }
+    }
+}
+
+/// Serves the coordinator on `listeners` until `shutdown` completes: the one entry point of the
+/// server (the binary, the tests and the benchmarks all start it here).
 pub async fn run(
-    listener: TcpListener,
-    config: ServerConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    run_with_metrics(listener, None, config, shutdown).await
-}
-
-/// Like [`run`], and also serves `/metrics` and `/healthz` over plain HTTP on `metrics`.
-pub async fn run_with_metrics(
-    listener: TcpListener,
-    metrics: Option<TcpListener>,
-    config: ServerConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    run_all(listener, metrics, None, config, shutdown).await
-}
-
-/// Like [`run_with_metrics`], and also serves shard bytes over HTTPS on `shards`
-/// ([`crate::shard_server`]); lease responses then carry each shard's URL.
-pub async fn run_all(
-    listener: TcpListener,
-    metrics: Option<TcpListener>,
-    shards: Option<TcpListener>,
+    listeners: Listeners,
     mut config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let Listeners { api: listener, metrics, shards } = listeners;
     if let Some(s) = &shards
         && config.shards_url.is_none()
     {
@@ -533,52 +581,16 @@ pub async fn run_all(
     if let Some(s) = shards {
         let shared = shared.clone();
         let cancel = cancel.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::shard_server::serve(s, shared, cancel.cancelled_owned()).await {
-                warn!(error = %e, "shard endpoint failed");
-            }
-        });
+        if let Err(e) = crate::shard_server::serve(s, shared, cancel) {
+            warn!(error = %e, "shard endpoint failed");
+        }
     }
 
     // Accept TCP, handshake TLS with a deadline, hand the streams to tonic.
-    let (conn_tx, conn_rx) = mpsc::channel(128);
-    {
-        let cancel = cancel.clone();
-        let limit = Arc::new(Semaphore::new(config.max_connections));
-        let handshake_timeout = config.handshake_timeout;
-        tokio::spawn(async move {
-            loop {
-                let permit = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                };
-                let (tcp, peer) = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => { warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-                    },
-                };
-                let _ = tcp.set_nodelay(true);
-                let tls = tls.clone();
-                let conn_tx = conn_tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(handshake_timeout, tls.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = conn_tx
-                                .send(Ok::<_, std::io::Error>(PermitStream {
-                                    inner: stream,
-                                    _permit: permit,
-                                }))
-                                .await;
-                        }
-                        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake refused"),
-                        Err(_) => debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-    }
+    let incoming =
+        accept::tls_incoming(listener, tls, config.accept_limits(), cancel.clone(), "api");
+    let incoming = ReceiverStream::new(incoming)
+        .map(|a| Ok::<_, std::io::Error>(PermitStream { inner: a.stream, _permit: a.permit }));
 
     let limit = config.max_message_bytes;
     let control = ControlServer::new(control::ControlSvc(shared.clone()))
@@ -613,10 +625,7 @@ pub async fn run_all(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(tonic::service::interceptor::InterceptedService::new(control, auth))
         .add_service(agent)
-        .serve_with_incoming_shutdown(
-            ReceiverStream::new(conn_rx),
-            cancel.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
     // Graceful shutdown waits for open calls; after a grace period the rest are cut.
     let served = tokio::select! {
         r = serve => r,

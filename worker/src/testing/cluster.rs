@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use client::ConnectConfig;
 use client::{Control, control};
 use coordinator::cluster;
-use coordinator::server::{self, ServerConfig};
+use coordinator::server::{self, Listeners, ServerConfig};
 use coordinator::testing::connect_config;
 use proto::pb;
 
@@ -53,9 +53,13 @@ impl Coordinator {
         config.tick = Duration::from_millis(50);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
-            server::run_all(listener, None, Some(shards), config, async move {
-                let _ = stopped.await;
-            })
+            server::run(
+                Listeners { api: listener, metrics: None, shards: Some(shards) },
+                config,
+                async move {
+                    let _ = stopped.await;
+                },
+            )
             .await
             .expect("coordinator failed");
         });
