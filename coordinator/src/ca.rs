@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use client::pki::{ca_hash, hex};
+use hmac::{Hmac, Mac};
 use rand::RngCore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -49,6 +50,9 @@ pub struct Pki {
     pub server_chain: Vec<CertificateDer<'static>>,
     pub server_key: PrivateKeyDer<'static>,
     admin_hash: [u8; 32],
+    /// The key of lease grants (see [`Pki::lease_grant`]), derived from the CA's key so that it
+    /// survives restarts and needs no file of its own.
+    grant_key: [u8; 32],
 }
 
 impl std::fmt::Debug for Pki {
@@ -75,6 +79,16 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), PkiError> {
     f.write_all(data).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// What a lease gave whom: what its grant binds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub run: u64,
+    pub worker: u64,
+    pub lease: u64,
+    pub shard: u32,
+    pub data_epoch: u64,
 }
 
 /// SHA-256 of a secret, for storage and comparison.
@@ -159,7 +173,13 @@ impl Pki {
         let server_chain = vec![server_cert.der().clone(), ca_der.clone()];
         let server_key = PrivateKeyDer::try_from(server_key.serialize_der())
             .map_err(|e| corrupt(&key_path, &e))?;
-        Ok(Self { ca_pem, ca_der, issuer, server_chain, server_key, admin_hash })
+        let grant_key = {
+            let mut h = Sha256::new();
+            h.update(b"longhaul lease grant key v1\0");
+            h.update(key_pem.as_bytes());
+            h.finalize().into()
+        };
+        Ok(Self { ca_pem, ca_der, issuer, server_chain, server_key, admin_hash, grant_key })
     }
 
     pub fn ca_pem(&self) -> &str {
@@ -177,6 +197,27 @@ impl Pki {
     /// Whether `token` is the admin credential.
     pub fn is_admin(&self, token: &str) -> bool {
         hashes_equal(&secret_hash(token), &self.admin_hash)
+    }
+
+    /// The grant of a lease: a MAC, under a key only the coordinator holds, over what the lease
+    /// gave whom (32 hex digits). A worker echoes it in the data spans it commits to, so the
+    /// coordinator checks that it leased that shard to that worker without keeping every lease
+    /// it ever granted, across restarts.
+    pub fn lease_grant(&self, g: &Grant) -> String {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.grant_key).expect("HMAC takes any key length");
+        mac.update(b"longhaul lease grant v1\0");
+        for v in [g.run, g.worker, g.lease, u64::from(g.shard), g.data_epoch] {
+            mac.update(&v.to_le_bytes());
+        }
+        hex(&mac.finalize().into_bytes()[..16])
+    }
+
+    /// Whether `grant` is the grant of `g` (in constant time).
+    pub fn check_grant(&self, g: &Grant, grant: &str) -> bool {
+        let want = self.lease_grant(g);
+        want.len() == grant.len()
+            && want.bytes().zip(grant.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 
     /// Signs a worker's CSR for `member` (its public key is kept; every other field is ours:

@@ -18,6 +18,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::cluster::commitments::CommitmentRecord;
 use crate::cluster::{Cluster, Counters, Dirty, Millis, Output, Restored, TokenRecord};
 use crate::shards::{ShardBook, ShardRecord};
 
@@ -30,6 +31,8 @@ const TOKENS_V1: TableDefinition<'_, &[u8; 32], u64> = TableDefinition::new("joi
 /// Join tokens: hash → [`TokenRecord`].
 const TOKENS: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("join_tokens_v2");
 const CHECKPOINTS: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("checkpoints");
+/// Every member's commitment to every sync, with its verdict, appended in order: (run, n) → JSON.
+const COMMITMENTS: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("commitments");
 /// Each run's log lines (epochs' failures, deaths, divergences, disputes), by (run, sequence).
 const RUN_LOG: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("run_log");
 /// Metric points by (run, step): one per step, the latest report.
@@ -110,6 +113,7 @@ pub struct Batch {
     logs: Vec<(u64, LogLine)>,
     metrics: Vec<(u64, MetricPoint)>,
     checkpoints: Vec<(u64, CheckpointRecord)>,
+    commitments: Vec<(u64, CommitmentRecord)>,
 }
 
 impl Batch {
@@ -154,6 +158,9 @@ impl Batch {
                 Output::Checkpoint { run, record } => {
                     self.checkpoints.push((run.0, record.clone()))
                 }
+                Output::Commitment { run, record } => {
+                    self.commitments.push((run.0, record.clone()))
+                }
                 Output::ToWorker(..) => {}
             }
         }
@@ -168,6 +175,7 @@ impl Batch {
             && self.logs.is_empty()
             && self.metrics.is_empty()
             && self.checkpoints.is_empty()
+            && self.commitments.is_empty()
     }
 
     /// Folds a later batch into this one (later records win; appends keep their order).
@@ -182,6 +190,7 @@ impl Batch {
         self.logs.extend(later.logs);
         self.metrics.extend(later.metrics);
         self.checkpoints.extend(later.checkpoints);
+        self.commitments.extend(later.commitments);
     }
 }
 
@@ -196,6 +205,7 @@ impl Store {
         tx.open_table(SHARDS).map_err(dberr)?;
         tx.open_table(TOKENS).map_err(dberr)?;
         tx.open_table(CHECKPOINTS).map_err(dberr)?;
+        tx.open_table(COMMITMENTS).map_err(dberr)?;
         tx.open_table(METRICS).map_err(dberr)?;
         tx.open_table(RUN_LOG).map_err(dberr)?;
         tx.open_table(QUARANTINE).map_err(dberr)?;
@@ -370,7 +380,9 @@ impl Store {
             let mut log = tx.open_table(RUN_LOG).map_err(dberr)?;
             let mut metrics = tx.open_table(METRICS).map_err(dberr)?;
             let mut checkpoints = tx.open_table(CHECKPOINTS).map_err(dberr)?;
+            let mut commitments = tx.open_table(COMMITMENTS).map_err(dberr)?;
             let mut next_line: BTreeMap<u64, u64> = BTreeMap::new();
+            let mut next_commitment: BTreeMap<u64, u64> = BTreeMap::new();
             for b in batches {
                 for (id, v) in &b.runs {
                     runs.insert(*id, v.as_slice()).map_err(dberr)?;
@@ -392,18 +404,12 @@ impl Store {
                     .map_err(dberr)?;
                 }
                 for (run, line) in &b.logs {
-                    let next = match next_line.get(run) {
-                        Some(n) => *n,
-                        None => log
-                            .range((*run, 0)..=(*run, u64::MAX))
-                            .map_err(dberr)?
-                            .next_back()
-                            .transpose()
-                            .map_err(dberr)?
-                            .map_or(0, |(k, _)| k.value().1 + 1),
-                    };
+                    let next = next_index(&log, &mut next_line, *run)?;
                     log.insert((*run, next), json(line)?.as_slice()).map_err(dberr)?;
-                    next_line.insert(*run, next + 1);
+                }
+                for (run, c) in &b.commitments {
+                    let next = next_index(&commitments, &mut next_commitment, *run)?;
+                    commitments.insert((*run, next), json(c)?.as_slice()).map_err(dberr)?;
                 }
                 for (run, p) in &b.metrics {
                     metrics.insert((*run, p.step), json(p)?.as_slice()).map_err(dberr)?;
@@ -414,6 +420,11 @@ impl Store {
             }
         }
         tx.commit().map_err(dberr)
+    }
+
+    /// Every commitment to a sync of `run` and its verdict, oldest first.
+    pub fn commitments(&self, run: RunId) -> Result<Vec<CommitmentRecord>, StoreError> {
+        self.range(COMMITMENTS, run, "commitments")
     }
 
     pub fn checkpoints(&self, run: RunId) -> Result<Vec<CheckpointRecord>, StoreError> {
@@ -481,6 +492,27 @@ fn unhex32(s: &str) -> Option<[u8; 32]> {
         *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+/// The next free index of `run` in an append-only (run, n)-keyed table, counting what this
+/// transaction already appended.
+fn next_index(
+    table: &redb::Table<'_, (u64, u64), &[u8]>,
+    next: &mut BTreeMap<u64, u64>,
+    run: u64,
+) -> Result<u64, StoreError> {
+    let n = match next.get(&run) {
+        Some(n) => *n,
+        None => table
+            .range((run, 0)..=(run, u64::MAX))
+            .map_err(dberr)?
+            .next_back()
+            .transpose()
+            .map_err(dberr)?
+            .map_or(0, |(k, _)| k.value().1 + 1),
+    };
+    next.insert(run, n + 1);
+    Ok(n)
 }
 
 #[cfg(test)]

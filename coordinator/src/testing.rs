@@ -88,6 +88,8 @@ pub struct ScriptedAgent {
     pub up: mpsc::Sender<pb::AgentMessage>,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The state it last reported holding: what it commits to having trained from.
+    held: std::sync::Mutex<String>,
 }
 
 /// Joins with `token`, returning the worker id, certificate and key.
@@ -149,7 +151,7 @@ impl ScriptedAgent {
                 }
             }
         });
-        Ok(Self { id, rpc, inbox, up, cert_pem, key_pem })
+        Ok(Self { id, rpc, inbox, up, cert_pem, key_pem, held: Default::default() })
     }
 
     pub async fn heartbeat(&self, seq: u64) -> anyhow::Result<()> {
@@ -201,6 +203,7 @@ impl ScriptedAgent {
 
     /// Reports the state it holds (`StepCommitted`): at the start of an epoch, after a sync.
     pub async fn report(&self, run: u64, epoch: u64, step: u64, hash: &str) -> anyhow::Result<()> {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = hash.to_owned();
         self.send(pb::agent_message::Msg::StepCommitted(pb::StepCommitted {
             run_id: run,
             epoch,
@@ -210,7 +213,8 @@ impl ScriptedAgent {
         .await
     }
 
-    /// Commits its contribution's segment norms to the sync at `step`.
+    /// Commits to a contribution with these segment norms to the sync at `step`, trained from
+    /// the state it last reported, on no leased data.
     pub async fn commit(
         &self,
         run: u64,
@@ -218,13 +222,22 @@ impl ScriptedAgent {
         step: u64,
         norms: Vec<f32>,
     ) -> anyhow::Result<()> {
-        self.send(pb::agent_message::Msg::SyncCommit(pb::SyncCommit {
+        let start = self.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.send_commit(pb::SyncCommit {
             run_id: run,
             epoch,
             step,
+            contribution_norm: crate::cluster::aggregate::total_norm(&norms) as f32,
             segment_norms: norms,
-        }))
+            start_hash: start,
+            ..Default::default()
+        })
         .await
+    }
+
+    /// Sends a commitment as it is.
+    pub async fn send_commit(&self, c: pb::SyncCommit) -> anyhow::Result<()> {
+        self.send(pb::agent_message::Msg::SyncCommit(c)).await
     }
 
     /// Waits for the agreement of `epoch`.

@@ -181,16 +181,19 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
     let ag = a.expect(T, agreement).await.unwrap();
     assert_eq!((ag.epoch, ag.step, ag.param_hash.as_str()), (e1.epoch, 0, H0));
     assert!(ag.receivers.is_empty() && ag.contributors == vec![0, 1], "{ag:?}");
-    let commit = |epoch, step| {
+    let commit = |epoch, step, start: &str| {
         pb::agent_message::Msg::SyncCommit(pb::SyncCommit {
             run_id: run,
             epoch,
             step,
             segment_norms: vec![0.5, 0.5],
+            start_hash: start.into(),
+            contribution_norm: 0.5f32.hypot(0.5),
+            ..Default::default()
         })
     };
-    a.send(commit(e1.epoch, 50)).await.unwrap();
-    b.send(commit(e1.epoch, 50)).await.unwrap();
+    a.send(commit(e1.epoch, 50, H0)).await.unwrap();
+    b.send(commit(e1.epoch, 50, H0)).await.unwrap();
     let plan = |m: &pb::coordinator_message::Msg| match m {
         pb::coordinator_message::Msg::SyncPlan(x) => Some(x.clone()),
         _ => None,
@@ -274,8 +277,8 @@ async fn join_heartbeat_lease_complete_and_epoch_changes() {
     a.send(held3(50, HASH)).await.unwrap();
     b.send(held3(50, HASH)).await.unwrap();
     a.expect(T, |m| agreement(m).filter(|x| x.epoch == e3.epoch)).await.unwrap();
-    a.send(commit(e3.epoch, 100)).await.unwrap();
-    b.send(commit(e3.epoch, 100)).await.unwrap();
+    a.send(commit(e3.epoch, 100, HASH)).await.unwrap();
+    b.send(commit(e3.epoch, 100, HASH)).await.unwrap();
     a.expect(T, |m| plan(m).filter(|x| x.step == 100)).await.unwrap();
     a.send(held3(100, "00000000deadbeee")).await.unwrap();
     b.send(held3(100, "00000000deadbeed")).await.unwrap();
@@ -692,4 +695,92 @@ async fn a_silent_worker_is_suspected_then_dead_as_the_clock_says() {
     until(pb::Liveness::Alive).await;
     drop(srv.stop);
     tokio::time::timeout(T, srv.task).await.unwrap().unwrap();
+}
+
+/// Commitments over real gRPC: a member that claims data under its own lease is summed; one that
+/// claims data under a lease granted to another (its grant copied), or a forged grant, is left
+/// out of the sync saying why, and banned for nothing; every claim and its verdict are in the
+/// store once the plan is out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commitments_name_their_data_by_the_coordinators_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path()).await;
+    let mut control = client::control(&srv.cfg, &srv.admin).unwrap();
+    let manifest = testing::write_dataset(&dir.path().join("data"), 6).unwrap();
+    let run = submit(&mut control, testing::run_file(&manifest, 3, 3, 1_000_000)).await;
+    let token = join_token(&mut control).await;
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        let a = ScriptedAgent::join(&srv.cfg, &token, &format!("127.0.0.1:{}", 7101 + i))
+            .await
+            .unwrap();
+        agents.push(a);
+    }
+    let e = agents[0].expect_epoch(1, T).await.unwrap();
+    for a in agents.iter_mut().skip(1) {
+        a.expect_epoch(e.epoch, T).await.unwrap();
+    }
+    let rank = |id: u64| e.members.iter().position(|m| m.worker_id == id).unwrap();
+    const H0: &str = "000000000000abcd";
+    {
+        let mut refs: Vec<&mut ScriptedAgent> = agents.iter_mut().collect();
+        testing::agree(&mut refs, run, e.epoch, 0, H0, T).await.unwrap();
+    }
+    let own = lease(&mut agents[0]).await;
+    let theirs = lease(&mut agents[1]).await;
+    let span = |l: &pb::ShardLease, grant: &str| pb::DataSpan {
+        lease_id: l.lease_id,
+        shard: l.shard,
+        data_epoch: l.data_epoch,
+        from: 0,
+        to: 10,
+        grant: grant.into(),
+    };
+    let commit = |spans: Vec<pb::DataSpan>| pb::SyncCommit {
+        run_id: run,
+        epoch: e.epoch,
+        step: 50,
+        segment_norms: vec![1.0; 3],
+        start_hash: H0.into(),
+        spans,
+        samples: 10,
+        contribution_sha256: "ab".repeat(32),
+        contribution_norm: 3f32.sqrt(),
+    };
+    // Agent 0 reads its own lease; agent 1 claims agent 0's lease with agent 0's grant (valid
+    // for agent 0, not for it); agent 2 forges a grant for agent 1's lease.
+    agents[0].send_commit(commit(vec![span(&own, &own.grant)])).await.unwrap();
+    agents[1].send_commit(commit(vec![span(&own, &own.grant)])).await.unwrap();
+    agents[2].send_commit(commit(vec![span(&theirs, &"0".repeat(32))])).await.unwrap();
+    let p = agents[0].expect_plan(e.epoch, 50, T).await.unwrap();
+    let (r0, r1, r2) = (rank(agents[0].id), rank(agents[1].id), rank(agents[2].id));
+    assert_eq!(p.coefficients[r0], 1.0, "{p:?}");
+    for r in [r1, r2] {
+        assert_eq!(p.coefficients[r], 0.0, "{p:?}");
+        assert!(p.excluded[r].contains("not granted to it"), "{p:?}");
+    }
+    // Nobody is banned for a claim.
+    let workers = control
+        .list_workers(pb::ListWorkersRequest { after: 0, page_size: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert!(workers.iter().all(|w| w.banned_from.is_empty()), "{workers:?}");
+    let honest = agents[0].id;
+    drop(agents);
+    drop(srv.stop);
+    tokio::time::timeout(T, srv.task).await.unwrap().unwrap();
+    // The claims and their verdicts were stored before the plan went out.
+    let store = coordinator::store::Store::open(&dir.path().join("state.redb")).unwrap();
+    let records = store.commitments(proto::RunId(run)).unwrap();
+    assert_eq!(records.len(), 3, "{records:?}");
+    let accepted: Vec<u64> = records
+        .iter()
+        .filter(|r| {
+            matches!(r.verdict, coordinator::cluster::commitments::Verdict::Accepted { .. })
+        })
+        .map(|r| r.worker.0)
+        .collect();
+    assert_eq!(accepted, vec![honest]);
 }

@@ -14,3 +14,8 @@ pub mod pb {
 }
 
 pub mod convert;
+
+/// Data spans one commitment (`SyncCommit.spans`) carries at most: about 1.2 MB, well inside a
+/// message. A worker that read more pieces in one round (many tiny shards) commits the first
+/// ones and counts only their samples.
+pub const MAX_COMMIT_SPANS: usize = 16_384;

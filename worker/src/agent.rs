@@ -584,6 +584,8 @@ pub struct Lease {
     pub data_epoch: u64,
     /// A held shard shared with its holder (nothing to complete).
     pub shared: bool,
+    /// The coordinator's proof of the lease, echoed in commitments.
+    pub grant: String,
 }
 
 /// Leases the next shard: `Ok(None)` with a wait when nothing is available now.
@@ -604,6 +606,7 @@ pub async fn lease(rpc: &mut AgentRpc) -> Result<Result<Lease, Duration>> {
             sha256: l.sha256,
             data_epoch: l.data_epoch,
             shared: l.shared,
+            grant: l.grant,
         })),
         Some(pb::lease_shard_response::Result::RetryAfterMs(ms)) => {
             Ok(Err(Duration::from_millis(u64::from(ms).clamp(50, 30_000))))

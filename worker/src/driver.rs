@@ -33,7 +33,7 @@ use crate::agent::{self, Attempt, Down, EpochInfo, Identity, Lease, TrainerSide}
 use crate::comm::{Comm, RingComm};
 use crate::lifecycle::{Action, Ended, EpochRef, Event, Lifecycle, Next};
 use crate::trainer::checkpoint::{self, Cursor};
-use crate::trainer::data::{Batch, ShardData, ShardReader, shard_seed};
+use crate::trainer::data::{Batch, ShardData, ShardReader, Span, shard_seed};
 use crate::trainer::plan::{self, DeviceChoice, ShardFormat};
 use crate::trainer::{Agreement, Commitment, Coordinate, Plan, SyncMode, TrainError, Trainer};
 use collectives::group::{JoinError, OpError};
@@ -1082,6 +1082,22 @@ impl Coordinate for Planner<'_> {
             epoch,
             step,
             segment_norms: c.segment_norms.clone(),
+            start_hash: c.start_hash.to_string(),
+            spans: c
+                .spans
+                .iter()
+                .map(|s| pb::DataSpan {
+                    lease_id: s.lease,
+                    shard: s.shard,
+                    data_epoch: s.data_epoch,
+                    from: s.from,
+                    to: s.to,
+                    grant: s.grant.clone(),
+                })
+                .collect(),
+            samples: c.samples,
+            contribution_sha256: client::pki::hex(&c.digest),
+            contribution_norm: c.norm,
         }));
         let p = self
             .driver
@@ -1242,9 +1258,18 @@ impl Feeder {
         let mut have = 0usize;
         while have < n {
             self.ensure(rt, rpc, cancel)?;
-            let Some((_, reader)) = self.current.as_mut() else { continue };
-            if let Some(b) = reader.next_batch(n - have) {
+            let Some((lease, reader)) = self.current.as_mut() else { continue };
+            let from = reader.next;
+            if let Some(mut b) = reader.next_batch(n - have) {
                 have += b.samples as usize;
+                b.spans = vec![Span {
+                    lease: lease.id,
+                    shard: lease.shard,
+                    data_epoch: lease.data_epoch,
+                    from,
+                    to: reader.next,
+                    grant: lease.grant.clone(),
+                }];
                 parts.push(b);
             }
             if reader.remaining() < 2 * n as u64 {

@@ -59,6 +59,7 @@ fn batch(format: ShardFormat, seq_len: usize, features: &[i64], n: i64) -> Batch
                 scoring: Scoring::PerToken,
                 samples: n,
                 tokens: n * seq_len as i64,
+                spans: Vec::new(),
             }
         }
         ShardFormat::Tensors { classes } => {
@@ -70,6 +71,7 @@ fn batch(format: ShardFormat, seq_len: usize, features: &[i64], n: i64) -> Batch
                 scoring: Scoring::PerToken,
                 samples: n,
                 tokens: n,
+                spans: Vec::new(),
             }
         }
     }

@@ -46,6 +46,8 @@ pub enum Exclusion {
     Outlier { norm: f64, median: f64 },
     /// It declared non-finite or negative norms, or the wrong number of them: evidence.
     Invalid(String),
+    /// Its commitment failed the coordinator's checks (see `commitments`).
+    Refused(String),
 }
 
 impl std::fmt::Display for Exclusion {
@@ -58,6 +60,7 @@ impl std::fmt::Display for Exclusion {
                 "declared norm {norm:.3e} is over {OUTLIER_FACTOR}x the median {median:.3e}"
             ),
             Self::Invalid(why) => write!(f, "invalid commitment: {why}"),
+            Self::Refused(why) => write!(f, "commitment refused: {why}"),
         }
     }
 }

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 
 use proto::{Epoch, LeaseId, Liveness, ParamHash, RunId, RunState, WorkerId};
 
+use super::commitments::{Claim, Span};
 use super::{Cluster, Command, Config, EpochInfo, Millis, Output};
 use crate::shards::{Lease, Manifest, ShardInfo};
 use runspec::RunSpec;
@@ -46,6 +47,10 @@ pub(super) enum Behaviour {
     NeverCommits,
     /// Commits zero norms (a lazy worker).
     Lazy,
+    /// Commits to a contribution trained from a state of its own (not the recorded one).
+    ForeignStart,
+    /// Commits to data read under a lease the coordinator never granted it.
+    UngrantedData,
 }
 
 /// A simulated worker agent.
@@ -282,8 +287,27 @@ impl Net {
                 a.phase = Phase::Committed(t);
                 let n = ep.members.len();
                 let norm = if behaviour == Behaviour::Lazy { 0.0 } else { 1.0 };
+                // It trained from the state it holds (a diverged one's differs from the
+                // recorded state, and its commitment is refused for it).
+                let start = match behaviour {
+                    Behaviour::ForeignStart => hash_of(a.state ^ 7),
+                    _ if a.tainted => hash_of(a.state ^ 1),
+                    _ => hash_of(a.state),
+                };
+                let mut claim = claim(vec![norm; n], Some(start));
+                if behaviour == Behaviour::UngrantedData {
+                    claim.spans = vec![Span {
+                        lease: LeaseId(1),
+                        shard: 0,
+                        data_epoch: 0,
+                        from: 0,
+                        to: 8,
+                        granted: false,
+                    }];
+                    claim.samples = 8;
+                }
                 // A refusal (a stale commitment) is fine: the agent waits for the next epoch.
-                let _ = self.cluster.sync_commit(now, id, ep.run, ep.epoch, t, vec![norm; n]);
+                let _ = self.cluster.sync_commit(now, id, ep.run, ep.epoch, t, claim);
                 self.check();
             }
             Phase::Training => {}
@@ -347,7 +371,9 @@ impl Net {
                     self.logs.push((self.now, run, line));
                     continue;
                 }
-                Output::Metric { .. } | Output::Checkpoint { .. } => continue,
+                Output::Metric { .. } | Output::Checkpoint { .. } | Output::Commitment { .. } => {
+                    continue;
+                }
             };
             match &cmd {
                 Command::Epoch(info) => {
@@ -1087,6 +1113,43 @@ fn a_member_that_never_commits_or_never_reports_is_dropped_and_the_run_goes_on()
     assert!(net.cluster.workers().all(|x| x.banned.is_empty()));
 }
 
+/// A commitment to a contribution with these segment norms, trained from `start`, on no data the
+/// harness tracks.
+fn claim(segment_norms: Vec<f32>, start: Option<ParamHash>) -> Claim {
+    let norm = super::aggregate::total_norm(&segment_norms) as f32;
+    Claim { start_hash: start, norm, ..Claim::norms(segment_norms) }
+}
+
+#[test]
+fn commitments_that_fail_the_coordinators_checks_are_left_out_saying_why_and_ban_nobody() {
+    let mut net = Net::new(config());
+    let run = net.submit(2, 8, 1_000_000, 50);
+    let honest: Vec<WorkerId> = (0..3).map(|_| net.join()).collect();
+    let foreign = net.join_as(Behaviour::ForeignStart);
+    let ungranted = net.join_as(Behaviour::UngrantedData);
+    net.run_for(10_000);
+    for (w, why) in [(foreign, "not the recorded state"), (ungranted, "not granted to it")] {
+        let l = &net.cluster.worker(w).unwrap().ledger;
+        assert_eq!(l.syncs, 0, "{w}: {l:?}");
+        assert!(l.excluded > 0, "{w}: {l:?}");
+        assert!(net.cluster.worker(w).unwrap().banned.is_empty(), "{w} banned on a claim");
+        let rank_of = |p: &super::PlanInfo| {
+            let members = net.epochs.iter().find(|(_, r, e, _)| *r == run && *e == p.epoch);
+            members.and_then(|(.., m)| m.iter().position(|x| *x == w))
+        };
+        let said = net.plans.iter().any(|(_, p)| {
+            rank_of(p).is_some_and(|r| {
+                p.excluded[r].contains("commitment refused") && p.excluded[r].contains(why)
+            })
+        });
+        assert!(said, "no plan says why {w} was left out");
+    }
+    for w in honest {
+        let l = &net.cluster.worker(w).unwrap().ledger;
+        assert!(l.syncs > 0 && l.excluded == 0, "{w}: {l:?}");
+    }
+}
+
 #[test]
 fn commitments_that_contradict_themselves_ban_and_lazy_ones_are_left_out() {
     let mut net = Net::new(config());
@@ -1107,10 +1170,11 @@ fn commitments_that_contradict_themselves_ban_and_lazy_ones_are_left_out() {
     // Non-finite norms are the member's own evidence: banned, by id and key.
     let (epoch, _) = net.epoch_of(run);
     let t = net.cluster.next_sync_point(run).unwrap();
-    let r = net.cluster.sync_commit(net.now, w[1], run, epoch, t, vec![f32::NAN; 4]);
+    let start = net.cluster.run(run).unwrap().committed_hash;
+    let r = net.cluster.sync_commit(net.now, w[1], run, epoch, t, claim(vec![f32::NAN; 4], start));
     assert!(r.is_ok());
     for x in [w[0], w[2], lazy] {
-        let _ = net.cluster.sync_commit(net.now, x, run, epoch, t, vec![1.0; 4]);
+        let _ = net.cluster.sync_commit(net.now, x, run, epoch, t, claim(vec![1.0; 4], start));
     }
     net.run_for(TICK);
     assert_eq!(net.cluster.worker(w[1]).unwrap().banned, vec![run]);

@@ -40,6 +40,7 @@
 //!   failed (restart budget spent by deaths) | stopped (by a user).
 
 pub mod aggregate;
+pub mod commitments;
 mod disputes;
 mod progress;
 mod ring;
@@ -152,6 +153,11 @@ pub enum Output {
     Checkpoint {
         run: RunId,
         record: CheckpointRecord,
+    },
+    /// A member's commitment to a sync and its verdict (persisted before the plan goes out).
+    Commitment {
+        run: RunId,
+        record: commitments::CommitmentRecord,
     },
 }
 
@@ -491,6 +497,9 @@ pub struct Cluster {
     /// Each run's parsed run file.
     specs: BTreeMap<RunId, RunSpec>,
     shards: BTreeMap<RunId, ShardBook>,
+    /// What each worker claimed and was accepted per run (volatile: after a restart a replay
+    /// of earlier data is left to audits).
+    claims: BTreeMap<(RunId, WorkerId), commitments::ClaimBook>,
     workers: BTreeMap<WorkerId, WorkerRecord>,
     /// Workers by key.
     keys: BTreeMap<String, WorkerId>,
@@ -537,6 +546,7 @@ impl Cluster {
             runs: BTreeMap::new(),
             specs: BTreeMap::new(),
             shards: BTreeMap::new(),
+            claims: BTreeMap::new(),
             workers: BTreeMap::new(),
             keys: BTreeMap::new(),
             live: BTreeMap::new(),

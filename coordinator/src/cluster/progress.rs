@@ -31,6 +31,7 @@ use proto::{Epoch, Liveness, ParamHash, RunId, RunState, WorkerId};
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{self, Commitment, Exclusion};
+use super::commitments::{self, Claim, ClaimBook, CommitmentRecord, Known, Verdict};
 use super::{Cluster, Command, Dirty, Millis, ReportError};
 use runspec::SyncMode;
 
@@ -130,7 +131,7 @@ pub(super) struct EpochSync {
     round_start: Millis,
     /// Commitments for `commit_step`.
     commit_step: u64,
-    commits: BTreeMap<WorkerId, Vec<f32>>,
+    commits: BTreeMap<WorkerId, Claim>,
     /// When the commitment that left only stragglers arrived.
     stragglers_since: Option<Millis>,
     /// The last plan issued in this epoch.
@@ -525,9 +526,10 @@ impl Cluster {
         }
     }
 
-    /// A member commits the segment norms of its contribution to the sync at `step`. Refused
-    /// (an error for the session) when malformed; ignored when stale; evidence when it
-    /// contradicts an earlier commitment of the same member.
+    /// A member commits to its contribution to the sync at `step` (see `commitments`).
+    /// Refused (an error for the session) when malformed; ignored when stale; evidence when it
+    /// contradicts an earlier commitment of the same member. Its inputs are checked when the
+    /// plan is made.
     pub fn sync_commit(
         &mut self,
         now: Millis,
@@ -535,8 +537,9 @@ impl Cluster {
         run: RunId,
         epoch: Epoch,
         step: u64,
-        norms: Vec<f32>,
+        claim: Claim,
     ) -> Result<(), ReportError> {
+        let norms = &claim.segment_norms;
         let Some(r) = self.runs.get(&run) else { return Ok(()) };
         let Some(sync) = self.syncs.get(&run) else { return Ok(()) };
         if r.state != RunState::Running || sync.epoch != epoch || sync.rank(worker).is_none() {
@@ -582,14 +585,14 @@ impl Cluster {
             sync.stragglers_since = None;
         }
         match sync.commits.get(&worker) {
-            Some(earlier) if *earlier != norms => {
+            Some(earlier) if *earlier != claim => {
                 let evidence = format!("it committed two different contributions to step {step}");
                 self.ban(now, run, worker, &evidence);
                 return Ok(());
             }
             Some(_) => return Ok(()),
             None => {
-                sync.commits.insert(worker, norms);
+                sync.commits.insert(worker, claim);
             }
         }
         if sync.commits.len() + 1 == sync.members.len() {
@@ -616,19 +619,59 @@ impl Cluster {
         let sync = self.syncs.get_mut(&run).expect("issue_plan for a run with a sync");
         let agreement = sync.agreement.clone().expect("commitments come after the agreement");
         let world = sync.members.len();
+        let step = sync.commit_step;
+        // The inputs of every contributing member's claim, checked on the coordinator's own
+        // evidence; a claim that fails contributes nothing (and says why).
+        let r = self.runs.get(&run).expect("run of a sync");
+        let known = Known {
+            recorded: r.committed_hash,
+            max_samples: self.specs.get(&run).map_or(u64::MAX, |spec| {
+                u64::from(spec.batch_size).saturating_mul(step.saturating_sub(r.committed_step))
+            }),
+        };
+        let book = self.shards.get(&run);
+        let shard_samples = |i: u32| {
+            book.and_then(|b| b.record(i)).filter(|s| s.info.is_synthetic()).map(|s| s.info.size)
+        };
+        let empty = ClaimBook::default();
+        let refused: Vec<Option<String>> = sync
+            .members
+            .iter()
+            .enumerate()
+            .map(|(rank, w)| {
+                let contributes = sync.rounds > 0 || agreement.contributors.contains(&rank);
+                let claim = sync.commits.get(w)?;
+                if !contributes {
+                    return None;
+                }
+                let book = self.claims.get(&(run, *w)).unwrap_or(&empty);
+                commitments::check(step, claim, &known, book, shard_samples).err()
+            })
+            .collect();
         let commits: Vec<Commitment> = sync
             .members
             .iter()
             .enumerate()
             .map(|(rank, w)| Commitment {
-                contributes: sync.rounds > 0 || agreement.contributors.contains(&rank),
-                segment_norms: sync.commits.get(w).cloned().unwrap_or_default(),
+                contributes: (sync.rounds > 0 || agreement.contributors.contains(&rank))
+                    && refused[rank].is_none(),
+                segment_norms: sync
+                    .commits
+                    .get(w)
+                    .map(|c| c.segment_norms.clone())
+                    .unwrap_or_default(),
             })
             .collect();
-        let plan = aggregate::plan(world, &commits);
+        let mut plan = aggregate::plan(world, &commits);
+        for (rank, why) in refused.iter().enumerate() {
+            if let Some(why) = why
+                && !matches!(plan.excluded[rank], Some(Exclusion::Invalid(_)))
+            {
+                plan.excluded[rank] = Some(Exclusion::Refused(why.clone()));
+            }
+        }
         let evidence: Vec<(WorkerId, String)> =
             plan.evidence().map(|(r, why)| (sync.members[r], why.to_owned())).collect();
-        let step = sync.commit_step;
         if !evidence.is_empty() {
             for (w, why) in evidence {
                 self.ban(now, run, w, &format!("its commitment to step {step}: {why}"));
@@ -658,12 +701,33 @@ impl Cluster {
             .iter()
             .zip(&plan.excluded)
             .filter_map(|(w, e)| match e {
-                Some(e @ (Exclusion::Zero | Exclusion::Outlier { .. })) => {
+                Some(e @ (Exclusion::Zero | Exclusion::Outlier { .. } | Exclusion::Refused(_))) => {
                     Some((*w, e.to_string()))
                 }
                 _ => None,
             })
             .collect();
+        // Every claim is stored, with its verdict, durably before the plan goes out (the writer
+        // commits this batch's appends before it delivers its commands); accepted ones go into
+        // the member's book.
+        for (rank, w) in members.iter().enumerate() {
+            let Some(claim) = sync.commits.get(w) else { continue };
+            let verdict = match &plan.excluded[rank] {
+                None => Verdict::Accepted { coefficient: plan.coefficients[rank] },
+                Some(e) => Verdict::Excluded(e.to_string()),
+            };
+            if matches!(verdict, Verdict::Accepted { .. }) {
+                self.claims.entry((run, *w)).or_default().accept(step, claim);
+            }
+            let record = CommitmentRecord {
+                step,
+                epoch: sync.epoch,
+                worker: *w,
+                claim: claim.clone(),
+                verdict,
+            };
+            self.outbox.push_back(super::Output::Commitment { run, record });
+        }
         sync.plan = Some(info.clone());
         sync.rounds += 1;
         sync.commits.clear();

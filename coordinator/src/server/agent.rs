@@ -20,13 +20,15 @@ use tracing::{Instrument, debug, info, info_span};
 use super::limits::{self, SessionLimits};
 use super::writer::{SessionHandle, SessionTx};
 use super::{Admit, Shared, worker_identity};
-use crate::ca::{csr_key_id, secret_hash};
+use crate::ca::{Grant, csr_key_id, secret_hash};
+use crate::cluster::commitments::{self, Claim, Span};
 use crate::cluster::{self, FaultKind, JoinError, ReportError};
 use crate::shard_server::shard_path;
 use crate::shards::LeaseError;
 
 /// Segment norms one commitment may carry (one per ring member).
 const MAX_RING: usize = 4096;
+const MAX_SPANS: usize = proto::MAX_COMMIT_SPANS;
 
 #[derive(Clone, Debug)]
 pub(super) struct AgentSvc(pub(super) Arc<Shared>);
@@ -215,6 +217,13 @@ impl Agent for AgentSvc {
                 data_epoch: l.data_epoch,
                 shared: l.shared,
                 expires_unix_ms: l.expires,
+                grant: self.0.pki().lease_grant(&Grant {
+                    run: l.run.0,
+                    worker: id.0,
+                    lease: l.id.0,
+                    shard: l.shard,
+                    data_epoch: l.data_epoch,
+                }),
             }),
             None => R::RetryAfterMs(1000),
         };
@@ -381,16 +390,10 @@ impl Session {
             }
             Msg::SyncCommit(s) => {
                 let run = convert::run_id(s.run_id)?;
-                if s.segment_norms.len() > MAX_RING {
-                    return Err(WireError::new(
-                        "sync_commit.segment_norms",
-                        "more than one per ring member",
-                    )
-                    .into());
-                }
+                let (epoch, step) = (convert::epoch(s.epoch), s.step);
+                let claim = claim(shared, id, s)?;
                 refused(shared.with(Admit::Always, |c, now| {
-                    c.sync_commit(now, id, run, convert::epoch(s.epoch), s.step, s.segment_norms)
-                        .map_err(status_of_report)
+                    c.sync_commit(now, id, run, epoch, step, claim).map_err(status_of_report)
                 }))
             }
             Msg::RingFault(f) => {
@@ -476,4 +479,52 @@ impl Session {
             Ok(())
         })
     }
+}
+
+/// Reads a commitment off the wire: bounded, well-formed, and with every span's lease grant
+/// checked (the core decides what a span without a valid grant means).
+fn claim(shared: &Shared, worker: WorkerId, s: pb::SyncCommit) -> Result<Claim, WireError> {
+    if s.segment_norms.len() > MAX_RING {
+        return Err(WireError::new("sync_commit.segment_norms", "more than one per ring member"));
+    }
+    if s.spans.len() > MAX_SPANS {
+        return Err(WireError::new("sync_commit.spans", format!("more than {MAX_SPANS}")));
+    }
+    let start_hash = convert::param_hash("sync_commit.start_hash", &s.start_hash)?;
+    let digest = match s.contribution_sha256.as_str() {
+        "" => None,
+        d => Some(commitments::parse_digest(d).ok_or_else(|| {
+            WireError::new("sync_commit.contribution_sha256", "must be 64 lower-case hex digits")
+        })?),
+    };
+    let spans = s
+        .spans
+        .into_iter()
+        .map(|d| {
+            let lease = convert::lease_id(d.lease_id)?;
+            let grant = Grant {
+                run: s.run_id,
+                worker: worker.0,
+                lease: lease.0,
+                shard: d.shard,
+                data_epoch: d.data_epoch,
+            };
+            Ok(Span {
+                lease,
+                shard: d.shard,
+                data_epoch: d.data_epoch,
+                from: d.from,
+                to: d.to,
+                granted: shared.pki().check_grant(&grant, &d.grant),
+            })
+        })
+        .collect::<Result<Vec<_>, WireError>>()?;
+    Ok(Claim {
+        segment_norms: s.segment_norms,
+        start_hash,
+        spans,
+        samples: s.samples,
+        digest,
+        norm: s.contribution_norm,
+    })
 }

@@ -273,7 +273,7 @@ fn collect(c: &mut Cluster, now: Millis) -> Pending {
                     pb::RunEvent { unix_ms: now, event: Some(pb::run_event::Event::Log(line)) };
                 p.events.push((run, event));
             }
-            Output::Metric { .. } | Output::Checkpoint { .. } => {}
+            Output::Metric { .. } | Output::Checkpoint { .. } | Output::Commitment { .. } => {}
         }
     }
     p

@@ -140,7 +140,11 @@ impl Coordinate for LocalPlans {
             let commits: Vec<Commitment> = round
                 .commits
                 .iter_mut()
-                .map(|c| c.take().unwrap_or_else(|| Commitment { step: 0, segment_norms: vec![] }))
+                .map(|c| {
+                    c.take().unwrap_or_else(|| {
+                        Commitment::of(0, &[], 1, proto::ParamHash(0), Vec::new(), 0)
+                    })
+                })
                 .collect();
             let for_plan: Vec<coordinator::cluster::aggregate::Commitment> = commits
                 .iter()

@@ -48,6 +48,30 @@ pub struct Batch {
     pub samples: i64,
     /// Scored positions (tokens for LM tasks, samples for classification).
     pub tokens: i64,
+    /// Where the samples came from, in order (empty for data not read under a lease).
+    pub spans: Vec<Span>,
+}
+
+/// Samples `[from, to)` of a shard's reading order under one lease: what a commitment names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub lease: u64,
+    pub shard: u32,
+    pub data_epoch: u64,
+    pub from: u64,
+    pub to: u64,
+    /// The lease's grant (see `ShardLease.grant`).
+    pub grant: String,
+}
+
+/// Appends `more` to `spans`, merging a span that continues the last one.
+pub fn extend_spans(spans: &mut Vec<Span>, more: &[Span]) {
+    for s in more {
+        match spans.last_mut() {
+            Some(last) if last.lease == s.lease && last.to == s.from => last.to = s.to,
+            _ => spans.push(s.clone()),
+        }
+    }
 }
 
 impl Batch {
@@ -61,6 +85,13 @@ impl Batch {
             scoring: parts[0].scoring,
             samples: parts.iter().map(|b| b.samples).sum(),
             tokens: parts.iter().map(|b| b.tokens).sum(),
+            spans: {
+                let mut spans = Vec::new();
+                for p in parts {
+                    extend_spans(&mut spans, &p.spans);
+                }
+                spans
+            },
         }
     }
 }
@@ -121,6 +152,7 @@ impl Addition {
             scoring: Scoring::ExactMatch,
             samples: n as i64,
             tokens: scored as i64,
+            spans: Vec::new(),
         }
     }
 }
@@ -300,6 +332,7 @@ impl ShardReader {
                     scoring: Scoring::PerToken,
                     samples: take as i64,
                     tokens: (take * t) as i64,
+                    spans: Vec::new(),
                 }
             }
             ShardData::Tensors { inputs, targets } => {
@@ -310,6 +343,7 @@ impl ShardReader {
                     scoring: Scoring::PerToken,
                     samples: take as i64,
                     tokens: take as i64,
+                    spans: Vec::new(),
                 }
             }
         })

@@ -109,12 +109,57 @@ pub enum TrainError {
     NoPlan(String),
 }
 
-/// What a member commits about its contribution to the sync at `step`, before it enters the
-/// ring: the L2 norm of the contribution on each ring segment.
+/// What a member commits to about its contribution to the sync at `step`, before it enters the
+/// ring: its statistics (the L2 norm on each ring segment, and in all), its inputs (the state it
+/// trained from, the data it read) and a digest of the contribution itself.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Commitment {
     pub step: u64,
     pub segment_norms: Vec<f32>,
+    pub start_hash: ParamHash,
+    pub spans: Vec<data::Span>,
+    pub samples: u64,
+    /// SHA-256 of the contribution as little-endian f32 values.
+    pub digest: [u8; 32],
+    pub norm: f32,
+}
+
+impl Commitment {
+    /// The commitment to `contribution`, cut into `world` ring segments.
+    pub fn of(
+        step: u64,
+        contribution: &[f32],
+        world: usize,
+        start_hash: ParamHash,
+        mut spans: Vec<data::Span>,
+        mut samples: u64,
+    ) -> Self {
+        use sha2::Digest;
+        if spans.len() > proto::MAX_COMMIT_SPANS {
+            spans.truncate(proto::MAX_COMMIT_SPANS);
+            samples = spans.iter().map(|s| s.to - s.from).sum();
+        }
+        let segment_norms: Vec<f32> = collectives::segments(world, contribution.len())
+            .into_iter()
+            .map(|r| {
+                let n = contribution[r]
+                    .iter()
+                    .map(|v| f64::from(*v) * f64::from(*v))
+                    .sum::<f64>()
+                    .sqrt();
+                // Rounded up, so that the f32 declaration never understates the contribution.
+                let f = n as f32;
+                if f64::from(f) < n { f.next_up() } else { f }
+            })
+            .collect();
+        let norm =
+            segment_norms.iter().map(|n| f64::from(*n) * f64::from(*n)).sum::<f64>().sqrt() as f32;
+        let mut h = sha2::Sha256::new();
+        for v in contribution {
+            h.update(v.to_le_bytes());
+        }
+        Self { step, segment_norms, start_hash, spans, samples, digest: h.finalize().into(), norm }
+    }
 }
 
 /// The coordinator's plan of one sync, the same for every member: per member the coefficient it
@@ -210,6 +255,8 @@ pub struct Trainer {
     compute: Duration,
     /// Samples trained on since the last synchronisation.
     samples_since_sync: u64,
+    /// The data read since the last sync, for the next commitment.
+    round_spans: Vec<data::Span>,
     last_grad_norm: f64,
     /// The coefficient the last sync's plan gave this member (0: it was left out).
     last_coefficient: f32,
@@ -297,6 +344,7 @@ impl Trainer {
             pending: None,
             compute: Duration::ZERO,
             samples_since_sync: 0,
+            round_spans: Vec::new(),
             last_grad_norm: 0.0,
             last_coefficient: 0.0,
             poison: None,
@@ -402,6 +450,7 @@ impl Trainer {
             return Err(TrainError::NonFinite { what: "loss", step: self.step });
         }
         self.samples_since_sync += batch.samples as u64;
+        data::extend_spans(&mut self.round_spans, &batch.spans);
         Ok(StepStats { loss, correct, counted, samples: batch.samples, tokens: batch.tokens })
     }
 
@@ -466,6 +515,7 @@ impl Trainer {
         self.compute += t.elapsed();
         self.apply_local()?;
         self.samples_since_sync = 0;
+        self.round_spans.clear();
         Ok(())
     }
 
@@ -484,16 +534,15 @@ impl Trainer {
         let (rank, world) = (comm.rank(), comm.world());
         let mut buf = contribution.to_vec();
         self.corrupt_declared(&mut buf);
-        let segment_norms: Vec<f32> = collectives::segments(world, buf.len())
-            .into_iter()
-            .map(|r| {
-                let n = buf[r].iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
-                // Rounded up, so that the f32 declaration never understates the contribution.
-                let f = n as f32;
-                if f64::from(f) < n { f.next_up() } else { f }
-            })
-            .collect();
-        let plan = coord.plan(&Commitment { step, segment_norms })?;
+        let commitment = Commitment::of(
+            step,
+            &buf,
+            world,
+            self.hash,
+            self.round_spans.clone(),
+            self.samples_since_sync,
+        );
+        let plan = coord.plan(&commitment)?;
         let bounds = plan.bounds(world).map_err(|e| TrainError::State(format!("plan: {e}")))?;
         let coefficient = plan.coefficients[rank];
         self.last_coefficient = coefficient;
@@ -613,6 +662,7 @@ impl Trainer {
         self.sync_step = self.step;
         self.inner_start = self.step;
         self.samples_since_sync = 0;
+        self.round_spans.clear();
         self.hash = self.compute_hash();
         self.compute += t.elapsed();
         Ok(())
@@ -749,6 +799,7 @@ impl Trainer {
         self.inner_start = self.step;
         self.pending = None;
         self.samples_since_sync = 0;
+        self.round_spans.clear();
         self.hash = self.compute_hash();
         Ok(())
     }
@@ -899,5 +950,37 @@ mod tests {
         assert!(p.bounds(3).is_err());
         let nan = Plan { coefficients: vec![f32::NAN, 0.5], ..p };
         assert!(nan.bounds(2).is_err());
+    }
+
+    fn span(lease: u64, from: u64, to: u64) -> data::Span {
+        data::Span { lease, shard: 1, data_epoch: 0, from, to, grant: "g".into() }
+    }
+
+    #[test]
+    fn a_commitment_states_what_the_coordinator_checks() {
+        let c = Commitment::of(9, &[3.0, 4.0, 0.0], 2, ParamHash(5), vec![span(1, 0, 4)], 4);
+        // Segments of 2 and 1 elements: norms 5 and 0; in all 5, as the coordinator computes it.
+        assert_eq!(c.segment_norms, vec![5.0, 0.0]);
+        assert_eq!(c.norm, 5.0);
+        assert_eq!((c.step, c.start_hash, c.samples), (9, ParamHash(5), 4));
+        // The digest is of the values: another contribution, another digest.
+        assert_ne!(
+            c.digest,
+            Commitment::of(9, &[3.0, 4.0, 1.0], 2, ParamHash(5), vec![], 0).digest
+        );
+        // Too many pieces: the first ones, and only their samples.
+        let many: Vec<data::Span> =
+            (0..proto::MAX_COMMIT_SPANS as u64 + 5).map(|l| span(l, 0, 2)).collect();
+        let n = many.len() as u64 * 2;
+        let c = Commitment::of(9, &[1.0], 1, ParamHash(5), many, n);
+        assert_eq!(c.spans.len(), proto::MAX_COMMIT_SPANS);
+        assert_eq!(c.samples, 2 * proto::MAX_COMMIT_SPANS as u64);
+    }
+
+    #[test]
+    fn spans_that_continue_each_other_merge() {
+        let mut spans = vec![span(1, 0, 4)];
+        data::extend_spans(&mut spans, &[span(1, 4, 8), span(2, 0, 3), span(1, 8, 9)]);
+        assert_eq!(spans, vec![span(1, 0, 8), span(2, 0, 3), span(1, 8, 9)]);
     }
 }
