@@ -154,13 +154,25 @@ async fn scenario(
     for w in ws.iter().filter(|w| w.host.starts_with('h')) {
         assert!(w.banned_from.is_empty(), "{what}: honest {} was banned: {w:?}", w.host);
     }
+    // No honest worker's commitment was refused: what it claimed (its start state, its data
+    // under the coordinator's grants, its samples, its norm) held up every time.
+    let logs = c.logs(run).await;
+    for w in ws.iter().filter(|w| w.host.starts_with('h')) {
+        let me = format!("worker-{} left out of the sync", w.worker_id);
+        let refused: Vec<&String> =
+            logs.iter().filter(|l| l.contains(&me) && l.contains("commitment refused")).collect();
+        assert!(
+            refused.is_empty(),
+            "{what}: honest {}'s commitment was refused: {refused:?}",
+            w.host
+        );
+    }
     let accuracy = honest
         .iter()
         .filter_map(held_out)
         .next()
         .unwrap_or_else(|| panic!("{what}: no honest held-out evaluation"));
     assert!(accuracy.is_finite());
-    let logs = c.logs(run).await;
     let evidence = honest
         .iter()
         .map(|w| {
