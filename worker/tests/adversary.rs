@@ -245,10 +245,10 @@ async fn attacked(
     sync: &str,
     hostile: &[(&str, Vec<String>)],
     restart: bool,
-) {
+) -> Outcome {
     let out = scenario(what, sync, hostile, restart).await;
     if compare(base, &out) {
-        return;
+        return out;
     }
     println!(
         "  MISSED: accuracy {:.3} against the baseline's {:.3}; evidence:",
@@ -276,6 +276,7 @@ async fn attacked(
         again.accuracy,
         base.accuracy
     );
+    again
 }
 
 /// Hostile workers by name, with the flags that make them hostile.
@@ -309,13 +310,23 @@ async fn adversary_ddp() {
             "a member heartbeats and reports but never joins the ring",
             vec![("x1", args(&["--fault-attack", "no-ring"]))],
         ),
+        (
+            "a member replays its gradient of step 50 instead of training (ddp)",
+            vec![("x1", args(&["--fault-poison", "replay", "--fault-poison-after", "50"]))],
+        ),
     ];
     let only = std::env::var("LONGHAUL_ADVERSARY_ONLY").ok();
     for (what, hostile) in cases {
         if only.as_ref().is_some_and(|o| !what.contains(o.as_str())) {
             continue;
         }
-        attacked(&base, what, DDP, &hostile, false).await;
+        let out = attacked(&base, what, DDP, &hostile, false).await;
+        // A replay is caught by its own commitment: the digest is one it committed before.
+        if what.contains("replays") {
+            let caught = out.logs.iter().filter(|l| l.contains("(a replay)")).count();
+            println!("  caught: {caught} replayed commitments refused");
+            assert!(caught > 0, "{what}: no replayed commitment was refused");
+        }
     }
 }
 

@@ -262,6 +262,8 @@ pub struct Trainer {
     last_coefficient: f32,
     /// Fault injection for tests: from this step on, what this member sends is corrupted.
     poison: Option<Poison>,
+    /// `PoisonKind::Replay`: the contribution it replays, and the sync it was made for.
+    replayed: Option<(u64, Vec<f32>)>,
 }
 
 /// A corruption of what a member sends (fault injection, for the chaos and adversary tests).
@@ -283,6 +285,9 @@ pub enum PoisonKind {
     Lie(f32),
     /// Zeros, declared as zeros (a lazy worker): left out of every sync.
     Zero,
+    /// Its contribution to an earlier sync again, committed as it is (credit without training):
+    /// its commitment's digest is the one it committed before.
+    Replay,
 }
 
 impl PoisonKind {
@@ -292,9 +297,12 @@ impl PoisonKind {
             "nan" => Ok(Self::Nan),
             "huge" => Ok(Self::Huge),
             "zero" => Ok(Self::Zero),
+            "replay" => Ok(Self::Replay),
             other => match other.strip_prefix("lie:").map(str::parse::<f32>) {
                 Some(Ok(f)) if f.is_finite() => Ok(Self::Lie(f)),
-                _ => Err(format!("unknown poison {other:?}: nan, huge, zero or lie:<factor>")),
+                _ => Err(format!(
+                    "unknown poison {other:?}: nan, huge, zero, replay or lie:<factor>"
+                )),
             },
         }
     }
@@ -348,6 +356,7 @@ impl Trainer {
             last_grad_norm: 0.0,
             last_coefficient: 0.0,
             poison: None,
+            replayed: None,
         };
         if matches!(t.spec.sync, SyncMode::Diloco { .. }) {
             let global = state::flatten(&t.params);
@@ -533,7 +542,7 @@ impl Trainer {
     ) -> Result<Vec<f32>, TrainError> {
         let (rank, world) = (comm.rank(), comm.world());
         let mut buf = contribution.to_vec();
-        self.corrupt_declared(&mut buf);
+        self.corrupt_declared(&mut buf, step);
         let commitment = Commitment::of(
             step,
             &buf,
@@ -574,13 +583,21 @@ impl Trainer {
     }
 
     /// Fault injection before the norms are computed: what the member declares is corrupt too.
-    fn corrupt_declared(&self, buf: &mut [f32]) {
+    fn corrupt_declared(&mut self, buf: &mut [f32], step: u64) {
         match self.poison {
+            Some(Poison { after_step, kind: PoisonKind::Replay }) => match &self.replayed {
+                Some((at, old))
+                    if *at < step && self.step >= after_step && old.len() == buf.len() =>
+                {
+                    buf.copy_from_slice(old);
+                }
+                _ => self.replayed = Some((step, buf.to_vec())),
+            },
             Some(p) if self.step >= p.after_step => match p.kind {
                 PoisonKind::Nan => buf.iter_mut().for_each(|v| *v = f32::NAN),
                 PoisonKind::Huge => buf.iter_mut().for_each(|v| *v *= 1e30),
                 PoisonKind::Zero => buf.iter_mut().for_each(|v| *v = 0.0),
-                PoisonKind::Lie(_) => {}
+                PoisonKind::Lie(_) | PoisonKind::Replay => {}
             },
             _ => {}
         }
@@ -941,6 +958,7 @@ mod tests {
         assert_eq!(PoisonKind::parse("lie:-999"), Ok(PoisonKind::Lie(-999.0)));
         assert!(PoisonKind::parse("lie:x").is_err());
         assert!(PoisonKind::parse("fast").is_err());
+        assert_eq!(PoisonKind::parse("replay"), Ok(PoisonKind::Replay));
     }
 
     #[test]
