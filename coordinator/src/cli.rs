@@ -445,7 +445,7 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                             "steps": w.steps, "bytes": w.bytes, "uptime_ms": w.uptime_ms,
                             "joined_unix_ms": w.joined_unix_ms, "loss": w.loss,
                             "param_hash": w.param_hash, "compute_utilisation": w.compute_utilisation,
-                            "syncs": w.syncs, "excluded": w.excluded,
+                            "syncs": w.syncs, "excluded": w.excluded, "verified_samples": w.verified_samples,
                             "benched_until_unix_ms": w.benched_until_unix_ms, "banned_from": w.banned_from,
                             "sitting_out_of": w.sitting_out_of,
                         })
@@ -454,26 +454,28 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 println!(
-                    "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>8} {:>12} {:>10}",
+                    "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>10} {:>8} {:>12} {:>10}",
                     "WORKER",
                     "HOST",
                     "RING ADDR",
                     "STATE",
                     "RUN",
                     "SAMPLES",
+                    "VERIFIED",
                     "STEPS",
                     "BYTES",
                     "UPTIME"
                 );
                 for w in &ws {
                     println!(
-                        "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>8} {:>12} {:>10}",
+                        "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>10} {:>8} {:>12} {:>10}",
                         w.name,
                         w.host,
                         w.ring_addr,
                         liveness_name(w.liveness),
                         w.run_id.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
                         w.samples,
+                        w.verified_samples,
                         w.steps,
                         w.bytes,
                         uptime(w.uptime_ms)

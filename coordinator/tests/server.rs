@@ -759,6 +759,21 @@ async fn commitments_name_their_data_by_the_coordinators_grants() {
         assert_eq!(p.coefficients[r], 0.0, "{p:?}");
         assert!(p.excluded[r].contains("not granted to it"), "{p:?}");
     }
+    // The sync is recorded; the samples of the accepted claim are credited as verified.
+    for a in &agents {
+        a.report(run, e.epoch, 50, "00000000deadbeef").await.unwrap();
+    }
+    tokio::time::timeout(T, async {
+        loop {
+            let r = control.get_run(pb::GetRunRequest { run_id: run }).await.unwrap().into_inner();
+            if r.committed_step == 50 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the sync was recorded");
     // Nobody is banned for a claim.
     let workers = control
         .list_workers(pb::ListWorkersRequest { after: 0, page_size: 0 })
@@ -767,6 +782,10 @@ async fn commitments_name_their_data_by_the_coordinators_grants() {
         .into_inner()
         .workers;
     assert!(workers.iter().all(|w| w.banned_from.is_empty()), "{workers:?}");
+    for w in &workers {
+        let want = if w.worker_id == agents[0].id { 10 } else { 0 };
+        assert_eq!(w.verified_samples, want, "{w:?}");
+    }
     let honest = agents[0].id;
     drop(agents);
     drop(srv.stop);

@@ -153,7 +153,21 @@ async fn scenario(
         .workers;
     for w in ws.iter().filter(|w| w.host.starts_with('h')) {
         assert!(w.banned_from.is_empty(), "{what}: honest {} was banned: {w:?}", w.host);
+        // Its credit names data the coordinator leased it: every contributed sync's samples.
+        if w.samples > 0 {
+            assert!(
+                w.verified_samples > 0,
+                "{what}: honest {}: {} verified of {} samples",
+                w.host,
+                w.verified_samples,
+                w.samples
+            );
+        }
     }
+    let verified: u64 =
+        ws.iter().filter(|w| w.host.starts_with('h')).map(|w| w.verified_samples).sum();
+    let credited: u64 = ws.iter().filter(|w| w.host.starts_with('h')).map(|w| w.samples).sum();
+    println!("  ledger: honest workers' verified samples {verified} of {credited} credited");
     // No honest worker's commitment was refused: what it claimed (its start state, its data
     // under the coordinator's grants, its samples, its norm) held up every time.
     let logs = c.logs(run).await;

@@ -300,6 +300,10 @@ pub struct Ledger {
     /// Recorded synchronisations it was left out of (zero or outlying contribution).
     #[serde(default)]
     pub excluded: u64,
+    /// Samples named in its accepted commitments to recorded syncs: data spans under the
+    /// coordinator's own lease grants (see `commitments`).
+    #[serde(default)]
+    pub verified_samples: u64,
 }
 
 /// Counters that must never repeat.

@@ -75,6 +75,9 @@ pub struct PendingSync {
     /// Contributors left out of it (zero or outlying contribution).
     #[serde(default)]
     pub excluded: Vec<WorkerId>,
+    /// The samples each contributor's accepted commitment named (its data spans).
+    #[serde(default)]
+    pub claimed: BTreeMap<WorkerId, u64>,
     /// What each member reported holding after it (volatile: re-reported at the next epoch).
     #[serde(skip)]
     pub reports: BTreeMap<WorkerId, ParamHash>,
@@ -286,6 +289,8 @@ impl Cluster {
         if p.contributors.contains(&w) {
             rec.ledger.syncs += 1;
             rec.ledger.samples = rec.ledger.samples.saturating_add(batch.saturating_mul(advanced));
+            let claimed = p.claimed.get(&w).copied().unwrap_or(0);
+            rec.ledger.verified_samples = rec.ledger.verified_samples.saturating_add(claimed);
         } else if p.excluded.contains(&w) {
             rec.ledger.excluded += 1;
         }
@@ -709,7 +714,8 @@ impl Cluster {
             .collect();
         // Every claim is stored, with its verdict, durably before the plan goes out (the writer
         // commits this batch's appends before it delivers its commands); accepted ones go into
-        // the member's book.
+        // the member's book, and their samples are credited once the sync is recorded.
+        let mut claimed = BTreeMap::new();
         for (rank, w) in members.iter().enumerate() {
             let Some(claim) = sync.commits.get(w) else { continue };
             let verdict = match &plan.excluded[rank] {
@@ -718,6 +724,8 @@ impl Cluster {
             };
             if matches!(verdict, Verdict::Accepted { .. }) {
                 self.claims.entry((run, *w)).or_default().accept(step, claim);
+                let named: u64 = claim.spans.iter().map(|s| s.to - s.from).sum();
+                claimed.insert(*w, named);
             }
             let record = CommitmentRecord {
                 step,
@@ -741,6 +749,7 @@ impl Cluster {
             members: members.clone(),
             contributors,
             excluded: left_out.iter().map(|(w, _)| *w).collect(),
+            claimed,
             reports: BTreeMap::new(),
         });
         self.dirty.insert(Dirty::Run(run));

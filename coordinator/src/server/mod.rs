@@ -382,6 +382,7 @@ fn worker_info(c: &Cluster, w: &cluster::WorkerRecord, now: Millis) -> pb::Worke
         compute_utilisation: latest.and_then(cluster::Metrics::compute_utilisation).unwrap_or(0.0),
         syncs: w.ledger.syncs,
         excluded: w.ledger.excluded,
+        verified_samples: w.ledger.verified_samples,
         benched_until_unix_ms: c.benched_until(w.id, now),
         banned_from: w.banned.iter().map(|r| r.0).collect(),
         sitting_out_of: c.sits_out_of_runs(w.id).map(|r| r.0).collect(),
