@@ -14,6 +14,7 @@
 //! | a member claiming samples a shard does not have | credit for nothing | the shard's size, where the coordinator knows it |
 //! | a member claiming more samples than a round reads | credit | the run's batch size and the round's length |
 //! | a member resending its previous contribution | credit without training | the digest of its previous accepted commitment |
+//! | a member sending another's contribution | credit without training | the digests of the sync's and recent syncs' accepted contributions ([`copies`]) |
 //! | a member whose statistics contradict each other | a norm the plan does not clip | its norm against its segment norms |
 //!
 //! A claim that fails is left out of the sync with the reason (coefficient 0, named in the
@@ -134,6 +135,59 @@ impl ClaimBook {
             self.last = Some((step, d));
         }
     }
+}
+
+/// Accepted contributions of a run's recent syncs by digest: who committed each, to which sync.
+#[derive(Clone, Debug, Default)]
+pub struct RecentDigests {
+    by_digest: BTreeMap<[u8; 32], (WorkerId, u64)>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+/// Digests remembered per run (oldest forgotten first).
+const RECENT_DIGESTS: usize = 4096;
+
+impl RecentDigests {
+    /// Records `worker`'s accepted claim to the sync at `step`.
+    pub fn accept(&mut self, worker: WorkerId, step: u64, claim: &Claim) {
+        let Some(d) = claim.digest.filter(|_| claim.norm > 0.0) else { return };
+        if self.by_digest.insert(d, (worker, step)).is_none() {
+            self.order.push_back(d);
+        }
+        while self.order.len() > RECENT_DIGESTS {
+            if let Some(old) = self.order.pop_front() {
+                self.by_digest.remove(&old);
+            }
+        }
+    }
+}
+
+/// Contributions that are someone else's, by digest: the same as another member's in this sync
+/// (both are left out: contributions are revealed only after every commitment is in, so one had
+/// it from the other, or they are one operator), or as another worker's accepted contribution
+/// to an earlier sync (the copier). Zero contributions are not compared (the plan leaves them
+/// out anyway). Two honest contributions are never equal: members read different data.
+pub fn copies(
+    step: u64,
+    claims: &[(WorkerId, &Claim)],
+    recent: &RecentDigests,
+) -> BTreeMap<WorkerId, String> {
+    let mut out = BTreeMap::new();
+    let mut seen: BTreeMap<[u8; 32], WorkerId> = BTreeMap::new();
+    for (w, c) in claims {
+        let Some(d) = c.digest.filter(|_| c.norm > 0.0) else { continue };
+        if let Some(other) = seen.insert(d, *w) {
+            out.insert(*w, format!("its contribution is identical to {other}'s in this sync"));
+            out.insert(other, format!("its contribution is identical to {w}'s in this sync"));
+        }
+        if let Some(&(other, at)) = recent.by_digest.get(&d)
+            && other != *w
+            && at < step
+        {
+            out.insert(*w, format!("its contribution is {other}'s to step {at} (a copy)"));
+        }
+    }
+    out
 }
 
 /// Checks a contributing member's claim to the sync at `step`; the reason it fails, if it does.
@@ -336,6 +390,26 @@ mod tests {
         let k = Known { recorded: None, max_samples: 32 };
         check(1, &Claim { start_hash: None, ..honest() }, &k, &ClaimBook::default(), |_| None)
             .unwrap();
+    }
+
+    #[test]
+    fn copies_are_named_and_distinct_contributions_pass() {
+        let (a, b, c) = (WorkerId(1), WorkerId(2), WorkerId(3));
+        let with = |d: u8| Claim { digest: Some([d; 32]), ..honest() };
+        let mut recent = RecentDigests::default();
+        recent.accept(a, 1, &with(1));
+        // c sends a's contribution to step 1; a and b send the same one in step 2.
+        let (x, y, z) = (with(7), with(7), with(1));
+        let found = copies(2, &[(a, &x), (b, &y), (c, &z)], &recent);
+        assert!(found[&a].contains("identical to worker-2's"), "{found:?}");
+        assert!(found[&b].contains("identical to worker-1's"), "{found:?}");
+        assert!(found[&c].contains("worker-1's to step 1 (a copy)"), "{found:?}");
+        // Distinct contributions, and a member's own earlier digest (a replay, checked
+        // elsewhere), are not copies; nor are zero contributions.
+        let zero = Claim { norm: 0.0, segment_norms: vec![0.0, 0.0], ..with(9) };
+        let found =
+            copies(2, &[(a, &with(1)), (b, &with(2)), (c, &zero), (WorkerId(4), &zero)], &recent);
+        assert!(found.is_empty(), "{found:?}");
     }
 
     #[test]

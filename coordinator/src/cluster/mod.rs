@@ -504,6 +504,8 @@ pub struct Cluster {
     /// What each worker claimed and was accepted per run (volatile: after a restart a replay
     /// of earlier data is left to audits).
     claims: BTreeMap<(RunId, WorkerId), commitments::ClaimBook>,
+    /// Each run's recently accepted contributions by digest, to name copies (volatile).
+    digests: BTreeMap<RunId, commitments::RecentDigests>,
     workers: BTreeMap<WorkerId, WorkerRecord>,
     /// Workers by key.
     keys: BTreeMap<String, WorkerId>,
@@ -551,6 +553,7 @@ impl Cluster {
             specs: BTreeMap::new(),
             shards: BTreeMap::new(),
             claims: BTreeMap::new(),
+            digests: BTreeMap::new(),
             workers: BTreeMap::new(),
             keys: BTreeMap::new(),
             live: BTreeMap::new(),

@@ -653,6 +653,22 @@ impl Cluster {
                 commitments::check(step, claim, &known, book, shard_samples).err()
             })
             .collect();
+        // Contributions that are another's (same digest): left out too.
+        let passed: Vec<(WorkerId, &Claim)> = sync
+            .members
+            .iter()
+            .zip(&refused)
+            .filter(|(_, why)| why.is_none())
+            .filter_map(|(w, _)| sync.commits.get(w).map(|c| (*w, c)))
+            .collect();
+        let recent = self.digests.get(&run);
+        let copied = commitments::copies(step, &passed, recent.unwrap_or(&Default::default()));
+        let refused: Vec<Option<String>> = sync
+            .members
+            .iter()
+            .zip(refused)
+            .map(|(w, why)| why.or_else(|| copied.get(w).cloned()))
+            .collect();
         let commits: Vec<Commitment> = sync
             .members
             .iter()
@@ -724,6 +740,7 @@ impl Cluster {
             };
             if matches!(verdict, Verdict::Accepted { .. }) {
                 self.claims.entry((run, *w)).or_default().accept(step, claim);
+                self.digests.entry(run).or_default().accept(*w, step, claim);
                 let named: u64 = claim.spans.iter().map(|s| s.to - s.from).sum();
                 claimed.insert(*w, named);
             }
