@@ -314,10 +314,25 @@ fn free_subnet() -> Result<Addressing> {
 }
 
 fn kill_namespace_processes(ns: &str) {
-    if let Ok(pids) = ip(&["netns", "pids", ns]) {
-        for pid in pids.split_whitespace() {
-            let _ = Command::new("kill").args(["-KILL", pid]).status();
-        }
+    let Ok(pids) = ip(&["netns", "pids", ns]) else { return };
+    let pids: Vec<&str> = pids.split_whitespace().collect();
+    for pid in &pids {
+        let _ = Command::new("kill").args(["-KILL", pid]).status();
+    }
+    // A SIGKILL takes effect when the process next runs: wait (at most 5 s) until every one is
+    // gone or a zombie, so that nothing of the lab still runs when `clean` returns.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pids.iter().any(|p| still_running(p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn still_running(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may contain spaces.
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
     }
 }
 

@@ -59,9 +59,17 @@ impl Control for ControlSvc {
         req: Request<pb::GetRunRequest>,
     ) -> Result<Response<pb::RunInfo>, Status> {
         let id = convert::run_id(req.into_inner().run_id)?;
-        let c = self.0.lock();
-        let r = c.run(id).ok_or_else(|| Status::not_found(format!("no run {id}")))?;
-        Ok(Response::new(run_info(&c, r)))
+        // A read barrier: the answer waits until every change it shows is durable, so what a
+        // user reads never falls back after a crash (a run's step read just before a SIGKILL
+        // was once not on disk yet).
+        let info = self
+            .0
+            .settled(|c| {
+                let r = c.run(id).ok_or_else(|| Status::not_found(format!("no run {id}")))?;
+                Ok(run_info(c, r))
+            })
+            .await?;
+        Ok(Response::new(info))
     }
 
     async fn list_runs(

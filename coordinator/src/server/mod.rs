@@ -227,6 +227,22 @@ impl Shared {
         self.apply(admit, f).map(|(t, _)| t)
     }
 
+    /// Reads the state machine, answering only once everything the answer shows is durable
+    /// (changes are submitted under the lock, so the barrier queued under it comes after
+    /// every change the read sees): what a user reads never falls back after a crash.
+    async fn settled<T>(&self, f: impl FnOnce(&Cluster) -> Result<T, Status>) -> Result<T, Status> {
+        let (t, wait) = {
+            let c = self.lock();
+            (f(&c), self.writer.barrier())
+        };
+        let t = t?;
+        match wait.await {
+            Ok(Ok(())) => Ok(t),
+            Ok(Err(e)) => Err(Status::unavailable(e)),
+            Err(_) => Err(Status::unavailable("the coordinator is shutting down")),
+        }
+    }
+
     /// [`Shared::apply`], returning only once the changes are durable (for answers that name
     /// something stored: a worker id, a lease, a run).
     async fn durable<T>(

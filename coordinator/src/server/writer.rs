@@ -137,12 +137,22 @@ impl Writer {
     }
 
     /// Queues a call's changes; returns a receiver that resolves once they are durable.
-    pub(crate) fn submit(&self, mut p: Pending) -> oneshot::Receiver<Result<(), String>> {
-        let (done, wait) = oneshot::channel();
+    pub(crate) fn submit(&self, p: Pending) -> oneshot::Receiver<Result<(), String>> {
         if p.is_empty() {
+            let (done, wait) = oneshot::channel();
             let _ = done.send(Ok(()));
             return wait;
         }
+        self.enqueue(p)
+    }
+
+    /// Resolves once everything submitted before it is durable: a read barrier.
+    pub(crate) fn barrier(&self) -> oneshot::Receiver<Result<(), String>> {
+        self.enqueue(Pending::default())
+    }
+
+    fn enqueue(&self, mut p: Pending) -> oneshot::Receiver<Result<(), String>> {
+        let (done, wait) = oneshot::channel();
         p.done = Some(done);
         self.backlog.fetch_add(1, Ordering::Relaxed);
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
