@@ -28,6 +28,25 @@ pub fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// 64 lower-case hex digits (as [`hex`] writes 32 bytes) back to the bytes; `None` for anything
+/// else.
+pub fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = nibble(b[2 * i])? << 4 | nibble(b[2 * i + 1])?;
+    }
+    Some(out)
+}
+
 /// A fresh key pair and a CSR for it, PEM: `(csr, key)`.
 pub fn new_csr() -> Result<(String, String), PkiError> {
     let key = rcgen::KeyPair::generate()?;

@@ -103,9 +103,10 @@ pub fn new_secret(prefix: &str) -> String {
     format!("{prefix}{}", hex(&bytes))
 }
 
-/// Compares two hashes in constant time.
-pub fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares two secrets or hashes in constant time (in their contents; a length mismatch is
+/// not equal).
+pub fn hashes_equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Reads the CA certificate of a state directory, for `longhaul ca-hash`.
@@ -215,9 +216,7 @@ impl Pki {
 
     /// Whether `grant` is the grant of `g` (in constant time).
     pub fn check_grant(&self, g: &Grant, grant: &str) -> bool {
-        let want = self.lease_grant(g);
-        want.len() == grant.len()
-            && want.bytes().zip(grant.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        hashes_equal(self.lease_grant(g).as_bytes(), grant.as_bytes())
     }
 
     /// Signs a worker's CSR for `member` (its public key is kept; every other field is ours:

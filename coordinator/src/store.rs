@@ -333,7 +333,7 @@ impl Store {
                     }
                     ("join_tokens_v2", _) => {
                         let hex = item.key.rsplit('/').next().unwrap_or_default();
-                        if let Some(h) = unhex32(hex) {
+                        if let Some(h) = client::pki::unhex32(hex) {
                             tokens.remove(&h).map_err(dberr)?;
                         }
                     }
@@ -480,18 +480,6 @@ impl Store {
         tx.open_table(RUNS).map_err(dberr)?.insert(id, bytes).map_err(dberr)?;
         tx.commit().map_err(dberr)
     }
-}
-
-/// 64 hex digits to 32 bytes.
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// The next free index of `run` in an append-only (run, n)-keyed table, counting what this

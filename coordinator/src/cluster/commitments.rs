@@ -285,28 +285,10 @@ mod digest_hex {
         if s.is_empty() {
             return Ok(None);
         }
-        super::parse_digest(&s)
+        client::pki::unhex32(&s)
             .map(Some)
             .ok_or_else(|| serde::de::Error::custom("a digest is 64 hex digits"))
     }
-}
-
-/// 64 lower-case hex digits as 32 bytes.
-pub fn parse_digest(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = nibble(b[2 * i])? << 4 | nibble(b[2 * i + 1])?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -426,9 +408,10 @@ mod tests {
     #[test]
     fn digests_round_trip_and_malformed_ones_are_refused() {
         let d = [0xa5u8; 32];
-        assert_eq!(parse_digest(&client::pki::hex(&d)), Some(d));
-        assert_eq!(parse_digest("ab"), None);
-        assert_eq!(parse_digest(&"G".repeat(64)), None);
+        assert_eq!(client::pki::unhex32(&client::pki::hex(&d)), Some(d));
+        assert_eq!(client::pki::unhex32("ab"), None);
+        assert_eq!(client::pki::unhex32(&"G".repeat(64)), None);
+        assert_eq!(client::pki::unhex32(&"A".repeat(64)), None);
         let c = honest();
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<Claim>(&json).unwrap(), c);

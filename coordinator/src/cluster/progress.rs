@@ -638,17 +638,18 @@ impl Cluster {
         let shard_samples = |i: u32| {
             book.and_then(|b| b.record(i)).filter(|s| s.info.is_synthetic()).map(|s| s.info.size)
         };
+        // After the epoch's first round every member trained whole rounds; in the first, only
+        // the agreement's contributors did.
+        let contributes: Vec<bool> = (0..world)
+            .map(|rank| sync.rounds > 0 || agreement.contributors.contains(&rank))
+            .collect();
         let empty = ClaimBook::default();
         let refused: Vec<Option<String>> = sync
             .members
             .iter()
-            .enumerate()
-            .map(|(rank, w)| {
-                let contributes = sync.rounds > 0 || agreement.contributors.contains(&rank);
-                let claim = sync.commits.get(w)?;
-                if !contributes {
-                    return None;
-                }
+            .zip(&contributes)
+            .map(|(w, contributes)| {
+                let claim = sync.commits.get(w).filter(|_| *contributes)?;
                 let book = self.claims.get(&(run, *w)).unwrap_or(&empty);
                 commitments::check(step, claim, &known, book, shard_samples).err()
             })
@@ -674,8 +675,7 @@ impl Cluster {
             .iter()
             .enumerate()
             .map(|(rank, w)| Commitment {
-                contributes: (sync.rounds > 0 || agreement.contributors.contains(&rank))
-                    && refused[rank].is_none(),
+                contributes: contributes[rank] && refused[rank].is_none(),
                 segment_norms: sync
                     .commits
                     .get(w)

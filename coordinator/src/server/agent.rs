@@ -21,7 +21,7 @@ use super::limits::{self, SessionLimits};
 use super::writer::{SessionHandle, SessionTx};
 use super::{Admit, Shared, worker_identity};
 use crate::ca::{Grant, csr_key_id, secret_hash};
-use crate::cluster::commitments::{self, Claim, Span};
+use crate::cluster::commitments::{Claim, Span};
 use crate::cluster::{self, FaultKind, JoinError, ReportError};
 use crate::shard_server::shard_path;
 use crate::shards::LeaseError;
@@ -493,7 +493,7 @@ fn claim(shared: &Shared, worker: WorkerId, s: pb::SyncCommit) -> Result<Claim, 
     let start_hash = convert::param_hash("sync_commit.start_hash", &s.start_hash)?;
     let digest = match s.contribution_sha256.as_str() {
         "" => None,
-        d => Some(commitments::parse_digest(d).ok_or_else(|| {
+        d => Some(client::pki::unhex32(d).ok_or_else(|| {
             WireError::new("sync_commit.contribution_sha256", "must be 64 lower-case hex digits")
         })?),
     };

@@ -36,7 +36,7 @@ use proto::pb::control_server::ControlServer;
 use proto::{RunId, WorkerId};
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status};
@@ -203,7 +203,7 @@ impl Shared {
         &self,
         admit: Admit,
         f: impl FnOnce(&mut Cluster, Millis) -> Result<T, Status>,
-    ) -> Result<(T, tokio::sync::oneshot::Receiver<Result<(), String>>), Status> {
+    ) -> Result<(T, oneshot::Receiver<Result<(), String>>), Status> {
         if admit == Admit::IfStoreKeepsUp && self.writer.backlog() > writer::MAX_BACKLOG {
             return Err(Status::unavailable(
                 "the coordinator's state store is behind (a slow or full disk); retry later",
@@ -236,11 +236,7 @@ impl Shared {
             (f(&c), self.writer.barrier())
         };
         let t = t?;
-        match wait.await {
-            Ok(Ok(())) => Ok(t),
-            Ok(Err(e)) => Err(Status::unavailable(e)),
-            Err(_) => Err(Status::unavailable("the coordinator is shutting down")),
-        }
+        durably(wait).await.map(|()| t)
     }
 
     /// [`Shared::apply`], returning only once the changes are durable (for answers that name
@@ -250,11 +246,16 @@ impl Shared {
         f: impl FnOnce(&mut Cluster, Millis) -> Result<T, Status>,
     ) -> Result<T, Status> {
         let (t, wait) = self.apply(Admit::IfStoreKeepsUp, f)?;
-        match wait.await {
-            Ok(Ok(())) => Ok(t),
-            Ok(Err(e)) => Err(Status::unavailable(e)),
-            Err(_) => Err(Status::unavailable("the coordinator is shutting down")),
-        }
+        durably(wait).await.map(|()| t)
+    }
+}
+
+/// Waits for the writer's answer: durable, or the status that says why not.
+async fn durably(wait: oneshot::Receiver<Result<(), String>>) -> Result<(), Status> {
+    match wait.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Status::unavailable(e)),
+        Err(_) => Err(Status::unavailable("the coordinator is shutting down")),
     }
 }
 
