@@ -91,6 +91,14 @@ max = 8                   # workers beyond this stay idle
 [checkpoint]
 interval_steps = 100      # a checkpoint every this many committed steps
 # keep = 3                # checkpoints kept, 1..=1000
+
+# Audits: a member's contribution to a sync, recomputed by another member from what it
+# committed (ddp only for now). See docs/verification.md.
+[verification]
+# audit_probability = 0.05     # chance a sync of an established member is audited; 0 = no audits
+# probation_probability = 0.5  # the chance during a member's first probation_syncs contributions
+# probation_syncs = 20
+# strikes_to_evict = 2         # confirmed wrong contributions that evict a member
 "#;
 
 /// A run file that could not be accepted.
@@ -143,6 +151,33 @@ pub struct RunSpec {
     pub checkpoint_interval: u64,
     /// How many checkpoints are kept.
     pub checkpoint_keep: u32,
+    pub verification: Verification,
+}
+
+/// `[verification]`: audits of contributions by recomputation (see `docs/verification.md`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Verification {
+    /// The chance that a sync of an established member is audited; 0 disables audits.
+    pub audit_probability: f64,
+    /// The chance for a member on probation (its first `probation_syncs` contributions).
+    pub probation_probability: f64,
+    pub probation_syncs: u32,
+    /// Confirmed wrong contributions (strikes) that evict a member from the run.
+    pub strikes_to_evict: u32,
+}
+
+impl Verification {
+    /// No audits.
+    pub const OFF: Self = Self {
+        audit_probability: 0.0,
+        probation_probability: 0.0,
+        probation_syncs: 0,
+        strikes_to_evict: 2,
+    };
+
+    pub fn enabled(&self) -> bool {
+        self.audit_probability > 0.0 || self.probation_probability > 0.0
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -339,6 +374,7 @@ struct RawRun {
     sync: Option<RawSync>,
     workers: Option<RawWorkers>,
     checkpoint: Option<RawCheckpoint>,
+    verification: Option<RawVerification>,
 }
 
 #[derive(Deserialize)]
@@ -412,6 +448,15 @@ struct RawWorkers {
     min: Option<u32>,
     max: Option<u32>,
     restart_budget: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerification {
+    audit_probability: Option<f64>,
+    probation_probability: Option<f64>,
+    probation_syncs: Option<u32>,
+    strikes_to_evict: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -787,6 +832,7 @@ impl RawRun {
             Some(n) => n,
         };
         let checkpoint_keep = ranged(keep, 3, 1, 1000, "checkpoint.keep")?;
+        let verification = validate_verification(self.verification, &sync)?;
 
         Ok(RunSpec {
             name,
@@ -808,8 +854,57 @@ impl RawRun {
             restart_budget,
             checkpoint_interval,
             checkpoint_keep,
+            verification,
         })
     }
+}
+
+/// Audits recompute a member's contribution from its committed inputs: implemented for ddp
+/// (the contribution is a function of the shared state and the data); a diloco round also
+/// depends on the member's own inner optimizer state, which audits cannot fetch yet.
+fn validate_verification(
+    v: Option<RawVerification>,
+    sync: &SyncMode,
+) -> Result<Verification, RunFileError> {
+    let v = v.unwrap_or(RawVerification {
+        audit_probability: None,
+        probation_probability: None,
+        probation_syncs: None,
+        strikes_to_evict: None,
+    });
+    let probability = |x: Option<f64>, default: f64, field: &'static str| match x {
+        None => Ok(default),
+        Some(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        Some(p) => Err(invalid(field, p, "a probability in [0, 1]")),
+    };
+    let ddp = matches!(sync, SyncMode::Ddp);
+    let audit_probability = probability(
+        v.audit_probability,
+        if ddp { 0.05 } else { 0.0 },
+        "verification.audit_probability",
+    )?;
+    let probation_probability = probability(
+        v.probation_probability,
+        if ddp && audit_probability > 0.0 { 0.5 } else { 0.0 },
+        "verification.probation_probability",
+    )?;
+    let probation_syncs =
+        ranged(v.probation_syncs, 20, 0, 1_000_000, "verification.probation_syncs")?;
+    let strikes_to_evict = ranged(v.strikes_to_evict, 2, 1, 100, "verification.strikes_to_evict")?;
+    if !ddp && (audit_probability > 0.0 || probation_probability > 0.0) {
+        let field = if audit_probability > 0.0 {
+            "verification.audit_probability"
+        } else {
+            "verification.probation_probability"
+        };
+        return Err(invalid(
+            field,
+            audit_probability.max(probation_probability),
+            "0 with sync.mode = \"diloco\": audits recompute ddp steps only (a diloco round \
+             also depends on the member's own inner optimizer state)",
+        ));
+    }
+    Ok(Verification { audit_probability, probation_probability, probation_syncs, strikes_to_evict })
 }
 
 fn validate_dataset(d: RawDataset) -> Result<Dataset, RunFileError> {
@@ -1196,6 +1291,56 @@ mod tests {
         assert_eq!(spec.seed, i64::MAX as u64);
         assert_eq!(spec.precision, Precision::Bf16);
         assert_eq!((spec.bucket_mb, spec.checkpoint_keep), (1024, 1000));
+    }
+
+    #[test]
+    fn verification_defaults_and_limits() {
+        let diloco = RunSpec::parse(EXAMPLE).unwrap();
+        assert!(!diloco.verification.enabled(), "{:?}", diloco.verification);
+        let as_ddp = EXAMPLE
+            .replacen("mode = \"diloco\"", "mode = \"ddp\"", 1)
+            .lines()
+            .filter(|l| !(l.starts_with("inner_steps") || l.starts_with("outer_")))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let ddp = RunSpec::parse(&as_ddp).unwrap();
+        assert_eq!(ddp.verification.audit_probability, 0.05);
+        assert_eq!(ddp.verification.probation_probability, 0.5);
+        assert_eq!((ddp.verification.probation_syncs, ddp.verification.strikes_to_evict), (20, 2));
+        check(
+            "# audit_probability = 0.05",
+            "audit_probability = 0.1",
+            "verification.audit_probability",
+            "ddp steps only",
+        );
+        let ddp = |from: &str, to: &str| as_ddp.replacen(from, to, 1);
+        for (from, to, field) in [
+            (
+                "# audit_probability = 0.05",
+                "audit_probability = 1.5",
+                "verification.audit_probability",
+            ),
+            (
+                "# audit_probability = 0.05",
+                "audit_probability = nan",
+                "verification.audit_probability",
+            ),
+            (
+                "# probation_probability = 0.5",
+                "probation_probability = -0.1",
+                "verification.probation_probability",
+            ),
+            ("# strikes_to_evict = 2", "strikes_to_evict = 0", "verification.strikes_to_evict"),
+        ] {
+            let err = RunSpec::parse(&ddp(from, to)).unwrap_err();
+            assert_eq!(err.field(), Some(field), "{err}");
+        }
+        let off =
+            RunSpec::parse(&ddp("# audit_probability = 0.05", "audit_probability = 0.0")).unwrap();
+        assert!(!off.verification.enabled(), "{:?}", off.verification);
+        let err = RunSpec::parse(&ddp("[verification]", "[verification]\nauditors = \"all\""))
+            .unwrap_err();
+        assert!(err.to_string().contains("auditors"), "{err}");
     }
 
     #[test]
