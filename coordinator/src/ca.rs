@@ -200,6 +200,15 @@ impl Pki {
         hashes_equal(&secret_hash(token), &self.admin_hash)
     }
 
+    /// The key of audit draws (see `cluster::audits`): secret like the grant key, and the same
+    /// after a restart.
+    pub fn audit_key(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"longhaul audit key v1\0");
+        h.update(self.grant_key);
+        h.finalize().into()
+    }
+
     /// The grant of a lease: a MAC, under a key only the coordinator holds, over what the lease
     /// gave whom (32 hex digits). A worker echoes it in the data spans it commits to, so the
     /// coordinator checks that it leased that shard to that worker without keeping every lease

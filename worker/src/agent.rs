@@ -177,6 +177,8 @@ pub enum Down {
         state: i32,
         reason: String,
     },
+    /// Recompute another member's contribution (an audit).
+    Audit(pb::AuditTask),
     /// The session is lost for good (the coordinator no longer knows this worker).
     Fatal(String),
 }
@@ -556,6 +558,9 @@ fn on_command(side: &AgentSide, msg: DownMsg) {
                 Err(why) => Down::Unreadable { run, epoch, why },
             });
         }
+        DownMsg::Audit(task) => {
+            let _ = side.down.send(Down::Audit(task));
+        }
         DownMsg::SyncPlan(p) => {
             let plan = Plan { step: p.step, coefficients: p.coefficients, declared: p.declared };
             let _ = side.down.send(Down::Plan { run: p.run_id, epoch: p.epoch, plan });
@@ -588,15 +593,9 @@ pub struct Lease {
     pub grant: String,
 }
 
-/// Leases the next shard: `Ok(None)` with a wait when nothing is available now.
-pub async fn lease(rpc: &mut AgentRpc) -> Result<Result<Lease, Duration>> {
-    let resp = rpc
-        .lease_shard(pb::LeaseShardRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("leasing a shard: {}: {}", s.code(), s.message()))?
-        .into_inner();
-    match resp.result {
-        Some(pb::lease_shard_response::Result::Lease(l)) => Ok(Ok(Lease {
+impl From<pb::ShardLease> for Lease {
+    fn from(l: pb::ShardLease) -> Self {
+        Self {
             id: l.lease_id,
             run: l.run_id,
             shard: l.shard,
@@ -607,7 +606,19 @@ pub async fn lease(rpc: &mut AgentRpc) -> Result<Result<Lease, Duration>> {
             data_epoch: l.data_epoch,
             shared: l.shared,
             grant: l.grant,
-        })),
+        }
+    }
+}
+
+/// Leases the next shard: `Ok(None)` with a wait when nothing is available now.
+pub async fn lease(rpc: &mut AgentRpc) -> Result<Result<Lease, Duration>> {
+    let resp = rpc
+        .lease_shard(pb::LeaseShardRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("leasing a shard: {}: {}", s.code(), s.message()))?
+        .into_inner();
+    match resp.result {
+        Some(pb::lease_shard_response::Result::Lease(l)) => Ok(Ok(Lease::from(l))),
         Some(pb::lease_shard_response::Result::RetryAfterMs(ms)) => {
             Ok(Err(Duration::from_millis(u64::from(ms).clamp(50, 30_000))))
         }

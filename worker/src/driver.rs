@@ -13,6 +13,7 @@
 //! re-formed after [`DriverConfig::retry_after`].
 
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -131,6 +132,40 @@ pub struct Driver {
     /// The ring port of the last group this worker formed or tried to: released before the
     /// next one binds it (the old endpoint may still be draining its connections).
     port: Option<PortLease>,
+    /// What determines the bits of this worker's computation (`SyncCommit.profile`).
+    profile: String,
+}
+
+/// Audits a member holds at most; more are answered "busy" at once.
+const MAX_AUDITS: usize = 4;
+
+/// States kept for audits (ddp): an audit arrives with the next sync's plan, and a second
+/// auditor is asked one sync after the first answered.
+const AUDIT_WINDOW: usize = 4;
+
+/// This machine's reproducibility profile: what the bits of a CPU computation depend on (the
+/// CPU model, libtorch's thread count, this build). Empty on CUDA, where the GPU model also
+/// matters and is not known here: a CUDA worker is not audited (see docs/verification.md).
+fn profile(device: tch::Device) -> String {
+    if device != tch::Device::Cpu {
+        return String::new();
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+    let capability = std::env::var("ATEN_CPU_CAPABILITY").unwrap_or_default();
+    let text = format!(
+        "cpu|{cpu}|{capability}|threads={}|longhaul {}",
+        tch::get_num_threads(),
+        env!("CARGO_PKG_VERSION")
+    );
+    text.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(256).collect()
 }
 
 /// Why a run could not be started.
@@ -203,6 +238,8 @@ struct RunCtx {
     checkpoint_wanted: bool,
     last_checkpoint: Option<u64>,
     epoch: u64,
+    /// Audits given to this member, done one per sync (ddp).
+    audits: std::collections::VecDeque<pb::AuditTask>,
 }
 
 impl RunCtx {
@@ -239,6 +276,7 @@ impl Driver {
             stop: None,
             life,
             port: None,
+            profile: String::new(),
         }
     }
 
@@ -386,6 +424,18 @@ impl Driver {
                 self.agreement = Some((run, epoch, agreement));
             }
             Down::Plan { run, epoch, plan } => self.plan = Some((run, epoch, plan)),
+            Down::Audit(task) => {
+                let Some(c) = self.ctx.as_mut().filter(|c| c.run == task.run_id) else {
+                    // Not training that run here (any more): nothing to recompute from.
+                    self.answer_audit(&task, Err("not training that run".into()));
+                    return Ok(());
+                };
+                if c.audits.len() >= MAX_AUDITS {
+                    self.answer_audit(&task, Err("too many audits in hand".into()));
+                } else {
+                    c.audits.push_back(task);
+                }
+            }
             Down::Unreadable { run, epoch, why } => {
                 warn!(run, epoch, "an unreadable message from the coordinator: {why}");
                 let detail = format!("an unreadable message from the coordinator: {why}");
@@ -466,6 +516,9 @@ impl Driver {
             plan::train_spec(&spec, e.total_steps, device, features).map_err(|m| anyhow!(m))?;
         let mut trainer = Trainer::new(ts).map_err(|err| anyhow!("{err}"))?;
         trainer.set_poison(self.cfg.poison);
+        self.profile = profile(device);
+        let audited = spec.verification.enabled() && matches!(spec.sync, runspec::SyncMode::Ddp);
+        trainer.set_audit_window(if audited { AUDIT_WINDOW } else { 0 });
         // A certificate renewed by the agent since this worker started: leases use it.
         if let Ok(Some(id)) = Identity::load(&self.cfg.state_dir, &self.identity.ca_pin)
             && id.worker_id == self.identity.worker_id
@@ -487,6 +540,7 @@ impl Driver {
                     trainer =
                         Trainer::new(trainer.spec().clone()).map_err(|err| anyhow!("{err}"))?;
                     trainer.set_poison(self.cfg.poison);
+                    trainer.set_audit_window(if audited { AUDIT_WINDOW } else { 0 });
                 }
             }
         }
@@ -506,6 +560,7 @@ impl Driver {
             checkpoint_wanted: false,
             last_checkpoint,
             epoch: e.epoch,
+            audits: Default::default(),
         })
     }
 
@@ -738,7 +793,10 @@ impl Driver {
         match ctx.trainer.spec().sync {
             SyncMode::Ddp => {
                 if !ctx.trainer.has_pending() {
-                    self.forward_backward(ctx, attempt)?;
+                    match ctx.audits.pop_front() {
+                        Some(task) => self.audit(ctx, &task, attempt)?,
+                        None => self.forward_backward(ctx, attempt)?,
+                    }
                 }
                 let mut planner = Planner { driver: self, attempt, run: e.run, epoch: e.epoch };
                 ctx.trainer.ddp_sync(comm, &mut planner).map_err(fail)?;
@@ -782,6 +840,100 @@ impl Driver {
         w.tokens += tokens;
         ctx.tokens += tokens;
         Ok(())
+    }
+
+    /// Spends this sync on an audit: recomputes the audited member's contribution from the
+    /// state and the data it committed, answers its digest, and contributes nothing itself.
+    fn audit(
+        &mut self,
+        ctx: &mut RunCtx,
+        task: &pb::AuditTask,
+        attempt: &Attempt,
+    ) -> Result<(), Outcome> {
+        let result = self.recompute(ctx, task, attempt);
+        if let Err(why) = &result {
+            if attempt.token.is_cancelled() {
+                return Err(Outcome::Interrupted(reason(attempt, "cancelled")));
+            }
+            debug!(run = ctx.run, audit = task.audit_id, "cannot audit: {why}");
+        }
+        self.answer_audit(task, result);
+        ctx.trainer.spend_on_audit(task.audit_id);
+        Ok(())
+    }
+
+    /// The digest of the contribution `task` names, recomputed here.
+    fn recompute(
+        &mut self,
+        ctx: &mut RunCtx,
+        task: &pb::AuditTask,
+        attempt: &Attempt,
+    ) -> Result<[u8; 32], String> {
+        use sha2::Digest;
+        let start = ParamHash::from_str(&task.start_hash).map_err(|e| e.to_string())?;
+        let total: u64 = task.spans.iter().map(|s| s.to.saturating_sub(s.from)).sum();
+        if task.spans.is_empty() || total > 1 << 24 {
+            return Err(format!("{} spans of {total} samples: not a step's data", task.spans.len()));
+        }
+        let mut parts = Vec::with_capacity(task.spans.len());
+        for s in &task.spans {
+            let l = task
+                .shards
+                .iter()
+                .find(|l| l.shard == s.shard && l.data_epoch == s.data_epoch)
+                .ok_or_else(|| format!("no source for shard {}", s.shard))?;
+            let lease = Lease { id: s.lease_id, shared: s.shared, ..Lease::from(l.clone()) };
+            let format = ctx.feeder.format;
+            let path = if format.has_bytes() {
+                let fetch = crate::fetch::shard(&lease, &self.identity, &ctx.feeder.cache);
+                let got = self.rt.block_on(async {
+                    tokio::select! {
+                        _ = attempt.token.cancelled() => None,
+                        r = fetch => Some(r),
+                    }
+                });
+                Some(got.ok_or("cancelled")?.map_err(|e| format!("{e:#}"))?)
+            } else {
+                None
+            };
+            let mut seed = shard_seed(ctx.feeder.seed, s.shard, s.data_epoch);
+            let data = format.load(path.as_deref(), seed).map_err(|e| e.to_string())?;
+            if s.shared {
+                seed = shard_seed(seed, task.worker_id as u32, s.lease_id);
+            }
+            let mut reader = ShardReader::new(data, ctx.feeder.seq_len, seed);
+            let want = s.to.checked_sub(s.from).filter(|n| *n > 0).ok_or("an empty span")?;
+            if s.to > reader.remaining() {
+                return Err(format!("span {}..{} beyond shard {}", s.from, s.to, s.shard));
+            }
+            reader.next = s.from;
+            let b = reader.next_batch(want as usize).ok_or("an empty span")?;
+            parts.push(b);
+        }
+        let batch = if parts.len() == 1 { parts.pop().expect("one part") } else { Batch::cat(&parts) };
+        let contribution = ctx
+            .trainer
+            .audit(start, &batch, task.step, task.rank as usize)
+            .map_err(|e| e.to_string())?;
+        let mut h = sha2::Sha256::new();
+        for block in contribution.chunks(16_384) {
+            let bytes: Vec<u8> = block.iter().flat_map(|v| v.to_le_bytes()).collect();
+            h.update(&bytes);
+        }
+        Ok(h.finalize().into())
+    }
+
+    fn answer_audit(&self, task: &pb::AuditTask, result: Result<[u8; 32], String>) {
+        let (contribution_sha256, error) = match result {
+            Ok(d) => (client::pki::hex(&d), String::new()),
+            Err(why) => (String::new(), why.chars().take(1000).collect()),
+        };
+        self.send(Up::AuditResult(pb::AuditResult {
+            run_id: task.run_id,
+            audit_id: task.audit_id,
+            contribution_sha256,
+            error,
+        }));
     }
 
     /// Reports the state held after a sync (the coordinator records a step once a majority of
@@ -1093,11 +1245,14 @@ impl Coordinate for Planner<'_> {
                     from: s.from,
                     to: s.to,
                     grant: s.grant.clone(),
+                    shared: s.shared,
                 })
                 .collect(),
             samples: c.samples,
             contribution_sha256: client::pki::hex(&c.digest),
             contribution_norm: c.norm,
+            profile: self.driver.profile.clone(),
+            audit_id: c.audit.unwrap_or(0),
         }));
         let p = self
             .driver
@@ -1269,6 +1424,7 @@ impl Feeder {
                     from,
                     to: reader.next,
                     grant: lease.grant.clone(),
+                    shared: lease.shared,
                 }];
                 parts.push(b);
             }

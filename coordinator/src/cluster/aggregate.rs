@@ -48,6 +48,8 @@ pub enum Exclusion {
     Invalid(String),
     /// Its commitment failed the coordinator's checks (see `commitments`).
     Refused(String),
+    /// It spent the sync recomputing another member's contribution (an audit).
+    Auditing(u64),
 }
 
 impl std::fmt::Display for Exclusion {
@@ -61,6 +63,7 @@ impl std::fmt::Display for Exclusion {
             ),
             Self::Invalid(why) => write!(f, "invalid commitment: {why}"),
             Self::Refused(why) => write!(f, "commitment refused: {why}"),
+            Self::Auditing(id) => write!(f, "auditing ({id:016x})"),
         }
     }
 }

@@ -47,6 +47,12 @@ pub struct Claim {
     pub digest: Option<[u8; 32]>,
     /// The contribution's L2 norm.
     pub norm: f32,
+    /// What determines the bits of its computation (audits match auditors to it).
+    #[serde(default)]
+    pub profile: String,
+    /// It spent this sync on that audit and contributes nothing.
+    #[serde(default)]
+    pub audit: Option<u64>,
 }
 
 impl Claim {
@@ -59,6 +65,8 @@ impl Claim {
             samples: 0,
             digest: None,
             norm: 0.0,
+            profile: String::new(),
+            audit: None,
         }
     }
 }
@@ -74,6 +82,9 @@ pub struct Span {
     /// Whether the lease's grant checked out: the coordinator leased this shard, in this data
     /// epoch, to this worker (the shell checks the MAC; the core decides).
     pub granted: bool,
+    /// A shared lease (its reading order is the reader's own).
+    #[serde(default)]
+    pub shared: bool,
 }
 
 /// What the coordinator knows when it checks a claim to the sync at some step.
@@ -298,7 +309,7 @@ mod tests {
     const H: ParamHash = ParamHash(0xabcd);
 
     fn span(lease: u64, from: u64, to: u64) -> Span {
-        Span { lease: LeaseId(lease), shard: 3, data_epoch: 0, from, to, granted: true }
+        Span { lease: LeaseId(lease), shard: 3, data_epoch: 0, from, to, granted: true, shared: false }
     }
 
     fn honest() -> Claim {
@@ -309,6 +320,7 @@ mod tests {
             samples: 32,
             digest: Some([1; 32]),
             norm: 5.0,
+            ..Claim::norms(Vec::new())
         }
     }
 

@@ -40,6 +40,7 @@
 //!   failed (restart budget spent by deaths) | stopped (by a user).
 
 pub mod aggregate;
+pub mod audits;
 pub mod commitments;
 mod disputes;
 mod progress;
@@ -94,6 +95,8 @@ pub struct Config {
     pub max_log_lines: u64,
     /// A running ring that only grows (joins) is re-formed at most this often.
     pub grow_every: Millis,
+    /// The key of audit draws (derived from the CA key by the shell; see `audits`).
+    pub audit_key: [u8; 32],
 }
 
 impl Default for Config {
@@ -111,6 +114,7 @@ impl Default for Config {
             addr_change_window: 600_000,
             max_log_lines: 10_000,
             grow_every: 2_000,
+            audit_key: [0; 32],
         }
     }
 }
@@ -176,6 +180,8 @@ pub enum Command {
     Agreement(AgreementInfo),
     /// The plan of one synchronisation.
     Plan(PlanInfo),
+    /// Recompute another member's contribution (an audit).
+    Audit(audits::AuditInfo),
 }
 
 /// One epoch of a run, as announced to its members.
@@ -304,6 +310,17 @@ pub struct Ledger {
     /// coordinator's own lease grants (see `commitments`).
     #[serde(default)]
     pub verified_samples: u64,
+    /// Audits of its contributions that found the digest it committed, and those two auditors
+    /// confirmed wrong (see `audits`).
+    #[serde(default)]
+    pub audits_passed: u64,
+    #[serde(default)]
+    pub strikes: u64,
+    /// Audits it performed that the verdict agreed with, and those it got wrong.
+    #[serde(default)]
+    pub audits_performed: u64,
+    #[serde(default)]
+    pub audits_wrong: u64,
 }
 
 /// Counters that must never repeat.
@@ -501,6 +518,10 @@ pub struct Cluster {
     /// Each run's parsed run file.
     specs: BTreeMap<RunId, RunSpec>,
     shards: BTreeMap<RunId, ShardBook>,
+    /// Audits drawn and their answers, and every member's audit standing per run (volatile).
+    audits: audits::Book,
+    /// Each member's latest committed profile per run (who can audit whom).
+    profiles: BTreeMap<(RunId, WorkerId), String>,
     /// What each worker claimed and was accepted per run (volatile: after a restart a replay
     /// of earlier data is left to audits).
     claims: BTreeMap<(RunId, WorkerId), commitments::ClaimBook>,
@@ -547,6 +568,8 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(config: Config) -> Self {
         Self {
+            audits: audits::Book::new(config.audit_key),
+            profiles: BTreeMap::new(),
             config,
             counters: Counters { next_run: 1, next_worker: 1, next_lease: 1 },
             runs: BTreeMap::new(),
@@ -1368,6 +1391,11 @@ impl Cluster {
         let members = std::mem::take(&mut r.members);
         self.dirty.insert(Dirty::Run(run));
         self.syncs.remove(&run);
+        // What was kept in memory about the run's contributions.
+        self.audits.forget(run);
+        self.profiles.retain(|(r, _), _| *r != run);
+        self.claims.retain(|(r, _), _| *r != run);
+        self.digests.remove(&run);
         for m in members {
             self.outbox.push_back(Output::ToWorker(
                 m.worker,

@@ -31,6 +31,7 @@ use proto::{Epoch, Liveness, ParamHash, RunId, RunState, WorkerId};
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{self, Commitment, Exclusion};
+use super::audits::{Answer, AuditId, AuditInfo, Decision};
 use super::commitments::{self, Claim, ClaimBook, CommitmentRecord, Known, Verdict};
 use super::{Cluster, Command, Dirty, Millis, ReportError};
 use runspec::SyncMode;
@@ -640,8 +641,25 @@ impl Cluster {
         };
         // After the epoch's first round every member trained whole rounds; in the first, only
         // the agreement's contributors did.
+        // A member that spent the sync on an audit it was given contributes nothing; one that
+        // claims an audit it was not given is refused.
+        let auditing: Vec<Option<Result<u64, String>>> = sync
+            .members
+            .iter()
+            .map(|w| {
+                let id = sync.commits.get(w)?.audit?;
+                Some(if self.audits.spend(run, *w, id) {
+                    Ok(id)
+                } else {
+                    Err(format!("it claims audit {id:016x}, which it was not given"))
+                })
+            })
+            .collect();
         let contributes: Vec<bool> = (0..world)
-            .map(|rank| sync.rounds > 0 || agreement.contributors.contains(&rank))
+            .map(|rank| {
+                (sync.rounds > 0 || agreement.contributors.contains(&rank))
+                    && auditing[rank].is_none()
+            })
             .collect();
         let empty = ClaimBook::default();
         let refused: Vec<Option<String>> = sync
@@ -654,13 +672,15 @@ impl Cluster {
                 commitments::check(step, claim, &known, book, shard_samples).err()
             })
             .collect();
-        // Contributions that are another's (same digest): left out too.
+        // Contributions that are another's (same digest): left out too. Members that contribute
+        // nothing (late joiners, auditors) commit zeros alike and are not compared.
         let passed: Vec<(WorkerId, &Claim)> = sync
             .members
             .iter()
             .zip(&refused)
-            .filter(|(_, why)| why.is_none())
-            .filter_map(|(w, _)| sync.commits.get(w).map(|c| (*w, c)))
+            .zip(&contributes)
+            .filter(|((_, why), contributes)| why.is_none() && **contributes)
+            .filter_map(|((w, _), _)| sync.commits.get(w).map(|c| (*w, c)))
             .collect();
         let recent = self.digests.get(&run);
         let copied = commitments::copies(step, &passed, recent.unwrap_or(&Default::default()));
@@ -684,6 +704,16 @@ impl Cluster {
             })
             .collect();
         let mut plan = aggregate::plan(world, &commits);
+        for (rank, a) in auditing.iter().enumerate() {
+            if matches!(plan.excluded[rank], Some(Exclusion::Invalid(_))) {
+                continue;
+            }
+            match a {
+                Some(Ok(id)) => plan.excluded[rank] = Some(Exclusion::Auditing(*id)),
+                Some(Err(why)) => plan.excluded[rank] = Some(Exclusion::Refused(why.clone())),
+                None => {}
+            }
+        }
         for (rank, why) in refused.iter().enumerate() {
             if let Some(why) = why
                 && !matches!(plan.excluded[rank], Some(Exclusion::Invalid(_)))
@@ -753,6 +783,14 @@ impl Cluster {
             };
             self.outbox.push_back(super::Output::Commitment { run, record });
         }
+        let audited: Vec<(usize, WorkerId)> = members
+            .iter()
+            .enumerate()
+            .filter(|(rank, _)| plan.excluded[*rank].is_none())
+            .map(|(rank, w)| (rank, *w))
+            .collect();
+        let audits = self.draw_audits(run, step, &audited);
+        let sync = self.syncs.get_mut(&run).expect("issue_plan for a run with a sync");
         sync.plan = Some(info.clone());
         sync.rounds += 1;
         sync.commits.clear();
@@ -776,6 +814,191 @@ impl Cluster {
         for w in members {
             self.outbox.push_back(super::Output::ToWorker(w, Command::Plan(info.clone())));
         }
+        for (auditor, task) in audits {
+            self.outbox.push_back(super::Output::ToWorker(auditor, Command::Audit(task)));
+        }
+    }
+
+    /// An auditor's answer to audit `id` (see `audits`). Answers to audits that are not open
+    /// or not asked of this worker are ignored.
+    pub fn audit_result(&mut self, now: Millis, worker: WorkerId, run: RunId, id: AuditId, answer: Answer) {
+        let Some(r) = self.runs.get(&run) else { return };
+        if r.state != RunState::Running {
+            return;
+        }
+        let step = r.committed_step;
+        let Some(decision) = self.audits.answer(id, worker, answer, step) else { return };
+        let ledger = |c: &mut Self, w: WorkerId, f: &dyn Fn(&mut super::Ledger)| {
+            if let Some(rec) = c.workers.get_mut(&w) {
+                f(&mut rec.ledger);
+                c.dirty.insert(Dirty::Worker(w));
+            }
+        };
+        let short = format!("{id:016x}");
+        match decision {
+            Decision::Ask { exclude } => {
+                let Some((info, profile)) = self.audits.get(id) else { return };
+                let (info, profile) = (info.clone(), profile.to_owned());
+                let candidates: Vec<WorkerId> = self
+                    .syncs
+                    .get(&run)
+                    .map(|s| s.members.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|m| !exclude.contains(m) && !self.audits.busy(run, *m))
+                    .filter(|m| self.profiles.get(&(run, *m)).is_some_and(|p| *p == profile))
+                    .collect();
+                let round = exclude.len();
+                match self.audits.pick(run, info.step, info.target, round, &candidates) {
+                    Some(next) => {
+                        if let Some(task) = self.audits.ask(id, next) {
+                            self.log(
+                                run,
+                                format!(
+                                    "audit {short} of {}'s contribution to step {}: {worker}'s \
+                                     answer is not what it committed; {next} recomputes it too",
+                                    info.target, info.step
+                                ),
+                            );
+                            self.outbox.push_back(super::Output::ToWorker(next, Command::Audit(task)));
+                        }
+                    }
+                    None => {
+                        self.audits.drop_audit(id);
+                        self.log(
+                            run,
+                            format!(
+                                "audit {short} of {}'s contribution to step {} dropped: no other \
+                                 member of its profile can recompute it (nobody is blamed)",
+                                info.target, info.step
+                            ),
+                        );
+                    }
+                }
+            }
+            Decision::Passed { target, auditors, wrong } => {
+                ledger(self, target, &|l| l.audits_passed += 1);
+                for a in &auditors {
+                    ledger(self, *a, &|l| l.audits_performed += 1);
+                }
+                if let Some(w) = wrong {
+                    ledger(self, w, &|l| {
+                        l.audits_wrong += 1;
+                        l.strikes += 1;
+                    });
+                    let line = format!(
+                        "audit {short}: {w} answered a digest that neither {target} (the audited \
+                         member) nor {} (a second auditor) found: a strike for {w}",
+                        auditors.first().map(ToString::to_string).unwrap_or_default()
+                    );
+                    self.log(run, line.clone());
+                    self.strike(now, run, w, &line);
+                }
+            }
+            Decision::Struck { target, auditors } => {
+                ledger(self, target, &|l| l.strikes += 1);
+                for a in &auditors {
+                    ledger(self, *a, &|l| l.audits_performed += 1);
+                }
+                let named: Vec<String> = auditors.iter().map(ToString::to_string).collect();
+                let line = format!(
+                    "audit {short}: {} recomputed {target}'s contribution and agree it is not \
+                     what {target} committed: a strike for {target}",
+                    named.join(" and ")
+                );
+                self.log(run, line.clone());
+                self.strike(now, run, target, &line);
+            }
+            Decision::Inconclusive { target, auditors } => {
+                let named: Vec<String> = auditors.iter().map(ToString::to_string).collect();
+                self.log(
+                    run,
+                    format!(
+                        "audit {short} of {target}: {} found two other digests; nobody is \
+                         blamed, and {target} is audited at every sync for a while",
+                        named.join(" and ")
+                    ),
+                );
+            }
+        }
+    }
+
+    /// A confirmed strike: at the run's `strikes_to_evict`, the member is evicted.
+    fn strike(&mut self, now: Millis, run: RunId, w: WorkerId, evidence: &str) {
+        let limit = self.specs.get(&run).map_or(2, |s| s.verification.strikes_to_evict);
+        let strikes = self.audits.standing(run, w).map_or(0, |s| s.strikes);
+        if strikes >= u64::from(limit) {
+            self.ban(now, run, w, &format!("{strikes} strikes, the last: {evidence}"));
+        }
+    }
+
+    /// Draws which of `contributors` (rank, member) of the sync at `step` are audited, and
+    /// gives each drawn one to an auditor: another member of the sync (it holds the state the
+    /// contribution was trained from) with the same profile and no audit in hand. At least one
+    /// member of the ring keeps training.
+    fn draw_audits(
+        &mut self,
+        run: RunId,
+        step: u64,
+        contributors: &[(usize, WorkerId)],
+    ) -> Vec<(WorkerId, AuditInfo)> {
+        let Some(policy) = self.specs.get(&run).map(|s| s.verification) else { return vec![] };
+        let Some(sync) = self.syncs.get(&run) else { return vec![] };
+        if !policy.enabled() || !matches!(self.specs.get(&run).map(|s| &s.sync), Some(SyncMode::Ddp))
+        {
+            return vec![];
+        }
+        let members = sync.members.clone();
+        let profiles: BTreeMap<WorkerId, (String, Claim)> = sync
+            .commits
+            .iter()
+            .map(|(w, c)| (*w, (c.profile.clone(), c.clone())))
+            .collect();
+        for dropped in self.audits.expire(run, step) {
+            self.log_once(
+                run,
+                format!(
+                    "audit {:016x} of {}'s contribution to step {} dropped: no answer",
+                    dropped.id, dropped.target, dropped.step
+                ),
+            );
+        }
+        for (w, (p, _)) in &profiles {
+            self.profiles.insert((run, *w), p.clone());
+        }
+        let mut out = Vec::new();
+        for (rank, w) in contributors {
+            let Some((profile, claim)) = profiles.get(w) else { continue };
+            let (Some(digest), Some(start_hash)) = (claim.digest, claim.start_hash) else {
+                continue;
+            };
+            if profile.is_empty() || !self.audits.draw(&policy, run, *w, step) {
+                continue;
+            }
+            let busy = members.iter().filter(|m| self.audits.busy(run, **m)).count();
+            if busy + 1 >= members.len() {
+                continue;
+            }
+            let candidates: Vec<WorkerId> = members
+                .iter()
+                .filter(|m| *m != w && !self.audits.busy(run, **m))
+                .filter(|m| profiles.get(m).is_some_and(|(p, _)| p == profile))
+                .copied()
+                .collect();
+            let Some(auditor) = self.audits.pick(run, step, *w, 0, &candidates) else { continue };
+            let info = AuditInfo {
+                run,
+                id: 0,
+                step,
+                start_hash,
+                spans: claim.spans.clone(),
+                target: *w,
+                rank: *rank,
+            };
+            let info = self.audits.open(info, profile, digest, auditor, step);
+            out.push((auditor, info));
+        }
+        out
     }
 
     /// A member says its ring of `epoch` failed, blaming `fault.peer` (if any). See the

@@ -21,6 +21,7 @@ use super::limits::{self, SessionLimits};
 use super::writer::{SessionHandle, SessionTx};
 use super::{Admit, Shared, worker_identity};
 use crate::ca::{Grant, csr_key_id, secret_hash};
+use crate::cluster::audits::Answer;
 use crate::cluster::commitments::{Claim, Span};
 use crate::cluster::{self, FaultKind, JoinError, ReportError};
 use crate::shard_server::shard_path;
@@ -396,6 +397,31 @@ impl Session {
                     c.sync_commit(now, id, run, epoch, step, claim).map_err(status_of_report)
                 }))
             }
+            Msg::AuditResult(a) => {
+                let run = convert::run_id(a.run_id)?;
+                limits::printable("audit_result.error", &a.error, 1024)?;
+                let answer = match (a.contribution_sha256.as_str(), a.error.as_str()) {
+                    ("", "") => {
+                        return Err(WireError::new("audit_result", "neither a digest nor an error")
+                            .into());
+                    }
+                    ("", why) => Answer::Unable(why.to_owned()),
+                    (d, "") => Answer::Digest(client::pki::unhex32(d).ok_or_else(|| {
+                        WireError::new(
+                            "audit_result.contribution_sha256",
+                            "must be 64 lower-case hex digits",
+                        )
+                    })?),
+                    _ => {
+                        return Err(WireError::new("audit_result", "both a digest and an error")
+                            .into());
+                    }
+                };
+                refused(shared.with(Admit::Always, |c, now| {
+                    c.audit_result(now, id, run, a.audit_id, answer);
+                    Ok(())
+                }))
+            }
             Msg::RingFault(f) => {
                 if !self.limits.faults.take(now) {
                     return Err(exhausted("RingFault").into());
@@ -490,6 +516,7 @@ fn claim(shared: &Shared, worker: WorkerId, s: pb::SyncCommit) -> Result<Claim, 
     if s.spans.len() > MAX_SPANS {
         return Err(WireError::new("sync_commit.spans", format!("more than {MAX_SPANS}")));
     }
+    limits::printable("sync_commit.profile", &s.profile, 256)?;
     let start_hash = convert::param_hash("sync_commit.start_hash", &s.start_hash)?;
     let digest = match s.contribution_sha256.as_str() {
         "" => None,
@@ -516,6 +543,7 @@ fn claim(shared: &Shared, worker: WorkerId, s: pb::SyncCommit) -> Result<Claim, 
                 from: d.from,
                 to: d.to,
                 granted: shared.pki().check_grant(&grant, &d.grant),
+                shared: d.shared,
             })
         })
         .collect::<Result<Vec<_>, WireError>>()?;
@@ -526,5 +554,7 @@ fn claim(shared: &Shared, worker: WorkerId, s: pb::SyncCommit) -> Result<Claim, 
         samples: s.samples,
         digest,
         norm: s.contribution_norm,
+        profile: s.profile,
+        audit: (s.audit_id != 0).then_some(s.audit_id),
     })
 }

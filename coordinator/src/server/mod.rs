@@ -212,7 +212,7 @@ impl Shared {
         let now = self.now_ms();
         let mut cluster = self.lock();
         let out = f(&mut cluster, now);
-        let pending = collect(&mut cluster, now);
+        let pending = collect(&mut cluster, now, self.config.shards_url.as_deref());
         let wait = self.writer.submit(pending);
         drop(cluster);
         Ok((out?, wait))
@@ -260,7 +260,7 @@ async fn durably(wait: oneshot::Receiver<Result<(), String>>) -> Result<(), Stat
 }
 
 /// Everything the state machine changed and produced since the last call, serialized.
-fn collect(c: &mut Cluster, now: Millis) -> Pending {
+fn collect(c: &mut Cluster, now: Millis, shards_url: Option<&str>) -> Pending {
     let cluster::Ready { dirty, outputs } = c.ready();
     let mut batch = match Batch::collect(c, &dirty) {
         Ok(b) => b,
@@ -284,7 +284,7 @@ fn collect(c: &mut Cluster, now: Millis) -> Pending {
     }
     for out in outputs {
         match out {
-            Output::ToWorker(to, cmd) => p.commands.push((to, command_to_wire(c, cmd))),
+            Output::ToWorker(to, cmd) => p.commands.push((to, command_to_wire(c, cmd, shards_url))),
             Output::Log { run, line } => {
                 let event =
                     pb::RunEvent { unix_ms: now, event: Some(pb::run_event::Event::Log(line)) };
@@ -323,7 +323,7 @@ fn run_info(c: &Cluster, r: &cluster::RunRecord) -> pb::RunInfo {
     }
 }
 
-fn command_to_wire(c: &Cluster, cmd: Command) -> pb::CoordinatorMessage {
+fn command_to_wire(c: &Cluster, cmd: Command, shards_url: Option<&str>) -> pb::CoordinatorMessage {
     use pb::coordinator_message::Msg;
     let ranks = |v: &[usize]| v.iter().map(|r| *r as u32).collect::<Vec<u32>>();
     let msg = match cmd {
@@ -374,8 +374,60 @@ fn command_to_wire(c: &Cluster, cmd: Command) -> pb::CoordinatorMessage {
             declared: p.declared,
             excluded: p.excluded,
         }),
+        Command::Audit(a) => Msg::Audit(audit_to_wire(c, a, shards_url)),
     };
     pb::CoordinatorMessage { msg: Some(msg) }
+}
+
+/// An audit task: the spans to recompute and where each shard they name is read from.
+fn audit_to_wire(c: &Cluster, a: cluster::audits::AuditInfo, shards_url: Option<&str>) -> pb::AuditTask {
+    let mut shards: Vec<pb::ShardLease> = Vec::new();
+    let book = c.shards(a.run);
+    for s in &a.spans {
+        if shards.iter().any(|l| l.shard == s.shard && l.data_epoch == s.data_epoch) {
+            continue;
+        }
+        let Some(rec) = book.and_then(|b| b.record(s.shard)) else { continue };
+        shards.push(pb::ShardLease {
+            url: match shards_url {
+                Some(base) if !rec.info.is_synthetic() => {
+                    format!("{base}{}", crate::shard_server::shard_path(a.run, s.shard))
+                }
+                _ => String::new(),
+            },
+            lease_id: s.lease.0,
+            run_id: a.run.0,
+            shard: s.shard,
+            uri: rec.info.uri.clone(),
+            size: rec.info.size,
+            sha256: rec.info.sha256.clone(),
+            data_epoch: s.data_epoch,
+            shared: s.shared,
+            ..Default::default()
+        });
+    }
+    pb::AuditTask {
+        run_id: a.run.0,
+        audit_id: a.id,
+        step: a.step,
+        start_hash: a.start_hash.to_string(),
+        spans: a
+            .spans
+            .iter()
+            .map(|s| pb::DataSpan {
+                lease_id: s.lease.0,
+                shard: s.shard,
+                data_epoch: s.data_epoch,
+                from: s.from,
+                to: s.to,
+                grant: String::new(),
+                shared: s.shared,
+            })
+            .collect(),
+        rank: a.rank as u32,
+        worker_id: a.target.0,
+        shards,
+    }
 }
 
 fn worker_info(c: &Cluster, w: &cluster::WorkerRecord, now: Millis) -> pb::WorkerInfo {
@@ -400,6 +452,10 @@ fn worker_info(c: &Cluster, w: &cluster::WorkerRecord, now: Millis) -> pb::Worke
         syncs: w.ledger.syncs,
         excluded: w.ledger.excluded,
         verified_samples: w.ledger.verified_samples,
+        audits_passed: w.ledger.audits_passed,
+        strikes: w.ledger.strikes,
+        audits_performed: w.ledger.audits_performed,
+        audits_wrong: w.ledger.audits_wrong,
         benched_until_unix_ms: c.benched_until(w.id, now),
         banned_from: w.banned.iter().map(|r| r.0).collect(),
         sitting_out_of: c.sits_out_of_runs(w.id).map(|r| r.0).collect(),
@@ -489,13 +545,15 @@ pub(crate) fn open(config: ServerConfig) -> Result<Arc<Shared>, ServeError> {
         warn!(key = %q.key, reason = %q.reason, "state record unreadable: moved to the quarantine table");
     }
     let now = config.clock.now_ms();
-    let mut cluster = Cluster::restore(config.cluster.clone(), now, loaded);
+    let mut cluster_config = config.cluster.clone();
+    cluster_config.audit_key = pki.audit_key();
+    let mut cluster = Cluster::restore(cluster_config, now, loaded);
     let (events, _) = broadcast::channel(1024);
     let sessions = Arc::new(Sessions::default());
     let writer = Writer::start(store.clone(), sessions.clone(), events.clone());
     // What restoring changed (runs failed for a damaged record) is first in the writer's queue,
     // so it is durable before anything a request changes; no caller waits on it.
-    drop(writer.submit(collect(&mut cluster, now)));
+    drop(writer.submit(collect(&mut cluster, now, config.shards_url.as_deref())));
     Ok(Arc::new(Shared {
         cluster: Mutex::new(cluster),
         store,

@@ -62,6 +62,8 @@ pub struct Span {
     pub to: u64,
     /// The lease's grant (see `ShardLease.grant`).
     pub grant: String,
+    /// A shared lease: the order is the reader's own (see the driver's feeder).
+    pub shared: bool,
 }
 
 /// Appends `more` to `spans`, merging a span that continues the last one.
@@ -92,6 +94,19 @@ impl Batch {
                 }
                 spans
             },
+        }
+    }
+
+    /// Its first `n` samples (spans are not kept: it is not what was read).
+    pub fn head(&self, n: i64) -> Batch {
+        let n = n.clamp(0, self.samples);
+        Batch {
+            inputs: self.inputs.narrow(0, 0, n),
+            targets: self.targets.narrow(0, 0, n),
+            scoring: self.scoring,
+            samples: n,
+            tokens: if self.samples > 0 { self.tokens * n / self.samples } else { 0 },
+            spans: Vec::new(),
         }
     }
 }

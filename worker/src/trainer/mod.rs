@@ -39,6 +39,7 @@ pub mod plan;
 pub mod state;
 
 use std::cmp::Ordering;
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -122,6 +123,8 @@ pub struct Commitment {
     /// SHA-256 of the contribution as little-endian f32 values.
     pub digest: [u8; 32],
     pub norm: f32,
+    /// The member spent this sync on that audit (its contribution is zeros).
+    pub audit: Option<u64>,
 }
 
 impl Commitment {
@@ -162,7 +165,16 @@ impl Commitment {
             bytes.extend(block.iter().flat_map(|v| v.to_le_bytes()));
             h.update(&bytes);
         }
-        Self { step, segment_norms, start_hash, spans, samples, digest: h.finalize().into(), norm }
+        Self {
+            step,
+            segment_norms,
+            start_hash,
+            spans,
+            samples,
+            digest: h.finalize().into(),
+            norm,
+            audit: None,
+        }
     }
 }
 
@@ -268,6 +280,28 @@ pub struct Trainer {
     poison: Option<Poison>,
     /// `PoisonKind::Replay`: the contribution it replays, and the sync it was made for.
     replayed: Option<(u64, Vec<f32>)>,
+    /// ddp with audits: the states (parameters) of the last syncs, by hash, so that this
+    /// member can recompute another's contribution to one of them (newest last).
+    snapshots: VecDeque<(ParamHash, Vec<Tensor>)>,
+    audit_window: usize,
+    /// This member's rank in its ring (the dropout seed of its ddp steps).
+    rank: usize,
+    /// The audit this member spends its pending sync on.
+    auditing: Option<u64>,
+}
+
+/// libtorch's generator is process-global: it is seeded and used for initialisation under this
+/// lock, so trainers built on several threads at once still get the seeded bits.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The seed of the random numbers (dropout) of the ddp step toward sync `step` of the member of
+/// `rank`: a function of public values, so that an auditor draws the same.
+fn step_seed(run_seed: u64, step: u64, rank: usize) -> i64 {
+    let mut x = run_seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (rank as u64).rotate_left(32);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x >> 1) as i64
 }
 
 /// A corruption of what a member sends (fault injection, for the chaos and adversary tests).
@@ -292,6 +326,10 @@ pub enum PoisonKind {
     /// Its contribution to an earlier sync again, committed as it is (credit without training):
     /// its commitment's digest is the one it committed before.
     Replay,
+    /// ddp: the gradient of the first half of its batch, committed as the whole batch's (half
+    /// the work for full credit; its commitment is honest about everything else): audits catch
+    /// it.
+    Half,
 }
 
 impl PoisonKind {
@@ -302,10 +340,11 @@ impl PoisonKind {
             "huge" => Ok(Self::Huge),
             "zero" => Ok(Self::Zero),
             "replay" => Ok(Self::Replay),
+            "half" => Ok(Self::Half),
             other => match other.strip_prefix("lie:").map(str::parse::<f32>) {
                 Some(Ok(f)) if f.is_finite() => Ok(Self::Lie(f)),
                 _ => Err(format!(
-                    "unknown poison {other:?}: nan, huge, zero, replay or lie:<factor>"
+                    "unknown poison {other:?}: nan, huge, zero, replay, half or lie:<factor>"
                 )),
             },
         }
@@ -315,10 +354,7 @@ impl PoisonKind {
 impl Trainer {
     /// Builds the replica: every trainer built from the same spec holds the same bits.
     pub fn new(spec: TrainSpec) -> Result<Self, TrainError> {
-        // libtorch's generator is process-global: seed and build under one lock, so trainers
-        // built on several threads at once still get the seeded bits.
-        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _init = INIT.lock().unwrap_or_else(|p| p.into_inner());
+        let _init = RNG.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(spec.seed as i64);
         let vs = nn::VarStore::new(spec.device);
         let net: Box<dyn Net> = match &spec.model {
@@ -361,6 +397,10 @@ impl Trainer {
             last_coefficient: 0.0,
             poison: None,
             replayed: None,
+            snapshots: VecDeque::new(),
+            audit_window: 0,
+            rank: 0,
+            auditing: None,
         };
         if matches!(t.spec.sync, SyncMode::Diloco { .. }) {
             let global = state::flatten(&t.params);
@@ -453,9 +493,23 @@ impl Trainer {
                 let _ = g.zero_();
             }
         }
-        let inputs = batch.inputs.to_device(self.spec.device);
+        if matches!(self.spec.sync, SyncMode::Ddp) {
+            let _rng = RNG.lock().unwrap_or_else(|p| p.into_inner());
+            tch::manual_seed(step_seed(self.spec.seed, self.step + 1, self.rank));
+        }
+        let half;
+        let trained = match self.poison {
+            Some(Poison { after_step, kind: PoisonKind::Half })
+                if self.step >= after_step && batch.samples > 1 =>
+            {
+                half = batch.head(batch.samples / 2);
+                &half
+            }
+            _ => batch,
+        };
+        let inputs = trained.inputs.to_device(self.spec.device);
         let logits = self.net.forward_t(&inputs, true)?;
-        let (loss, (correct, counted)) = data::loss_and_accuracy(&logits, batch);
+        let (loss, (correct, counted)) = data::loss_and_accuracy(&logits, trained);
         loss.f_backward()?;
         let loss = loss.double_value(&[]);
         self.compute += t.elapsed();
@@ -524,12 +578,88 @@ impl Trainer {
             }
         };
         let t = Instant::now();
+        if self.audit_window > 0 {
+            // The state this sync started from, for audits of the members' contributions.
+            let copy: Vec<Tensor> = self.params.iter().map(|p| p.detach().copy()).collect();
+            self.snapshots.retain(|(h, _)| *h != self.hash);
+            self.snapshots.push_back((self.hash, copy));
+            while self.snapshots.len() > self.audit_window {
+                self.snapshots.pop_front();
+            }
+        }
         state::unflatten_into_grads(&buf, &self.params);
         self.compute += t.elapsed();
         self.apply_local()?;
         self.samples_since_sync = 0;
         self.round_spans.clear();
+        self.auditing = None;
         Ok(())
+    }
+
+    /// ddp: keeps the states of the last `syncs` syncs, so that this member can audit the
+    /// contributions to them (0: none kept, no audits).
+    pub fn set_audit_window(&mut self, syncs: usize) {
+        self.audit_window = syncs;
+        while self.snapshots.len() > syncs {
+            self.snapshots.pop_front();
+        }
+    }
+
+    /// ddp: recomputes the contribution a member of `rank` made to sync `step` from the state
+    /// `start` (one this member held) and `batch` (that member's data, as it committed it):
+    /// the same computation as [`Trainer::forward_backward`] on the same inputs. This member's
+    /// own state and gradients are as before afterwards.
+    pub fn audit(
+        &mut self,
+        start: ParamHash,
+        batch: &Batch,
+        step: u64,
+        rank: usize,
+    ) -> Result<Vec<f32>, TrainError> {
+        let t = Instant::now();
+        let Some((_, snapshot)) = self.snapshots.iter().find(|(h, _)| *h == start) else {
+            return Err(TrainError::State(format!("no longer holds state {start}")));
+        };
+        let own: Vec<Tensor> = self.params.iter().map(|p| p.detach().copy()).collect();
+        let load = |params: &[Tensor], from: &[Tensor]| {
+            let _guard = tch::no_grad_guard();
+            for (p, s) in params.iter().zip(from) {
+                p.shallow_clone().copy_(s);
+            }
+        };
+        load(&self.params, snapshot);
+        let zero_grads = |params: &[Tensor]| {
+            for p in params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+        };
+        zero_grads(&self.params);
+        let result = (|| {
+            {
+                let _rng = RNG.lock().unwrap_or_else(|p| p.into_inner());
+                tch::manual_seed(step_seed(self.spec.seed, step, rank));
+            }
+            let logits = self.net.forward_t(&batch.inputs.to_device(self.spec.device), true)?;
+            let (loss, _) = data::loss_and_accuracy(&logits, batch);
+            loss.f_backward()?;
+            Ok(state::to_vec(&state::flatten_grads(&self.params)))
+        })();
+        load(&self.params, &own);
+        zero_grads(&self.params);
+        self.compute += t.elapsed();
+        result
+    }
+
+    /// ddp: this member spends its next sync on audit `id`: it contributes zeros (and names
+    /// the audit in its commitment).
+    pub fn spend_on_audit(&mut self, id: u64) {
+        self.pending = Some(vec![0.0; self.numel()]);
+        self.auditing = Some(id);
+        self.round_spans.clear();
+        self.samples_since_sync = 0;
     }
 
     /// Sums every member's contribution to the sync at `step` over `comm`, by plan (see the
@@ -547,7 +677,7 @@ impl Trainer {
         let (rank, world) = (comm.rank(), comm.world());
         let mut buf = contribution.to_vec();
         self.corrupt_declared(&mut buf, step);
-        let commitment = Commitment::of(
+        let mut commitment = Commitment::of(
             step,
             &buf,
             world,
@@ -555,6 +685,7 @@ impl Trainer {
             self.round_spans.clone(),
             self.samples_since_sync,
         );
+        commitment.audit = self.auditing;
         let plan = coord.plan(&commitment)?;
         let bounds = plan.bounds(world).map_err(|e| TrainError::State(format!("plan: {e}")))?;
         let coefficient = plan.coefficients[rank];
@@ -601,7 +732,7 @@ impl Trainer {
                 PoisonKind::Nan => buf.iter_mut().for_each(|v| *v = f32::NAN),
                 PoisonKind::Huge => buf.iter_mut().for_each(|v| *v *= 1e30),
                 PoisonKind::Zero => buf.iter_mut().for_each(|v| *v = 0.0),
-                PoisonKind::Lie(_) | PoisonKind::Replay => {}
+                PoisonKind::Lie(_) | PoisonKind::Replay | PoisonKind::Half => {}
             },
             _ => {}
         }
@@ -699,6 +830,7 @@ impl Trainer {
         if a.source >= world || a.receivers.iter().chain(&a.contributors).any(|r| *r >= world) {
             return Err(TrainError::State(format!("an agreement naming ranks beyond {world}")));
         }
+        self.rank = rank;
         let receiving = a.receivers.contains(&rank);
         match a.hash {
             None => {
@@ -975,7 +1107,7 @@ mod tests {
     }
 
     fn span(lease: u64, from: u64, to: u64) -> data::Span {
-        data::Span { lease, shard: 1, data_epoch: 0, from, to, grant: "g".into() }
+        data::Span { lease, shard: 1, data_epoch: 0, from, to, grant: "g".into(), shared: false }
     }
 
     #[test]

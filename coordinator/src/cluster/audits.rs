@@ -1,0 +1,503 @@
+//! Audits by recomputation: after a sync's commitments are fixed, the coordinator draws some
+//! contributions to audit and gives each to another member of the same reproducibility profile,
+//! which recomputes it from the committed inputs (the recorded state, the committed data spans)
+//! and answers the digest it found. Pure: the cluster calls it, the harness and unit tests
+//! drive it.
+//!
+//! An auditor is never told the digest it should find, so it cannot approve without computing
+//! (no rubber stamp to catch with planted claims). The verdict needs two independent parties:
+//!
+//! | answers | verdict |
+//! |---|---|
+//! | the first auditor finds the committed digest | passed |
+//! | it does not | a second auditor (neither the audited member nor the first) recomputes |
+//! | the second finds the committed digest | passed; the first auditor was wrong (counted against it, a strike when the target and the second auditor agree) |
+//! | the second finds what the first found | a strike for the audited member: two recomputations agree against it |
+//! | the second finds a third digest | inconclusive: nobody is blamed, the audited member is audited at every sync for a while |
+//! | an auditor cannot recompute (state or data gone) | another is asked; with none left, dropped, nobody blamed |
+//!
+//! Who could lie, and what it would gain:
+//! - an audited member that did less work (half its batch, other data, a replayed or made-up
+//!   digest): the recomputation differs, a second one confirms it: a strike; at the run's
+//!   `strikes_to_evict`, evicted;
+//! - an auditor answering a wrong digest to frame an honest member: the second auditor finds the
+//!   committed digest; the framer is the one counted wrong (and struck);
+//! - an auditor that does not compute: it cannot know the digest it should answer;
+//! - two colluding members, one audited and one its auditor, answering the cheater's digest:
+//!   passes that audit; each audit draws its auditor at random from the other members of the
+//!   profile, so a coalition holding a fraction `c` of them escapes a given audit with
+//!   probability `c` (the detection bound in `docs/verification.md` counts it);
+//! - two colluding auditors framing an honest member: both must be drawn for the same audit
+//!   (probability about `c²`), and `strikes_to_evict` such audits before it is evicted.
+//!
+//! Draws use a keyed hash of (run, sync, member) under a key derived from the CA key: members
+//! cannot predict them, and a restarted coordinator draws the same.
+
+use std::collections::BTreeMap;
+
+use hmac::{Hmac, Mac};
+use proto::{ParamHash, RunId, WorkerId};
+use runspec::Verification;
+use sha2::Sha256;
+
+use super::commitments::Span;
+
+/// An audit waits this many syncs for its answers before it is dropped (its auditor died or
+/// left): nobody is blamed.
+pub const AUDIT_SYNCS: u64 = 8;
+
+/// After a strike or an inconclusive audit, the member is audited at every sync for this many
+/// syncs.
+pub const HOT_SYNCS: u64 = 50;
+
+/// An audit's id.
+pub type AuditId = u64;
+
+/// What an auditor is asked to recompute.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditInfo {
+    pub run: RunId,
+    pub id: AuditId,
+    /// The audited sync.
+    pub step: u64,
+    pub start_hash: ParamHash,
+    pub spans: Vec<Span>,
+    /// The audited member and its rank in the sync (its dropout seed).
+    pub target: WorkerId,
+    pub rank: usize,
+}
+
+/// An auditor's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer {
+    Digest([u8; 32]),
+    /// It could not recompute (it says why).
+    Unable(String),
+}
+
+/// What an answer decided.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Not decided yet: ask `auditor` (if any is eligible; else the audit is dropped).
+    Ask { exclude: Vec<WorkerId> },
+    Passed { target: WorkerId, auditors: Vec<WorkerId>, wrong: Option<WorkerId> },
+    Struck { target: WorkerId, auditors: Vec<WorkerId> },
+    Inconclusive { target: WorkerId, auditors: Vec<WorkerId> },
+}
+
+/// A member's audit record in one run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Standing {
+    /// Contributions accepted (probation counts these).
+    pub contributions: u64,
+    pub passed: u64,
+    pub strikes: u64,
+    /// Audits it performed that the verdict agreed with, and that it got wrong.
+    pub performed: u64,
+    pub wrong: u64,
+    /// Audited at every sync up to this one.
+    pub hot_until: u64,
+    /// The audit it was last given, and whether it already spent a sync on it.
+    pub assigned: Option<(AuditId, bool)>,
+}
+
+#[derive(Clone, Debug)]
+struct Open {
+    info: AuditInfo,
+    profile: String,
+    committed: [u8; 32],
+    /// Auditors asked, in order, with their answers.
+    asked: Vec<(WorkerId, Option<[u8; 32]>)>,
+    /// Those that could not recompute.
+    unable: Vec<WorkerId>,
+    /// The sync at which it was opened.
+    opened: u64,
+}
+
+/// The audits of every run.
+#[derive(Debug, Default)]
+pub struct Book {
+    key: [u8; 32],
+    open: BTreeMap<AuditId, Open>,
+    standing: BTreeMap<(RunId, WorkerId), Standing>,
+}
+
+impl Book {
+    pub fn new(key: [u8; 32]) -> Self {
+        Self { key, ..Default::default() }
+    }
+
+    pub fn standing(&self, run: RunId, w: WorkerId) -> Option<&Standing> {
+        self.standing.get(&(run, w))
+    }
+
+    fn standing_mut(&mut self, run: RunId, w: WorkerId) -> &mut Standing {
+        self.standing.entry((run, w)).or_default()
+    }
+
+    /// A number only the coordinator can compute, for (run, sync, member, purpose).
+    fn keyed(&self, purpose: &[u8], run: RunId, step: u64, w: WorkerId) -> u64 {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(b"longhaul audit draw v1\0");
+        mac.update(purpose);
+        for v in [run.0, step, w.0] {
+            mac.update(&v.to_le_bytes());
+        }
+        let out = mac.finalize().into_bytes();
+        u64::from_le_bytes(out[..8].try_into().expect("8 bytes"))
+    }
+
+    /// A uniform number in [0, 1) that only the coordinator can compute.
+    fn uniform(&self, purpose: &[u8], run: RunId, step: u64, w: WorkerId) -> f64 {
+        (self.keyed(purpose, run, step, w) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The id of the audit of `w`'s contribution to sync `step`: the same question always has
+    /// the same id (also after a restart), so an answer that arrives late answers the question
+    /// it was asked.
+    pub fn id_of(&self, run: RunId, step: u64, w: WorkerId) -> AuditId {
+        self.keyed(b"id", run, step, w) | 1
+    }
+
+    /// The chance that `w`'s contribution to sync `step` is audited.
+    pub fn chance(&self, policy: &Verification, run: RunId, w: WorkerId, step: u64) -> f64 {
+        let s = self.standing.get(&(run, w));
+        if s.is_some_and(|s| step <= s.hot_until) {
+            return 1.0;
+        }
+        let contributions = s.map_or(0, |s| s.contributions);
+        if contributions < u64::from(policy.probation_syncs) {
+            policy.probation_probability.max(policy.audit_probability)
+        } else {
+            policy.audit_probability
+        }
+    }
+
+    /// Counts an accepted contribution and draws whether it is audited.
+    pub fn draw(&mut self, policy: &Verification, run: RunId, w: WorkerId, step: u64) -> bool {
+        let p = self.chance(policy, run, w, step);
+        self.standing_mut(run, w).contributions += 1;
+        self.uniform(b"draw", run, step, w) < p
+    }
+
+    /// Picks an auditor among `candidates` (in a fixed order) at random.
+    pub fn pick(
+        &self,
+        run: RunId,
+        step: u64,
+        target: WorkerId,
+        round: usize,
+        candidates: &[WorkerId],
+    ) -> Option<WorkerId> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let u = self.uniform(format!("pick{round}").as_bytes(), run, step, target);
+        let i = ((u * candidates.len() as f64) as usize).min(candidates.len() - 1);
+        Some(candidates[i])
+    }
+
+    /// Whether `w` has an audit to do, or did one it has not spent a sync on.
+    pub fn busy(&self, run: RunId, w: WorkerId) -> bool {
+        self.standing.get(&(run, w)).is_some_and(|s| s.assigned.is_some_and(|(_, used)| !used))
+            || self.open.values().any(|o| {
+                o.info.run == run && o.asked.iter().any(|(a, d)| *a == w && d.is_none())
+            })
+    }
+
+    /// Opens an audit of `info` (a contribution committed with digest `committed` under
+    /// `profile`), asking `auditor`, at sync `now_step`.
+    pub fn open(
+        &mut self,
+        mut info: AuditInfo,
+        profile: &str,
+        committed: [u8; 32],
+        auditor: WorkerId,
+        now_step: u64,
+    ) -> AuditInfo {
+        info.id = self.id_of(info.run, info.step, info.target);
+        self.standing_mut(info.run, auditor).assigned = Some((info.id, false));
+        self.open.insert(
+            info.id,
+            Open {
+                info: info.clone(),
+                profile: profile.to_owned(),
+                committed,
+                asked: vec![(auditor, None)],
+                unable: Vec::new(),
+                opened: now_step,
+            },
+        );
+        info
+    }
+
+    /// The open audit `id`: what it asks and the profile it needs.
+    pub fn get(&self, id: AuditId) -> Option<(&AuditInfo, &str)> {
+        self.open.get(&id).map(|o| (&o.info, o.profile.as_str()))
+    }
+
+    /// Asks one more auditor for audit `id`.
+    pub fn ask(&mut self, id: AuditId, auditor: WorkerId) -> Option<AuditInfo> {
+        let o = self.open.get_mut(&id)?;
+        o.asked.push((auditor, None));
+        let info = o.info.clone();
+        self.standing_mut(info.run, auditor).assigned = Some((id, false));
+        Some(info)
+    }
+
+    /// Drops audit `id` (no eligible auditor left): nobody is credited or blamed.
+    pub fn drop_audit(&mut self, id: AuditId) -> Option<AuditInfo> {
+        self.open.remove(&id).map(|o| o.info)
+    }
+
+    /// A member says it spent sync `step` auditing `id`: true if that audit was given to it and
+    /// it has not spent a sync on it yet.
+    pub fn spend(&mut self, run: RunId, w: WorkerId, id: AuditId) -> bool {
+        match self.standing.get_mut(&(run, w)) {
+            Some(Standing { assigned: Some((a, used)), .. }) if *a == id && !*used => {
+                *used = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Audits of `run` opened before sync `step - AUDIT_SYNCS`: dropped.
+    pub fn expire(&mut self, run: RunId, step: u64) -> Vec<AuditInfo> {
+        let old: Vec<AuditId> = self
+            .open
+            .iter()
+            .filter(|(_, o)| o.info.run == run && o.opened + AUDIT_SYNCS < step)
+            .map(|(id, _)| *id)
+            .collect();
+        old.into_iter().filter_map(|id| self.drop_audit(id)).collect()
+    }
+
+    /// Forgets a finished run.
+    pub fn forget(&mut self, run: RunId) {
+        self.open.retain(|_, o| o.info.run != run);
+        self.standing.retain(|(r, _), _| *r != run);
+    }
+
+    /// `auditor`'s answer to audit `id` (ignored unless it was asked and has not answered), at
+    /// sync `now_step`. Returns what it decided; a final decision closes the audit and updates
+    /// the standings.
+    pub fn answer(
+        &mut self,
+        id: AuditId,
+        auditor: WorkerId,
+        answer: Answer,
+        now_step: u64,
+    ) -> Option<Decision> {
+        let o = self.open.get_mut(&id)?;
+        let i = o.asked.iter().position(|(a, d)| *a == auditor && d.is_none())?;
+        let decision = match answer {
+            Answer::Unable(_) => {
+                o.asked.remove(i);
+                o.unable.push(auditor);
+                Decision::Ask { exclude: exclude(o) }
+            }
+            Answer::Digest(d) => {
+                o.asked[i].1 = Some(d);
+                judge(o)
+            }
+        };
+        if !matches!(decision, Decision::Ask { .. }) {
+            let o = self.open.remove(&id).expect("looked up above");
+            self.settle(&o, &decision, now_step);
+        }
+        Some(decision)
+    }
+
+    fn settle(&mut self, o: &Open, d: &Decision, now_step: u64) {
+        let run = o.info.run;
+        match d {
+            Decision::Ask { .. } => {}
+            Decision::Passed { target, auditors, wrong } => {
+                self.standing_mut(run, *target).passed += 1;
+                for a in auditors {
+                    self.standing_mut(run, *a).performed += 1;
+                }
+                if let Some(w) = wrong {
+                    let s = self.standing_mut(run, *w);
+                    s.wrong += 1;
+                    s.strikes += 1;
+                    s.hot_until = now_step + HOT_SYNCS;
+                }
+            }
+            Decision::Struck { target, auditors } => {
+                let s = self.standing_mut(run, *target);
+                s.strikes += 1;
+                s.hot_until = now_step + HOT_SYNCS;
+                for a in auditors {
+                    self.standing_mut(run, *a).performed += 1;
+                }
+            }
+            Decision::Inconclusive { target, .. } => {
+                self.standing_mut(run, *target).hot_until = now_step + HOT_SYNCS;
+            }
+        }
+    }
+}
+
+/// Who may not audit `o` any more: its target and everyone asked already.
+fn exclude(o: &Open) -> Vec<WorkerId> {
+    let mut v = vec![o.info.target];
+    v.extend(o.asked.iter().map(|(a, _)| *a));
+    v.extend(o.unable.iter().copied());
+    v
+}
+
+/// The verdict of the answers so far (see the module documentation).
+fn judge(o: &Open) -> Decision {
+    let answered: Vec<(WorkerId, [u8; 32])> =
+        o.asked.iter().filter_map(|(a, d)| d.map(|d| (*a, d))).collect();
+    let target = o.info.target;
+    match answered.as_slice() {
+        [] => Decision::Ask { exclude: exclude(o) },
+        [(a, d)] if *d == o.committed => {
+            Decision::Passed { target, auditors: vec![*a], wrong: None }
+        }
+        [_] => Decision::Ask { exclude: exclude(o) },
+        [(a, da), (b, db), ..] => {
+            if *db == o.committed {
+                Decision::Passed { target, auditors: vec![*b], wrong: Some(*a) }
+            } else if db == da {
+                Decision::Struck { target, auditors: vec![*a, *b] }
+            } else {
+                Decision::Inconclusive { target, auditors: vec![*a, *b] }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUN: RunId = RunId(1);
+    const T: WorkerId = WorkerId(1);
+    const A: WorkerId = WorkerId(2);
+    const B: WorkerId = WorkerId(3);
+
+    fn policy() -> Verification {
+        Verification {
+            audit_probability: 0.05,
+            probation_probability: 0.5,
+            probation_syncs: 20,
+            strikes_to_evict: 2,
+        }
+    }
+
+    fn info() -> AuditInfo {
+        AuditInfo {
+            run: RUN,
+            id: 0,
+            step: 7,
+            start_hash: ParamHash(9),
+            spans: Vec::new(),
+            target: T,
+            rank: 0,
+        }
+    }
+
+    fn opened(book: &mut Book, committed: u8) -> AuditId {
+        book.open(info(), "cpu", [committed; 32], A, 7).id
+    }
+
+    #[test]
+    fn a_first_auditor_that_finds_the_committed_digest_passes_the_member() {
+        let mut book = Book::new([0; 32]);
+        let id = opened(&mut book, 1);
+        assert!(book.busy(RUN, A) && !book.busy(RUN, B));
+        assert_eq!(book.answer(id, B, Answer::Digest([1; 32]), 8), None, "B was not asked");
+        let d = book.answer(id, A, Answer::Digest([1; 32]), 8);
+        assert_eq!(d, Some(Decision::Passed { target: T, auditors: vec![A], wrong: None }));
+        assert_eq!(book.standing(RUN, T).unwrap().passed, 1);
+        assert_eq!(book.standing(RUN, A).unwrap().performed, 1);
+        assert_eq!(book.answer(id, A, Answer::Digest([1; 32]), 8), None, "closed");
+    }
+
+    #[test]
+    fn one_auditor_alone_never_strikes_a_member() {
+        let mut book = Book::new([0; 32]);
+        let id = opened(&mut book, 1);
+        let d = book.answer(id, A, Answer::Digest([2; 32]), 8).unwrap();
+        assert_eq!(d, Decision::Ask { exclude: vec![T, A] });
+        assert_eq!(book.standing(RUN, T).map_or(0, |s| s.strikes), 0);
+        // The second auditor finds the committed digest: the first was wrong (a framer).
+        book.ask(id, B).unwrap();
+        let d = book.answer(id, B, Answer::Digest([1; 32]), 9).unwrap();
+        assert_eq!(d, Decision::Passed { target: T, auditors: vec![B], wrong: Some(A) });
+        let (t, a) = (book.standing(RUN, T).unwrap(), book.standing(RUN, A).unwrap());
+        assert_eq!((t.passed, t.strikes), (1, 0));
+        assert_eq!((a.wrong, a.strikes, a.performed), (1, 1, 0));
+        assert_eq!(book.chance(&policy(), RUN, A, 10), 1.0, "a wrong auditor is watched");
+    }
+
+    #[test]
+    fn two_auditors_that_agree_against_the_commitment_strike_it() {
+        let mut book = Book::new([0; 32]);
+        let id = opened(&mut book, 1);
+        book.answer(id, A, Answer::Digest([2; 32]), 8).unwrap();
+        book.ask(id, B).unwrap();
+        let d = book.answer(id, B, Answer::Digest([2; 32]), 9).unwrap();
+        assert_eq!(d, Decision::Struck { target: T, auditors: vec![A, B] });
+        assert_eq!(book.standing(RUN, T).unwrap().strikes, 1);
+        assert_eq!(book.chance(&policy(), RUN, T, 9 + HOT_SYNCS), 1.0);
+        assert!(book.chance(&policy(), RUN, T, 10 + HOT_SYNCS) < 1.0);
+    }
+
+    #[test]
+    fn three_different_digests_blame_nobody() {
+        let mut book = Book::new([0; 32]);
+        let id = opened(&mut book, 1);
+        book.answer(id, A, Answer::Digest([2; 32]), 8).unwrap();
+        book.ask(id, B).unwrap();
+        let d = book.answer(id, B, Answer::Digest([3; 32]), 9).unwrap();
+        assert_eq!(d, Decision::Inconclusive { target: T, auditors: vec![A, B] });
+        for w in [T, A, B] {
+            assert_eq!(book.standing(RUN, w).map_or(0, |s| s.strikes), 0, "{w}");
+        }
+    }
+
+    #[test]
+    fn an_auditor_that_cannot_recompute_is_replaced_and_blamed_for_nothing() {
+        let mut book = Book::new([0; 32]);
+        let id = opened(&mut book, 1);
+        let d = book.answer(id, A, Answer::Unable("no such state".into()), 8).unwrap();
+        assert_eq!(d, Decision::Ask { exclude: vec![T, A] });
+        assert_eq!(book.standing(RUN, A).map_or(0, |s| s.wrong + s.strikes), 0);
+        assert!(book.expire(RUN, 7 + AUDIT_SYNCS).is_empty());
+        assert_eq!(book.expire(RUN, 8 + AUDIT_SYNCS).len(), 1);
+        assert!(book.get(id).is_none());
+    }
+
+    #[test]
+    fn a_sync_is_spent_on_an_audit_once_and_only_by_its_auditor() {
+        let mut book = Book::new([0; 32]);
+        let id = opened(&mut book, 1);
+        assert!(!book.spend(RUN, B, id));
+        assert!(!book.spend(RUN, A, id + 1));
+        assert!(book.spend(RUN, A, id));
+        assert!(!book.spend(RUN, A, id), "twice");
+    }
+
+    #[test]
+    fn draws_follow_the_policy_and_only_the_key_predicts_them() {
+        let p = policy();
+        let count = |key: u8, from: u64, to: u64| {
+            let mut book = Book::new([key; 32]);
+            // Past probation.
+            book.standing_mut(RUN, T).contributions = u64::from(p.probation_syncs);
+            (from..to).filter(|s| book.draw(&p, RUN, T, *s)).count()
+        };
+        let n = count(0, 0, 20_000);
+        assert!((800..1200).contains(&n), "{n} of 20000 at 5 %");
+        assert_ne!(count(0, 0, 2_000), count(1, 0, 2_000), "another key, other draws");
+        let mut book = Book::new([0; 32]);
+        let probation = (0..20).filter(|s| book.draw(&p, RUN, A, *s)).count();
+        assert!((4..=16).contains(&probation), "{probation} of 20 at 50 %");
+        assert_eq!(book.chance(&p, RUN, A, 20), 0.05, "probation over");
+    }
+}
