@@ -735,6 +735,7 @@ async fn commitments_name_their_data_by_the_coordinators_grants() {
         from: 0,
         to: 10,
         grant: grant.into(),
+        ..Default::default()
     };
     let commit = |spans: Vec<pb::DataSpan>| pb::SyncCommit {
         run_id: run,
@@ -746,6 +747,7 @@ async fn commitments_name_their_data_by_the_coordinators_grants() {
         samples: 10,
         contribution_sha256: "ab".repeat(32),
         contribution_norm: 3f32.sqrt(),
+        ..Default::default()
     };
     // Agent 0 reads its own lease; agent 1 claims agent 0's lease with agent 0's grant (valid
     // for agent 0, not for it); agent 2 forges a grant for agent 1's lease.

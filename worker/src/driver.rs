@@ -13,8 +13,8 @@
 //! re-formed after [`DriverConfig::retry_after`].
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
@@ -134,6 +134,8 @@ pub struct Driver {
     port: Option<PortLease>,
     /// What determines the bits of this worker's computation (`SyncCommit.profile`).
     profile: String,
+    /// Audits given to this member, done one per sync (ddp), oldest first.
+    audits: std::collections::VecDeque<pb::AuditTask>,
 }
 
 /// Audits a member holds at most; more are answered "busy" at once.
@@ -238,8 +240,6 @@ struct RunCtx {
     checkpoint_wanted: bool,
     last_checkpoint: Option<u64>,
     epoch: u64,
-    /// Audits given to this member, done one per sync (ddp).
-    audits: std::collections::VecDeque<pb::AuditTask>,
 }
 
 impl RunCtx {
@@ -277,6 +277,7 @@ impl Driver {
             life,
             port: None,
             profile: String::new(),
+            audits: Default::default(),
         }
     }
 
@@ -425,15 +426,13 @@ impl Driver {
             }
             Down::Plan { run, epoch, plan } => self.plan = Some((run, epoch, plan)),
             Down::Audit(task) => {
-                let Some(c) = self.ctx.as_mut().filter(|c| c.run == task.run_id) else {
+                if self.latest.as_ref().is_none_or(|e| e.run != task.run_id) {
                     // Not training that run here (any more): nothing to recompute from.
                     self.answer_audit(&task, Err("not training that run".into()));
-                    return Ok(());
-                };
-                if c.audits.len() >= MAX_AUDITS {
+                } else if self.audits.len() >= MAX_AUDITS {
                     self.answer_audit(&task, Err("too many audits in hand".into()));
                 } else {
-                    c.audits.push_back(task);
+                    self.audits.push_back(task);
                 }
             }
             Down::Unreadable { run, epoch, why } => {
@@ -560,7 +559,6 @@ impl Driver {
             checkpoint_wanted: false,
             last_checkpoint,
             epoch: e.epoch,
-            audits: Default::default(),
         })
     }
 
@@ -793,7 +791,8 @@ impl Driver {
         match ctx.trainer.spec().sync {
             SyncMode::Ddp => {
                 if !ctx.trainer.has_pending() {
-                    match ctx.audits.pop_front() {
+                    self.audits.retain(|t| t.run_id == ctx.run);
+                    match self.audits.pop_front() {
                         Some(task) => self.audit(ctx, &task, attempt)?,
                         None => self.forward_backward(ctx, attempt)?,
                     }
@@ -855,7 +854,7 @@ impl Driver {
             if attempt.token.is_cancelled() {
                 return Err(Outcome::Interrupted(reason(attempt, "cancelled")));
             }
-            debug!(run = ctx.run, audit = task.audit_id, "cannot audit: {why}");
+            warn!(run = ctx.run, audit = task.audit_id, step = task.step, "cannot audit: {why}");
         }
         self.answer_audit(task, result);
         ctx.trainer.spend_on_audit(task.audit_id);
@@ -873,7 +872,10 @@ impl Driver {
         let start = ParamHash::from_str(&task.start_hash).map_err(|e| e.to_string())?;
         let total: u64 = task.spans.iter().map(|s| s.to.saturating_sub(s.from)).sum();
         if task.spans.is_empty() || total > 1 << 24 {
-            return Err(format!("{} spans of {total} samples: not a step's data", task.spans.len()));
+            return Err(format!(
+                "{} spans of {total} samples: not a step's data",
+                task.spans.len()
+            ));
         }
         let mut parts = Vec::with_capacity(task.spans.len());
         for s in &task.spans {
@@ -910,7 +912,8 @@ impl Driver {
             let b = reader.next_batch(want as usize).ok_or("an empty span")?;
             parts.push(b);
         }
-        let batch = if parts.len() == 1 { parts.pop().expect("one part") } else { Batch::cat(&parts) };
+        let batch =
+            if parts.len() == 1 { parts.pop().expect("one part") } else { Batch::cat(&parts) };
         let contribution = ctx
             .trainer
             .audit(start, &batch, task.step, task.rank as usize)

@@ -54,6 +54,8 @@ struct Outcome {
     logs: Vec<String>,
     /// Per honest worker, what a post-mortem of a lost point of accuracy starts from.
     evidence: Vec<String>,
+    /// The coordinator's ledger at the end.
+    workers: Vec<pb::WorkerInfo>,
 }
 
 /// The held-out accuracy a worker logged at the end of the run.
@@ -164,6 +166,23 @@ async fn scenario(
             );
         }
     }
+    // Audits never strike an honest worker: their recomputations match what they committed.
+    for w in ws.iter().filter(|w| w.host.starts_with('h')) {
+        assert_eq!(
+            (w.strikes, w.audits_wrong),
+            (0, 0),
+            "{what}: honest {} was struck by audits: {w:?}",
+            w.host
+        );
+    }
+    let sum = |f: fn(&pb::WorkerInfo) -> u64| -> u64 {
+        ws.iter().filter(|w| w.host.starts_with('h')).map(f).sum()
+    };
+    println!(
+        "  audits: honest workers' contributions passed {} audits; they performed {}",
+        sum(|w| w.audits_passed),
+        sum(|w| w.audits_performed)
+    );
     let verified: u64 =
         ws.iter().filter(|w| w.host.starts_with('h')).map(|w| w.verified_samples).sum();
     let credited: u64 = ws.iter().filter(|w| w.host.starts_with('h')).map(|w| w.samples).sum();
@@ -207,7 +226,15 @@ async fn scenario(
         })
         .chain([format!("the run's last reported training loss: {:?}", r.loss)])
         .collect();
-    let out = Outcome { accuracy, wall, epochs: r.epoch, restarts: r.restarts, logs, evidence };
+    let out = Outcome {
+        accuracy,
+        wall,
+        epochs: r.epoch,
+        restarts: r.restarts,
+        logs,
+        evidence,
+        workers: ws,
+    };
     println!(
         "  measured: completed {} steps in {:.1} s, {} epochs, {} restarts, held-out accuracy {:.3}, \
          {finished} honest replicas on {}",
@@ -328,6 +355,10 @@ async fn adversary_ddp() {
             "a member replays its gradient of step 50 instead of training (ddp)",
             vec![("x1", args(&["--fault-poison", "replay", "--fault-poison-after", "50"]))],
         ),
+        (
+            "a member trains on half its batch and commits it as the whole (ddp)",
+            vec![("x1", args(&["--fault-poison", "half", "--fault-poison-after", "0"]))],
+        ),
     ];
     let only = std::env::var("LONGHAUL_ADVERSARY_ONLY").ok();
     for (what, hostile) in cases {
@@ -340,6 +371,20 @@ async fn adversary_ddp() {
             let caught = out.logs.iter().filter(|l| l.contains("(a replay)")).count();
             println!("  caught: {caught} replayed commitments refused");
             assert!(caught > 0, "{what}: no replayed commitment was refused");
+        }
+        // Half the work for full credit: audits recompute its contributions, two auditors
+        // agree against it, and its second strike evicts it. Nothing else could catch it: its
+        // commitment is honest about its inputs and its norm.
+        if what.contains("half its batch") {
+            let x1 = out.workers.iter().find(|w| w.host == "x1").expect("x1 in the ledger");
+            let strikes = out.logs.iter().filter(|l| l.contains("a strike for worker-")).count();
+            println!(
+                "  caught: {} strikes, banned from {:?}; its contributions passed {} audits",
+                x1.strikes, x1.banned_from, x1.audits_passed
+            );
+            assert!(x1.strikes >= 2 && !x1.banned_from.is_empty(), "{what}: not evicted: {x1:?}");
+            assert_eq!(x1.audits_passed, 0, "{what}: an audit passed a cheated contribution");
+            assert!(strikes >= 2, "{what}: {strikes} strikes in the run's log");
         }
     }
 }

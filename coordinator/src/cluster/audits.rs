@@ -79,10 +79,22 @@ pub enum Answer {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
     /// Not decided yet: ask `auditor` (if any is eligible; else the audit is dropped).
-    Ask { exclude: Vec<WorkerId> },
-    Passed { target: WorkerId, auditors: Vec<WorkerId>, wrong: Option<WorkerId> },
-    Struck { target: WorkerId, auditors: Vec<WorkerId> },
-    Inconclusive { target: WorkerId, auditors: Vec<WorkerId> },
+    Ask {
+        exclude: Vec<WorkerId>,
+    },
+    Passed {
+        target: WorkerId,
+        auditors: Vec<WorkerId>,
+        wrong: Option<WorkerId>,
+    },
+    Struck {
+        target: WorkerId,
+        auditors: Vec<WorkerId>,
+    },
+    Inconclusive {
+        target: WorkerId,
+        auditors: Vec<WorkerId>,
+    },
 }
 
 /// A member's audit record in one run.
@@ -200,9 +212,10 @@ impl Book {
     /// Whether `w` has an audit to do, or did one it has not spent a sync on.
     pub fn busy(&self, run: RunId, w: WorkerId) -> bool {
         self.standing.get(&(run, w)).is_some_and(|s| s.assigned.is_some_and(|(_, used)| !used))
-            || self.open.values().any(|o| {
-                o.info.run == run && o.asked.iter().any(|(a, d)| *a == w && d.is_none())
-            })
+            || self
+                .open
+                .values()
+                .any(|o| o.info.run == run && o.asked.iter().any(|(a, d)| *a == w && d.is_none()))
     }
 
     /// Opens an audit of `info` (a contribution committed with digest `committed` under

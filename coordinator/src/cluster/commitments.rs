@@ -309,7 +309,15 @@ mod tests {
     const H: ParamHash = ParamHash(0xabcd);
 
     fn span(lease: u64, from: u64, to: u64) -> Span {
-        Span { lease: LeaseId(lease), shard: 3, data_epoch: 0, from, to, granted: true, shared: false }
+        Span {
+            lease: LeaseId(lease),
+            shard: 3,
+            data_epoch: 0,
+            from,
+            to,
+            granted: true,
+            shared: false,
+        }
     }
 
     fn honest() -> Claim {

@@ -821,12 +821,23 @@ impl Cluster {
 
     /// An auditor's answer to audit `id` (see `audits`). Answers to audits that are not open
     /// or not asked of this worker are ignored.
-    pub fn audit_result(&mut self, now: Millis, worker: WorkerId, run: RunId, id: AuditId, answer: Answer) {
+    pub fn audit_result(
+        &mut self,
+        now: Millis,
+        worker: WorkerId,
+        run: RunId,
+        id: AuditId,
+        answer: Answer,
+    ) {
         let Some(r) = self.runs.get(&run) else { return };
         if r.state != RunState::Running {
             return;
         }
         let step = r.committed_step;
+        let unable = match &answer {
+            Answer::Unable(why) => Some(why.clone()),
+            Answer::Digest(_) => None,
+        };
         let Some(decision) = self.audits.answer(id, worker, answer, step) else { return };
         let ledger = |c: &mut Self, w: WorkerId, f: &dyn Fn(&mut super::Ledger)| {
             if let Some(rec) = c.workers.get_mut(&w) {
@@ -852,15 +863,20 @@ impl Cluster {
                 match self.audits.pick(run, info.step, info.target, round, &candidates) {
                     Some(next) => {
                         if let Some(task) = self.audits.ask(id, next) {
+                            let why = match &unable {
+                                Some(why) => format!("{worker} could not recompute it ({why})"),
+                                None => format!("{worker}'s answer is not what it committed"),
+                            };
                             self.log(
                                 run,
                                 format!(
-                                    "audit {short} of {}'s contribution to step {}: {worker}'s \
-                                     answer is not what it committed; {next} recomputes it too",
+                                    "audit {short} of {}'s contribution to step {}: {why}; {next} \
+                                     recomputes it too",
                                     info.target, info.step
                                 ),
                             );
-                            self.outbox.push_back(super::Output::ToWorker(next, Command::Audit(task)));
+                            self.outbox
+                                .push_back(super::Output::ToWorker(next, Command::Audit(task)));
                         }
                     }
                     None => {
@@ -944,16 +960,14 @@ impl Cluster {
     ) -> Vec<(WorkerId, AuditInfo)> {
         let Some(policy) = self.specs.get(&run).map(|s| s.verification) else { return vec![] };
         let Some(sync) = self.syncs.get(&run) else { return vec![] };
-        if !policy.enabled() || !matches!(self.specs.get(&run).map(|s| &s.sync), Some(SyncMode::Ddp))
+        if !policy.enabled()
+            || !matches!(self.specs.get(&run).map(|s| &s.sync), Some(SyncMode::Ddp))
         {
             return vec![];
         }
         let members = sync.members.clone();
-        let profiles: BTreeMap<WorkerId, (String, Claim)> = sync
-            .commits
-            .iter()
-            .map(|(w, c)| (*w, (c.profile.clone(), c.clone())))
-            .collect();
+        let profiles: BTreeMap<WorkerId, (String, Claim)> =
+            sync.commits.iter().map(|(w, c)| (*w, (c.profile.clone(), c.clone()))).collect();
         for dropped in self.audits.expire(run, step) {
             self.log_once(
                 run,

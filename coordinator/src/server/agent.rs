@@ -402,8 +402,11 @@ impl Session {
                 limits::printable("audit_result.error", &a.error, 1024)?;
                 let answer = match (a.contribution_sha256.as_str(), a.error.as_str()) {
                     ("", "") => {
-                        return Err(WireError::new("audit_result", "neither a digest nor an error")
-                            .into());
+                        return Err(WireError::new(
+                            "audit_result",
+                            "neither a digest nor an error",
+                        )
+                        .into());
                     }
                     ("", why) => Answer::Unable(why.to_owned()),
                     (d, "") => Answer::Digest(client::pki::unhex32(d).ok_or_else(|| {
@@ -413,8 +416,9 @@ impl Session {
                         )
                     })?),
                     _ => {
-                        return Err(WireError::new("audit_result", "both a digest and an error")
-                            .into());
+                        return Err(
+                            WireError::new("audit_result", "both a digest and an error").into()
+                        );
                     }
                 };
                 refused(shared.with(Admit::Always, |c, now| {

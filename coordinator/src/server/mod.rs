@@ -380,7 +380,11 @@ fn command_to_wire(c: &Cluster, cmd: Command, shards_url: Option<&str>) -> pb::C
 }
 
 /// An audit task: the spans to recompute and where each shard they name is read from.
-fn audit_to_wire(c: &Cluster, a: cluster::audits::AuditInfo, shards_url: Option<&str>) -> pb::AuditTask {
+fn audit_to_wire(
+    c: &Cluster,
+    a: cluster::audits::AuditInfo,
+    shards_url: Option<&str>,
+) -> pb::AuditTask {
     let mut shards: Vec<pb::ShardLease> = Vec::new();
     let book = c.shards(a.run);
     for s in &a.spans {

@@ -1097,6 +1097,36 @@ mod tests {
         assert_eq!(PoisonKind::parse("replay"), Ok(PoisonKind::Replay));
     }
 
+    /// Audits depend on it: the same state and the same batch give the same gradient bits, in
+    /// another trainer (another process in a run) too.
+    #[test]
+    fn a_gradient_is_recomputed_bit_for_bit() {
+        let spec = crate::testing::gpt_spec(SyncMode::Ddp, Compression::None, 2, 10);
+        let seq_len = spec.seq_len;
+        let batch = || {
+            let data = data::ShardData::Addition {
+                task: data::Addition { digits: 2 },
+                seed: 7,
+                samples: 64,
+            };
+            let mut r = data::ShardReader::new(data, seq_len, 7);
+            r.next = 8;
+            r.next_batch(16).unwrap()
+        };
+        let grads = |t: &mut Trainer| {
+            t.forward_backward(&batch()).unwrap();
+            state::to_vec(&state::flatten_grads(&t.params))
+        };
+        let mut a = Trainer::new(spec.clone()).unwrap();
+        let mut b = Trainer::new(spec).unwrap();
+        let (ga, ga2, gb) = (grads(&mut a), grads(&mut a), grads(&mut b));
+        let differ = |x: &[f32], y: &[f32]| {
+            x.iter().zip(y).filter(|(p, q)| p.to_bits() != q.to_bits()).count()
+        };
+        assert_eq!(differ(&ga, &ga2), 0, "the same trainer twice");
+        assert_eq!(differ(&ga, &gb), 0, "another trainer");
+    }
+
     #[test]
     fn malformed_plans_are_refused() {
         let p = Plan { step: 1, coefficients: vec![0.5, 0.5], declared: vec![1.0; 4] };
