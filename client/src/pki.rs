@@ -31,8 +31,17 @@ pub fn hex(bytes: &[u8]) -> String {
 /// 64 lower-case hex digits (as [`hex`] writes 32 bytes) back to the bytes; `None` for anything
 /// else.
 pub fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    unhex(s)?.try_into().ok()
+}
+
+/// Lower-case hex (as [`hex`] writes it) back to the bytes; `None` for anything else (an odd
+/// length, upper case, other characters).
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
-    if b.len() != 64 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     let nibble = |c: u8| match c {
@@ -40,11 +49,7 @@ pub fn unhex32(s: &str) -> Option<[u8; 32]> {
         b'a'..=b'f' => Some(c - b'a' + 10),
         _ => None,
     };
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = nibble(b[2 * i])? << 4 | nibble(b[2 * i + 1])?;
-    }
-    Some(out)
+    b.chunks_exact(2).map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?)).collect()
 }
 
 /// A fresh key pair and a CSR for it, PEM: `(csr, key)`.

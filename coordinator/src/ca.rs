@@ -53,6 +53,8 @@ pub struct Pki {
     /// The key of lease grants (see [`Pki::lease_grant`]), derived from the CA's key so that it
     /// survives restarts and needs no file of its own.
     grant_key: [u8; 32],
+    /// The CA's key (PKCS#8), which signs ledgers.
+    ca_key: Vec<u8>,
 }
 
 impl std::fmt::Debug for Pki {
@@ -143,6 +145,7 @@ impl Pki {
             reason: e.to_string(),
         };
         let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| corrupt(&key_path, &e))?;
+        let ca_key = key.serialize_der();
         let issuer =
             rcgen::Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| corrupt(&ca_path, &e))?;
         let ca_der =
@@ -180,7 +183,7 @@ impl Pki {
             h.update(key_pem.as_bytes());
             h.finalize().into()
         };
-        Ok(Self { ca_pem, ca_der, issuer, server_chain, server_key, admin_hash, grant_key })
+        Ok(Self { ca_pem, ca_der, issuer, server_chain, server_key, admin_hash, grant_key, ca_key })
     }
 
     pub fn ca_pem(&self) -> &str {
@@ -198,6 +201,17 @@ impl Pki {
     /// Whether `token` is the admin credential.
     pub fn is_admin(&self, token: &str) -> bool {
         hashes_equal(&secret_hash(token), &self.admin_hash)
+    }
+
+    /// The signature line of a ledger whose body is `body` (see `ledger`), under the CA's key
+    /// (an error if that key is not ECDSA P-256, the kind this coordinator generates).
+    pub fn sign_ledger(&self, body: &[u8]) -> Result<String, String> {
+        use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+        let rng = ring::rand::SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &self.ca_key, &rng)
+            .map_err(|e| format!("the CA key cannot sign ledgers (not ECDSA P-256?): {e}"))?;
+        let sig = key.sign(&rng, body).map_err(|e| format!("signing the ledger: {e}"))?;
+        Ok(crate::ledger::signature_line(&self.ca_der, sig.as_ref()))
     }
 
     /// The key of audit draws (see `cluster::audits`): secret like the grant key, and the same

@@ -47,6 +47,8 @@ struct Conn {
 enum Output {
     Text,
     Json,
+    /// For `ledger` (other commands print text).
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +130,25 @@ enum Command {
     },
     /// Print the CA pin workers pass as --ca-hash.
     CaHash,
+    /// Export a run's ledger, signed by the coordinator's CA key (`--output json`, the
+    /// default, or `--output csv`); or `ledger verify FILE` to check one offline.
+    #[command(args_conflicts_with_subcommands = true)]
+    Ledger {
+        #[command(subcommand)]
+        check: Option<LedgerCommand>,
+        /// The run.
+        run: Option<RunId>,
+        /// Write the ledger to this file instead of standard output.
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Check a ledger file's signature, offline, against the CA pin (`--ca-hash`, or the CA in
+    /// the state directory; with neither, it says which CA signed it).
+    Verify { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -200,6 +221,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 path.display()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Ledger { check: Some(LedgerCommand::Verify { file }), .. } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let trusted = match cli.conn.at.pin() {
+                Some(p) => Some(p.to_owned()),
+                None => read_ca_der(&home).ok().map(|der| ca_hash(&der)),
+            };
+            match crate::ledger::verify(&bytes, trusted.as_deref()) {
+                Ok(v) => {
+                    let how = if trusted.is_some() {
+                        "the trusted CA"
+                    } else {
+                        "the CA in the file (no --ca-hash given and no CA here: compare this pin with your coordinator's)"
+                    };
+                    println!(
+                        "{}: signature valid, {} bytes signed by {} ({how})",
+                        file.display(),
+                        v.body.len(),
+                        v.ca
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{}: NOT VALID: {e}", file.display());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Command::CaHash => {
             let der = read_ca_der(&home)
@@ -448,13 +497,15 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                             "syncs": w.syncs, "excluded": w.excluded, "verified_samples": w.verified_samples,
                             "benched_until_unix_ms": w.benched_until_unix_ms, "banned_from": w.banned_from,
                             "sitting_out_of": w.sitting_out_of,
+                            "audits_passed": w.audits_passed, "strikes": w.strikes,
+                            "audits_performed": w.audits_performed, "audits_wrong": w.audits_wrong,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 println!(
-                    "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>10} {:>8} {:>12} {:>10}",
+                    "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>10} {:>9} {:>8} {:>12} {:>10}",
                     "WORKER",
                     "HOST",
                     "RING ADDR",
@@ -462,13 +513,14 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                     "RUN",
                     "SAMPLES",
                     "VERIFIED",
+                    "AUDITED",
                     "STEPS",
                     "BYTES",
                     "UPTIME"
                 );
                 for w in &ws {
                     println!(
-                        "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>10} {:>8} {:>12} {:>10}",
+                        "{:<12} {:<20} {:<22} {:<8} {:>5} {:>10} {:>10} {:>9} {:>8} {:>12} {:>10}",
                         w.name,
                         w.host,
                         w.ring_addr,
@@ -476,6 +528,8 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                         w.run_id.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
                         w.samples,
                         w.verified_samples,
+                        // Audits its contributions passed / strikes.
+                        format!("{}/{}", w.audits_passed, w.strikes),
                         w.steps,
                         w.bytes,
                         uptime(w.uptime_ms)
@@ -541,6 +595,42 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ledger { check: None, run, to } => {
+            let run = run.context("which run? `longhaul ledger RUN` (or `ledger verify FILE`)")?;
+            let mut c = connect(conn, home)?;
+            let format = if conn.output == Output::Csv { "csv" } else { "json" };
+            let mut stream = c
+                .export_ledger(pb::ExportLedgerRequest { run_id: run.0, format: format.into() })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            let mut doc = Vec::new();
+            while let Some(chunk) = stream.message().await.map_err(rpc_err)? {
+                doc.extend_from_slice(&chunk.data);
+            }
+            let v = crate::ledger::verify(&doc, None)
+                .map_err(|e| anyhow::anyhow!("the coordinator's ledger does not verify: {e}"))?;
+            let signer = v.ca.clone();
+            match to {
+                Some(path) => {
+                    let tmp = path.with_extension("partial");
+                    std::fs::write(&tmp, &doc)
+                        .and_then(|()| std::fs::rename(&tmp, &path))
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!(
+                        "ledger of run {run} written to {} ({} bytes, signed by {signer})",
+                        path.display(),
+                        doc.len()
+                    );
+                }
+                None => {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&doc).context("writing the ledger")?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ledger { check: Some(_), .. } => unreachable!("handled without a client"),
         Command::Serve { .. } | Command::Init { .. } | Command::CaHash => {
             unreachable!("handled without a client")
         }

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod cluster;
 pub mod floats;
+pub mod ledger;
 pub mod metrics;
 pub mod server;
 pub mod shard_server;

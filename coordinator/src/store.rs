@@ -18,6 +18,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::cluster::audits::AuditRecord;
 use crate::cluster::commitments::CommitmentRecord;
 use crate::cluster::{Cluster, Counters, Dirty, Millis, Output, Restored, TokenRecord};
 use crate::shards::{ShardBook, ShardRecord};
@@ -33,6 +34,8 @@ const TOKENS: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("join
 const CHECKPOINTS: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("checkpoints");
 /// Every member's commitment to every sync, with its verdict, appended in order: (run, n) → JSON.
 const COMMITMENTS: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("commitments");
+/// Each run's finished audits, by (run, sequence).
+const AUDITS: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("audits");
 /// Each run's log lines (epochs' failures, deaths, divergences, disputes), by (run, sequence).
 const RUN_LOG: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("run_log");
 /// Metric points by (run, step): one per step, the latest report.
@@ -114,6 +117,7 @@ pub struct Batch {
     metrics: Vec<(u64, MetricPoint)>,
     checkpoints: Vec<(u64, CheckpointRecord)>,
     commitments: Vec<(u64, CommitmentRecord)>,
+    audits: Vec<(u64, AuditRecord)>,
 }
 
 impl Batch {
@@ -161,6 +165,7 @@ impl Batch {
                 Output::Commitment { run, record } => {
                     self.commitments.push((run.0, record.clone()))
                 }
+                Output::Audit { run, record } => self.audits.push((run.0, record.clone())),
                 Output::ToWorker(..) => {}
             }
         }
@@ -176,6 +181,7 @@ impl Batch {
             && self.metrics.is_empty()
             && self.checkpoints.is_empty()
             && self.commitments.is_empty()
+            && self.audits.is_empty()
     }
 
     /// Folds a later batch into this one (later records win; appends keep their order).
@@ -191,6 +197,7 @@ impl Batch {
         self.metrics.extend(later.metrics);
         self.checkpoints.extend(later.checkpoints);
         self.commitments.extend(later.commitments);
+        self.audits.extend(later.audits);
     }
 }
 
@@ -206,6 +213,7 @@ impl Store {
         tx.open_table(TOKENS).map_err(dberr)?;
         tx.open_table(CHECKPOINTS).map_err(dberr)?;
         tx.open_table(COMMITMENTS).map_err(dberr)?;
+        tx.open_table(AUDITS).map_err(dberr)?;
         tx.open_table(METRICS).map_err(dberr)?;
         tx.open_table(RUN_LOG).map_err(dberr)?;
         tx.open_table(QUARANTINE).map_err(dberr)?;
@@ -381,8 +389,10 @@ impl Store {
             let mut metrics = tx.open_table(METRICS).map_err(dberr)?;
             let mut checkpoints = tx.open_table(CHECKPOINTS).map_err(dberr)?;
             let mut commitments = tx.open_table(COMMITMENTS).map_err(dberr)?;
+            let mut audits = tx.open_table(AUDITS).map_err(dberr)?;
             let mut next_line: BTreeMap<u64, u64> = BTreeMap::new();
             let mut next_commitment: BTreeMap<u64, u64> = BTreeMap::new();
+            let mut next_audit: BTreeMap<u64, u64> = BTreeMap::new();
             for b in batches {
                 for (id, v) in &b.runs {
                     runs.insert(*id, v.as_slice()).map_err(dberr)?;
@@ -411,6 +421,10 @@ impl Store {
                     let next = next_index(&commitments, &mut next_commitment, *run)?;
                     commitments.insert((*run, next), json(c)?.as_slice()).map_err(dberr)?;
                 }
+                for (run, a) in &b.audits {
+                    let next = next_index(&audits, &mut next_audit, *run)?;
+                    audits.insert((*run, next), json(a)?.as_slice()).map_err(dberr)?;
+                }
                 for (run, p) in &b.metrics {
                     metrics.insert((*run, p.step), json(p)?.as_slice()).map_err(dberr)?;
                 }
@@ -425,6 +439,11 @@ impl Store {
     /// Every commitment to a sync of `run` and its verdict, oldest first.
     pub fn commitments(&self, run: RunId) -> Result<Vec<CommitmentRecord>, StoreError> {
         self.range(COMMITMENTS, run, "commitments")
+    }
+
+    /// Every finished audit of `run`, oldest first.
+    pub fn audits(&self, run: RunId) -> Result<Vec<AuditRecord>, StoreError> {
+        self.range(AUDITS, run, "audits")
     }
 
     pub fn checkpoints(&self, run: RunId) -> Result<Vec<CheckpointRecord>, StoreError> {

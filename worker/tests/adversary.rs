@@ -183,6 +183,32 @@ async fn scenario(
         sum(|w| w.audits_passed),
         sum(|w| w.audits_performed)
     );
+    // The signed ledger: it verifies against the coordinator's CA pin, and its audit counts are
+    // the coordinator's.
+    let mut chunks = c
+        .control
+        .export_ledger(pb::ExportLedgerRequest { run_id: run, format: "json".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut doc = Vec::new();
+    while let Some(chunk) = chunks.message().await.unwrap() {
+        doc.extend_from_slice(&chunk.data);
+    }
+    let signed = coordinator::ledger::verify(&doc, Some(&c.cfg.ca_pin))
+        .unwrap_or_else(|e| panic!("{what}: the ledger does not verify: {e}"));
+    let ledger: coordinator::ledger::Ledger = serde_json::from_slice(signed.body).unwrap();
+    for w in &ws {
+        let row = ledger.workers.iter().find(|t| t.worker == w.worker_id);
+        let (passed, strikes) = row.map_or((0, 0), |t| (t.audits_passed, t.strikes));
+        assert_eq!((passed, strikes), (w.audits_passed, w.strikes), "{what}: ledger of {}", w.host);
+    }
+    println!(
+        "  ledger: {} commitments, {} audited, signed by {}",
+        ledger.syncs.len(),
+        ledger.syncs.iter().filter(|s| !s.audit.is_empty()).count(),
+        signed.ca
+    );
     let verified: u64 =
         ws.iter().filter(|w| w.host.starts_with('h')).map(|w| w.verified_samples).sum();
     let credited: u64 = ws.iter().filter(|w| w.host.starts_with('h')).map(|w| w.samples).sum();

@@ -72,5 +72,10 @@ fn the_quickstart_trains_its_run_to_completion() {
         .collect();
     assert_eq!(hashes.len(), 3, "three workers finished:\n{text}");
     assert!(hashes.iter().all(|h| *h == hashes[0] && h.len() == 16), "{hashes:?}\n{text}");
+    // The run's ledger was exported, signed, and checks out offline against the CA pin.
+    assert!(
+        text.lines().any(|l| l.contains("ledger:") && l.contains("signature valid")),
+        "no verified ledger:\n{text}"
+    );
     println!("{text}");
 }

@@ -11,7 +11,7 @@
 //! |---|---|
 //! | the first auditor finds the committed digest | passed |
 //! | it does not | a second auditor (neither the audited member nor the first) recomputes |
-//! | the second finds the committed digest | passed; the first auditor was wrong (counted against it, a strike when the target and the second auditor agree) |
+//! | the second finds the committed digest | passed; the first auditor was wrong: counted against it, and after two such it audits no more in the run (not struck: the audited member agreeing with the second auditor is an interested party, so this rests on one disinterested word) |
 //! | the second finds what the first found | a strike for the audited member: two recomputations agree against it |
 //! | the second finds a third digest | inconclusive: nobody is blamed, the audited member is audited at every sync for a while |
 //! | an auditor cannot recompute (state or data gone) | another is asked; with none left, dropped, nobody blamed |
@@ -21,7 +21,7 @@
 //!   digest): the recomputation differs, a second one confirms it: a strike; at the run's
 //!   `strikes_to_evict`, evicted;
 //! - an auditor answering a wrong digest to frame an honest member: the second auditor finds the
-//!   committed digest; the framer is the one counted wrong (and struck);
+//!   committed digest; the framer is the one counted wrong, and loses the auditor's role;
 //! - an auditor that does not compute: it cannot know the digest it should answer;
 //! - two colluding members, one audited and one its auditor, answering the cheater's digest:
 //!   passes that audit; each audit draws its auditor at random from the other members of the
@@ -38,6 +38,7 @@ use std::collections::BTreeMap;
 use hmac::{Hmac, Mac};
 use proto::{ParamHash, RunId, WorkerId};
 use runspec::Verification;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::commitments::Span;
@@ -52,6 +53,44 @@ pub const HOT_SYNCS: u64 = 50;
 
 /// An audit's id.
 pub type AuditId = u64;
+
+/// Wrong answers after which a member is no longer given audits in the run.
+pub const WRONG_TO_RETIRE: u64 = 2;
+
+/// A finished audit, as stored (for the ledger).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub id: AuditId,
+    /// The audited sync and member.
+    pub step: u64,
+    pub target: WorkerId,
+    /// The auditors whose answers decided it.
+    pub auditors: Vec<WorkerId>,
+    /// A first auditor whose answer the second auditor and the audited member contradicted.
+    pub wrong: Option<WorkerId>,
+    /// "passed", "struck", "inconclusive" or "dropped".
+    pub verdict: String,
+}
+
+impl Decision {
+    /// The stored record of a final decision (`None` for `Ask`).
+    pub fn record(&self, id: AuditId, step: u64) -> Option<AuditRecord> {
+        let (target, auditors, wrong, verdict) = match self {
+            Self::Ask { .. } => return None,
+            Self::Passed { target, auditors, wrong } => (target, auditors, *wrong, "passed"),
+            Self::Struck { target, auditors } => (target, auditors, None, "struck"),
+            Self::Inconclusive { target, auditors } => (target, auditors, None, "inconclusive"),
+        };
+        Some(AuditRecord {
+            id,
+            step,
+            target: *target,
+            auditors: auditors.clone(),
+            wrong,
+            verdict: verdict.into(),
+        })
+    }
+}
 
 /// What an auditor is asked to recompute.
 #[derive(Clone, Debug, PartialEq)]
@@ -209,8 +248,12 @@ impl Book {
         Some(candidates[i])
     }
 
-    /// Whether `w` has an audit to do, or did one it has not spent a sync on.
+    /// Whether `w` may not be given an audit now: it has one to do (or did one it has not spent
+    /// a sync on), or it answered wrong [`WRONG_TO_RETIRE`] times in the run.
     pub fn busy(&self, run: RunId, w: WorkerId) -> bool {
+        if self.standing.get(&(run, w)).is_some_and(|s| s.wrong >= WRONG_TO_RETIRE) {
+            return true;
+        }
         self.standing.get(&(run, w)).is_some_and(|s| s.assigned.is_some_and(|(_, used)| !used))
             || self
                 .open
@@ -334,7 +377,6 @@ impl Book {
                 if let Some(w) = wrong {
                     let s = self.standing_mut(run, *w);
                     s.wrong += 1;
-                    s.strikes += 1;
                     s.hot_until = now_step + HOT_SYNCS;
                 }
             }
@@ -444,8 +486,17 @@ mod tests {
         assert_eq!(d, Decision::Passed { target: T, auditors: vec![B], wrong: Some(A) });
         let (t, a) = (book.standing(RUN, T).unwrap(), book.standing(RUN, A).unwrap());
         assert_eq!((t.passed, t.strikes), (1, 0));
-        assert_eq!((a.wrong, a.strikes, a.performed), (1, 1, 0));
+        // Not struck: the audited member is an interested party, so this rests on B alone.
+        assert_eq!((a.wrong, a.strikes, a.performed), (1, 0, 0));
         assert_eq!(book.chance(&policy(), RUN, A, 10), 1.0, "a wrong auditor is watched");
+        assert!(book.spend(RUN, A, id));
+        assert!(!book.busy(RUN, A), "one wrong answer keeps the role");
+        let id = book.open(AuditInfo { step: 8, ..info() }, "cpu", [1; 32], A, 8).id;
+        book.answer(id, A, Answer::Digest([2; 32]), 9).unwrap();
+        book.ask(id, B).unwrap();
+        book.answer(id, B, Answer::Digest([1; 32]), 10).unwrap();
+        assert!(book.spend(RUN, A, id));
+        assert!(book.busy(RUN, A), "a second one retires it as an auditor");
     }
 
     #[test]

@@ -372,7 +372,10 @@ impl Net {
                     self.logs.push((self.now, run, line));
                     continue;
                 }
-                Output::Metric { .. } | Output::Checkpoint { .. } | Output::Commitment { .. } => {
+                Output::Metric { .. }
+                | Output::Checkpoint { .. }
+                | Output::Commitment { .. }
+                | Output::Audit { .. } => {
                     continue;
                 }
             };

@@ -163,6 +163,11 @@ pub enum Output {
         run: RunId,
         record: commitments::CommitmentRecord,
     },
+    /// A finished audit (persisted, for the ledger).
+    Audit {
+        run: RunId,
+        record: audits::AuditRecord,
+    },
 }
 
 /// A command for one worker.
@@ -1173,6 +1178,16 @@ impl Cluster {
     /// Bans `id` from `run` on evidence: its id, its key and its public address are never
     /// assigned to the run again, and the epoch is re-formed without it.
     fn ban(&mut self, now: Millis, run: RunId, id: WorkerId, evidence: &str) {
+        self.evict(
+            now,
+            run,
+            id,
+            &format!("{id} banned from the run on its own evidence: {evidence}"),
+        );
+    }
+
+    /// Bans `id` from `run` (its id, key and public address), saying `line` in the run's log.
+    fn evict(&mut self, now: Millis, run: RunId, id: WorkerId, line: &str) {
         let Some(w) = self.workers.get_mut(&id) else { return };
         if !w.banned.contains(&run) {
             w.banned.push(run);
@@ -1191,9 +1206,8 @@ impl Cluster {
             self.dirty.insert(Dirty::Run(run));
         }
         self.release_and_leave(run, id);
-        let line = format!("{id} banned from the run on its own evidence: {evidence}");
-        self.log(run, line.clone());
-        self.restart_epoch(now, run, line, false);
+        self.log(run, line.to_owned());
+        self.restart_epoch(now, run, line.to_owned(), false);
     }
 
     /// Whether `id` may be assigned to `run`.

@@ -31,7 +31,7 @@ use proto::{Epoch, Liveness, ParamHash, RunId, RunState, WorkerId};
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{self, Commitment, Exclusion};
-use super::audits::{Answer, AuditId, AuditInfo, Decision};
+use super::audits::{Answer, AuditId, AuditInfo, AuditRecord, Decision};
 use super::commitments::{self, Claim, ClaimBook, CommitmentRecord, Known, Verdict};
 use super::{Cluster, Command, Dirty, Millis, ReportError};
 use runspec::SyncMode;
@@ -838,7 +838,11 @@ impl Cluster {
             Answer::Unable(why) => Some(why.clone()),
             Answer::Digest(_) => None,
         };
+        let Some(audited) = self.audits.get(id).map(|(i, _)| i.step) else { return };
         let Some(decision) = self.audits.answer(id, worker, answer, step) else { return };
+        if let Some(record) = decision.record(id, audited) {
+            self.outbox.push_back(super::Output::Audit { run, record });
+        }
         let ledger = |c: &mut Self, w: WorkerId, f: &dyn Fn(&mut super::Ledger)| {
             if let Some(rec) = c.workers.get_mut(&w) {
                 f(&mut rec.ledger);
@@ -881,6 +885,15 @@ impl Cluster {
                     }
                     None => {
                         self.audits.drop_audit(id);
+                        let record = AuditRecord {
+                            id,
+                            step: info.step,
+                            target: info.target,
+                            auditors: Vec::new(),
+                            wrong: None,
+                            verdict: "dropped".into(),
+                        };
+                        self.outbox.push_back(super::Output::Audit { run, record });
                         self.log(
                             run,
                             format!(
@@ -898,17 +911,15 @@ impl Cluster {
                     ledger(self, *a, &|l| l.audits_performed += 1);
                 }
                 if let Some(w) = wrong {
-                    ledger(self, w, &|l| {
-                        l.audits_wrong += 1;
-                        l.strikes += 1;
-                    });
+                    ledger(self, w, &|l| l.audits_wrong += 1);
                     let line = format!(
                         "audit {short}: {w} answered a digest that neither {target} (the audited \
-                         member) nor {} (a second auditor) found: a strike for {w}",
-                        auditors.first().map(ToString::to_string).unwrap_or_default()
+                         member) nor {} (a second auditor) found; counted against {w} (after \
+                         {} such answers it is given no more audits)",
+                        auditors.first().map(ToString::to_string).unwrap_or_default(),
+                        super::audits::WRONG_TO_RETIRE
                     );
-                    self.log(run, line.clone());
-                    self.strike(now, run, w, &line);
+                    self.log(run, line);
                 }
             }
             Decision::Struck { target, auditors } => {
@@ -944,7 +955,11 @@ impl Cluster {
         let limit = self.specs.get(&run).map_or(2, |s| s.verification.strikes_to_evict);
         let strikes = self.audits.standing(run, w).map_or(0, |s| s.strikes);
         if strikes >= u64::from(limit) {
-            self.ban(now, run, w, &format!("{strikes} strikes, the last: {evidence}"));
+            let line = format!(
+                "{w} evicted from the run: audits confirmed {strikes} of its contributions wrong \
+                 (the last: {evidence})"
+            );
+            self.evict(now, run, w, &line);
         }
     }
 
@@ -969,6 +984,15 @@ impl Cluster {
         let profiles: BTreeMap<WorkerId, (String, Claim)> =
             sync.commits.iter().map(|(w, c)| (*w, (c.profile.clone(), c.clone()))).collect();
         for dropped in self.audits.expire(run, step) {
+            let record = AuditRecord {
+                id: dropped.id,
+                step: dropped.step,
+                target: dropped.target,
+                auditors: Vec::new(),
+                wrong: None,
+                verdict: "dropped".into(),
+            };
+            self.outbox.push_back(super::Output::Audit { run, record });
             self.log_once(
                 run,
                 format!(

@@ -16,6 +16,7 @@ use tracing::info;
 use super::{Shared, page_size, run_info, worker_info};
 use crate::ca::{new_secret, secret_hash};
 use crate::cluster::{self, Millis};
+use crate::ledger;
 use crate::shards::Manifest;
 use runspec::RunSpec;
 
@@ -26,6 +27,10 @@ const MAX_TOKEN_USES: u32 = 100_000;
 pub(super) struct ControlSvc(pub(super) Arc<Shared>);
 
 type EventStream = Pin<Box<dyn futures::Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
+type LedgerStream = Pin<Box<dyn futures::Stream<Item = Result<pb::LedgerChunk, Status>> + Send>>;
+
+/// The largest chunk of a ledger on the wire.
+const LEDGER_CHUNK: usize = 1 << 20;
 
 #[tonic::async_trait]
 impl Control for ControlSvc {
@@ -188,6 +193,65 @@ impl Control for ControlSvc {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    type ExportLedgerStream = LedgerStream;
+
+    async fn export_ledger(
+        &self,
+        req: Request<pb::ExportLedgerRequest>,
+    ) -> Result<Response<Self::ExportLedgerStream>, Status> {
+        let _t = self.0.telemetry.time("ExportLedger");
+        let req = req.into_inner();
+        let id = convert::run_id(req.run_id)?;
+        let format = match req.format.as_str() {
+            "" | "json" => ledger::Format::Json,
+            "csv" => ledger::Format::Csv,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "format {other:?}: expected \"json\" or \"csv\""
+                )));
+            }
+        };
+        // A read barrier: the records read below hold everything the run shows.
+        let (run, evicted) = self
+            .0
+            .settled(|c| {
+                let r = c.run(id).ok_or_else(|| Status::not_found(format!("no run {id}")))?;
+                let run = ledger::RunSummary {
+                    id: id.0,
+                    name: r.name.clone(),
+                    state: r.state.as_str().into(),
+                    committed_step: r.committed_step,
+                    total_steps: r.total_steps,
+                };
+                let evicted: Vec<WorkerId> =
+                    c.workers().filter(|w| w.banned.contains(&id)).map(|w| w.id).collect();
+                Ok((run, evicted))
+            })
+            .await?;
+        let now = self.0.now_ms();
+        let store = self.0.store.clone();
+        let doc = tokio::task::spawn_blocking(move || {
+            let commitments = store.commitments(id)?;
+            let audits = store.audits(id)?;
+            Ok::<_, crate::store::StoreError>(ledger::build(
+                run,
+                now,
+                &commitments,
+                &audits,
+                &evicted,
+            ))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reading the ledger: {e}")))?
+        .map_err(|e| Status::internal(format!("reading the ledger: {e}")))?;
+        let mut bytes = ledger::render(&doc, format);
+        let signature = self.0.pki().sign_ledger(&bytes).map_err(Status::internal)?;
+        bytes.extend_from_slice(signature.as_bytes());
+        let chunks: Vec<Result<pb::LedgerChunk, Status>> =
+            bytes.chunks(LEDGER_CHUNK).map(|c| Ok(pb::LedgerChunk { data: c.to_vec() })).collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 
     async fn list_workers(

@@ -290,7 +290,10 @@ fn collect(c: &mut Cluster, now: Millis, shards_url: Option<&str>) -> Pending {
                     pb::RunEvent { unix_ms: now, event: Some(pb::run_event::Event::Log(line)) };
                 p.events.push((run, event));
             }
-            Output::Metric { .. } | Output::Checkpoint { .. } | Output::Commitment { .. } => {}
+            Output::Metric { .. }
+            | Output::Checkpoint { .. }
+            | Output::Commitment { .. }
+            | Output::Audit { .. } => {}
         }
     }
     p

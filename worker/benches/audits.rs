@@ -1,0 +1,107 @@
+//! What audits cost: the same ddp run of 4 `longhaul-worker` processes (the adversary suite's
+//! gpt on synthetic addition, loopback) with audits at the run file's defaults and with audits
+//! off, alternated; wall time, the share of member-syncs spent auditing, the audits performed,
+//! and the contributions that passed. Audits add no ring bytes (an auditor sends zeros of the
+//! same size) and two small coordinator messages per audit (`AuditTask`, `AuditResult`).
+//!
+//! `cargo bench -p worker --bench audits` (about 2 minutes on 2 cores).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use proto::pb::{self, RunState};
+use worker::testing::cluster::{Coordinator, Worker, run_file};
+
+const WORKERS: u32 = 4;
+const STEPS: u64 = 800;
+const DDP: &str = "mode = \"ddp\"\ncompression = \"none\"";
+
+struct Measured {
+    wall: Duration,
+    audits: u64,
+    passed: u64,
+    strikes: u64,
+    syncs: u64,
+}
+
+async fn measure(audits_on: bool) -> anyhow::Result<Measured> {
+    let dir = tempfile::tempdir()?;
+    let mut c = Coordinator::start(&dir.path().join("coordinator")).await;
+    let token = c.token().await;
+    let mut toml = run_file(WORKERS, WORKERS, STEPS, DDP);
+    if !audits_on {
+        toml.push_str("\n[verification]\naudit_probability = 0.0\nprobation_probability = 0.0\n");
+    }
+    let bin = Path::new(env!("CARGO_BIN_EXE_longhaul-worker"));
+    let mut workers: Vec<Worker> = (1..=WORKERS)
+        .map(|i| Worker::spawn(bin, dir.path(), &format!("w{i}"), &c, &token, &[]))
+        .collect();
+    c.wait_workers(WORKERS as usize, Duration::from_secs(120)).await;
+    let run = c.submit(&toml).await;
+    let mut started = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let r = c.run(run).await;
+        if r.state != RunState::Running as i32 && r.state != RunState::Pending as i32 {
+            anyhow::ensure!(r.state == RunState::Completed as i32, "run ended: {}", r.message);
+            break;
+        }
+        if r.committed_step > 0 {
+            started.get_or_insert_with(Instant::now);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the run did not finish within 10 minutes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let wall = started.map(|t| t.elapsed()).unwrap_or_default();
+    let ws = c.control.list_workers(pb::ListWorkersRequest::default()).await?.into_inner().workers;
+    let sum = |f: fn(&pb::WorkerInfo) -> u64| ws.iter().map(f).sum::<u64>();
+    let m = Measured {
+        wall,
+        audits: sum(|w| w.audits_performed),
+        passed: sum(|w| w.audits_passed),
+        strikes: sum(|w| w.strikes),
+        syncs: sum(|w| w.syncs),
+    };
+    for w in &mut workers {
+        w.kill();
+    }
+    c.stop().await;
+    Ok(m)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    println!(
+        "audits: {WORKERS} workers, ddp gpt 2x64 on synthetic addition, {STEPS} steps, loopback; \
+         defaults (5 %, 50 % on probation for 20 syncs) against off"
+    );
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for round in 0..2 {
+        off.push(measure(false).await?);
+        on.push(measure(true).await?);
+        let (a, b) = (&off[round], &on[round]);
+        println!(
+            "  round {round}: off {:.1} s; on {:.1} s, {} audits performed ({:.1} % of member-syncs), \
+             {} passed, {} strikes",
+            a.wall.as_secs_f64(),
+            b.wall.as_secs_f64(),
+            b.audits,
+            100.0 * b.audits as f64 / (STEPS * u64::from(WORKERS)) as f64,
+            b.passed,
+            b.strikes
+        );
+    }
+    let mean =
+        |v: &[Measured]| v.iter().map(|m| m.wall.as_secs_f64()).sum::<f64>() / v.len() as f64;
+    let contributed: u64 = on.iter().map(|m| m.syncs).sum::<u64>() / on.len() as u64;
+    println!(
+        "  mean wall: off {:.1} s, on {:.1} s ({:+.1} %); contributed member-syncs with audits {} \
+         of {}",
+        mean(&off),
+        mean(&on),
+        100.0 * (mean(&on) / mean(&off) - 1.0),
+        contributed,
+        STEPS * u64::from(WORKERS)
+    );
+    Ok(())
+}
