@@ -60,15 +60,18 @@ fn first_strike(seed: u64, case: &Case, policy: &Verification, limit: u64) -> Op
             rank: 0,
         };
         let answer = |w: WorkerId| if colludes(w) { committed } else { honest };
-        let a1 = book.pick(RUN, step, CHEATER, 0, &others)?;
-        let id = book.open(info, "cpu", committed, a1, step).id;
-        let mut decision = book.answer(id, a1, Answer::Digest(answer(a1)), step);
-        if let Some(Decision::Ask { exclude }) = &decision {
-            let rest: Vec<WorkerId> =
-                others.iter().filter(|w| !exclude.contains(w)).copied().collect();
-            let a2 = book.pick(RUN, step, CHEATER, 1, &rest)?;
-            book.ask(id, a2);
-            decision = book.answer(id, a2, Answer::Digest(answer(a2)), step);
+        let available: Vec<WorkerId> =
+            others.iter().filter(|w| book.available(RUN, **w, step)).copied().collect();
+        let a1 = book.pick(RUN, step, CHEATER, 0, &available)?;
+        let id = book.open(info, "cpu", committed, a1, others.clone(), step).id;
+        // Each auditor spends its next sync on the audit, as workers do.
+        book.spend(RUN, a1, id);
+        let mut decision = book.answer(id, a1, Answer::Digest(answer(a1)), step + 1);
+        if let Some(Decision::Ask { .. }) = &decision {
+            let a2 = book.pick(RUN, step, CHEATER, 1, &book.candidates(id, step + 1))?;
+            book.ask(id, a2, step + 1);
+            book.spend(RUN, a2, id);
+            decision = book.answer(id, a2, Answer::Digest(answer(a2)), step + 2);
         }
         if matches!(decision, Some(Decision::Struck { .. })) {
             return Some(step - case.honest_first);

@@ -230,14 +230,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => read_ca_der(&home).ok().map(|der| ca_hash(&der)),
             };
             match crate::ledger::verify(&bytes, trusted.as_deref()) {
+                Ok(v) if trusted.is_none() => {
+                    // Anyone can sign with a CA of their own: without a pin to compare, this
+                    // proves nothing.
+                    eprintln!(
+                        "{}: NOT VERIFIED: signed by {}, and no trusted CA to compare it with \
+                         (pass --ca-hash with your coordinator's pin)",
+                        file.display(),
+                        v.ca
+                    );
+                    Ok(ExitCode::FAILURE)
+                }
                 Ok(v) => {
-                    let how = if trusted.is_some() {
-                        "the trusted CA"
-                    } else {
-                        "the CA in the file (no --ca-hash given and no CA here: compare this pin with your coordinator's)"
-                    };
                     println!(
-                        "{}: signature valid, {} bytes signed by {} ({how})",
+                        "{}: signature valid, {} bytes signed by {} (the trusted CA)",
                         file.display(),
                         v.body.len(),
                         v.ca
@@ -608,7 +614,12 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
             while let Some(chunk) = stream.message().await.map_err(rpc_err)? {
                 doc.extend_from_slice(&chunk.data);
             }
-            let v = crate::ledger::verify(&doc, None)
+            // Signed by the coordinator this CLI trusts (the pin it connected with).
+            let pin = match conn.at.pin() {
+                Some(p) => p.to_owned(),
+                None => ca_hash(&read_ca_der(home).context("no --ca-hash and no CA here")?),
+            };
+            let v = crate::ledger::verify(&doc, Some(&pin))
                 .map_err(|e| anyhow::anyhow!("the coordinator's ledger does not verify: {e}"))?;
             let signer = v.ca.clone();
             match to {

@@ -128,8 +128,18 @@ pub fn build(
             totals.entry(w).or_default().audits_wrong += 1;
         }
     }
-    let mut syncs = Vec::with_capacity(commitments.len());
+    // A sync abandoned after its plan (a ring fault, an eviction) is committed to again: the
+    // last record of a (step, worker) is its verdict, and a sync the run did not record credits
+    // nothing.
+    let mut last: BTreeMap<(u64, WorkerId), &CommitmentRecord> = BTreeMap::new();
     for c in commitments {
+        last.insert((c.step, c.worker), c);
+    }
+    let mut syncs = Vec::with_capacity(last.len());
+    for c in last.into_values() {
+        if c.step > run.committed_step {
+            continue;
+        }
         let t = totals.entry(c.worker).or_default();
         t.syncs_committed += 1;
         t.samples_claimed += c.claim.samples;
@@ -329,10 +339,14 @@ mod tests {
 
     fn ledger() -> Ledger {
         let commitments = vec![
+            // An abandoned plan's verdict, superseded by the last one below.
+            record(2, 2, Verdict::Accepted { coefficient: 0.5 }),
             record(1, 1, Verdict::Accepted { coefficient: 0.5 }),
             record(1, 2, Verdict::Accepted { coefficient: 0.5 }),
             record(2, 1, Verdict::Accepted { coefficient: 1.0 }),
             record(2, 2, Verdict::Excluded("auditing (00ff)".into())),
+            // A sync the run never recorded.
+            record(3, 1, Verdict::Accepted { coefficient: 1.0 }),
         ];
         let audits = vec![AuditRecord {
             id: 7,

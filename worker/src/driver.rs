@@ -141,9 +141,9 @@ pub struct Driver {
 /// Audits a member holds at most; more are answered "busy" at once.
 const MAX_AUDITS: usize = 4;
 
-/// States kept for audits (ddp): an audit arrives with the next sync's plan, and a second
-/// auditor is asked one sync after the first answered.
-const AUDIT_WINDOW: usize = 4;
+/// States kept for audits (ddp): more than the syncs an audit lives at the coordinator
+/// (`cluster::audits::AUDIT_SYNCS`, 4), so an auditor asked in time holds the state.
+const AUDIT_WINDOW: usize = 6;
 
 /// This machine's reproducibility profile: what the bits of a CPU computation depend on (the
 /// CPU model, libtorch's thread count, this build). Empty on CUDA, where the GPU model also

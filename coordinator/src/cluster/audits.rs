@@ -14,7 +14,7 @@
 //! | the second finds the committed digest | passed; the first auditor was wrong: counted against it, and after two such it audits no more in the run (not struck: the audited member agreeing with the second auditor is an interested party, so this rests on one disinterested word) |
 //! | the second finds what the first found | a strike for the audited member: two recomputations agree against it |
 //! | the second finds a third digest | inconclusive: nobody is blamed, the audited member is audited at every sync for a while |
-//! | an auditor cannot recompute (state or data gone) | another is asked; with none left, dropped, nobody blamed |
+//! | an auditor cannot recompute (state or data gone), or answers too late | dropped: nobody is credited or blamed (asking others until one can would let a colluder wait until only colluders can) |
 //!
 //! Who could lie, and what it would gain:
 //! - an audited member that did less work (half its batch, other data, a replayed or made-up
@@ -43,9 +43,11 @@ use sha2::Sha256;
 
 use super::commitments::Span;
 
-/// An audit waits this many syncs for its answers before it is dropped (its auditor died or
-/// left): nobody is blamed.
-pub const AUDIT_SYNCS: u64 = 8;
+/// An audit is answered within this many syncs of the audited one, or dropped (its auditor
+/// died or left, or waits on purpose): nobody is blamed. Members keep more states than this
+/// (the worker's `AUDIT_WINDOW`), so an honest auditor asked in time always holds the state: a
+/// late first answer cannot leave only colluders able to recompute.
+pub const AUDIT_SYNCS: u64 = 4;
 
 /// After a strike or an inconclusive audit, the member is audited at every sync for this many
 /// syncs.
@@ -80,6 +82,7 @@ impl Decision {
             Self::Passed { target, auditors, wrong } => (target, auditors, *wrong, "passed"),
             Self::Struck { target, auditors } => (target, auditors, None, "struck"),
             Self::Inconclusive { target, auditors } => (target, auditors, None, "inconclusive"),
+            Self::Dropped { target } => (target, &Vec::new(), None, "dropped"),
         };
         Some(AuditRecord {
             id,
@@ -134,6 +137,10 @@ pub enum Decision {
         target: WorkerId,
         auditors: Vec<WorkerId>,
     },
+    /// An auditor could not recompute it, or answered too late: nobody is credited or blamed.
+    Dropped {
+        target: WorkerId,
+    },
 }
 
 /// A member's audit record in one run.
@@ -148,8 +155,9 @@ pub struct Standing {
     pub wrong: u64,
     /// Audited at every sync up to this one.
     pub hot_until: u64,
-    /// The audit it was last given, and whether it already spent a sync on it.
-    pub assigned: Option<(AuditId, bool)>,
+    /// The audit it was last given, whether it already spent a sync on it, and the sync at
+    /// which it was given.
+    pub assigned: Option<(AuditId, bool, u64)>,
 }
 
 #[derive(Clone, Debug)]
@@ -159,8 +167,9 @@ struct Open {
     committed: [u8; 32],
     /// Auditors asked, in order, with their answers.
     asked: Vec<(WorkerId, Option<[u8; 32]>)>,
-    /// Those that could not recompute.
-    unable: Vec<WorkerId>,
+    /// The members of the audited sync that share its profile (the audited one aside): the
+    /// only ones who hold its state and can recompute it bit for bit.
+    members: Vec<WorkerId>,
     /// The sync at which it was opened.
     opened: u64,
 }
@@ -248,31 +257,39 @@ impl Book {
         Some(candidates[i])
     }
 
-    /// Whether `w` may not be given an audit now: it has one to do (or did one it has not spent
-    /// a sync on), or it answered wrong [`WRONG_TO_RETIRE`] times in the run.
-    pub fn busy(&self, run: RunId, w: WorkerId) -> bool {
-        if self.standing.get(&(run, w)).is_some_and(|s| s.wrong >= WRONG_TO_RETIRE) {
-            return true;
-        }
-        self.standing.get(&(run, w)).is_some_and(|s| s.assigned.is_some_and(|(_, used)| !used))
-            || self
-                .open
-                .values()
-                .any(|o| o.info.run == run && o.asked.iter().any(|(a, d)| *a == w && d.is_none()))
+    /// Whether `w` has an audit in hand at sync `now`: given within the last [`AUDIT_SYNCS`]
+    /// syncs, and no sync spent on it yet (an audit lost with a session or a restart frees it
+    /// again after that).
+    pub fn in_hand(&self, run: RunId, w: WorkerId, now: u64) -> bool {
+        self.standing.get(&(run, w)).is_some_and(|s| {
+            s.assigned.is_some_and(|(_, used, at)| !used && at + AUDIT_SYNCS >= now)
+        })
+    }
+
+    /// Whether `w` answered wrong [`WRONG_TO_RETIRE`] times in the run: it is given no audits.
+    pub fn retired(&self, run: RunId, w: WorkerId) -> bool {
+        self.standing.get(&(run, w)).is_some_and(|s| s.wrong >= WRONG_TO_RETIRE)
+    }
+
+    /// Whether `w` may be given an audit at sync `now`.
+    pub fn available(&self, run: RunId, w: WorkerId, now: u64) -> bool {
+        !self.in_hand(run, w, now) && !self.retired(run, w)
     }
 
     /// Opens an audit of `info` (a contribution committed with digest `committed` under
-    /// `profile`), asking `auditor`, at sync `now_step`.
+    /// `profile`), asking `auditor`, at sync `now_step`. `members`: the sync's members of that
+    /// profile other than the audited one (who may be asked).
     pub fn open(
         &mut self,
         mut info: AuditInfo,
         profile: &str,
         committed: [u8; 32],
         auditor: WorkerId,
+        members: Vec<WorkerId>,
         now_step: u64,
     ) -> AuditInfo {
         info.id = self.id_of(info.run, info.step, info.target);
-        self.standing_mut(info.run, auditor).assigned = Some((info.id, false));
+        self.standing_mut(info.run, auditor).assigned = Some((info.id, false, now_step));
         self.open.insert(
             info.id,
             Open {
@@ -280,11 +297,23 @@ impl Book {
                 profile: profile.to_owned(),
                 committed,
                 asked: vec![(auditor, None)],
-                unable: Vec::new(),
+                members,
                 opened: now_step,
             },
         );
         info
+    }
+
+    /// Who may be asked next for audit `id`: members of the audited sync with its profile, not
+    /// asked before, available at sync `now`.
+    pub fn candidates(&self, id: AuditId, now: u64) -> Vec<WorkerId> {
+        let Some(o) = self.open.get(&id) else { return Vec::new() };
+        let asked = exclude(o);
+        o.members
+            .iter()
+            .filter(|w| !asked.contains(w) && self.available(o.info.run, **w, now))
+            .copied()
+            .collect()
     }
 
     /// The open audit `id`: what it asks and the profile it needs.
@@ -292,12 +321,12 @@ impl Book {
         self.open.get(&id).map(|o| (&o.info, o.profile.as_str()))
     }
 
-    /// Asks one more auditor for audit `id`.
-    pub fn ask(&mut self, id: AuditId, auditor: WorkerId) -> Option<AuditInfo> {
+    /// Asks one more auditor for audit `id` at sync `now`.
+    pub fn ask(&mut self, id: AuditId, auditor: WorkerId, now: u64) -> Option<AuditInfo> {
         let o = self.open.get_mut(&id)?;
         o.asked.push((auditor, None));
         let info = o.info.clone();
-        self.standing_mut(info.run, auditor).assigned = Some((id, false));
+        self.standing_mut(info.run, auditor).assigned = Some((id, false, now));
         Some(info)
     }
 
@@ -306,11 +335,12 @@ impl Book {
         self.open.remove(&id).map(|o| o.info)
     }
 
-    /// A member says it spent sync `step` auditing `id`: true if that audit was given to it and
-    /// it has not spent a sync on it yet.
+    /// A member says it spent a sync auditing `id`: true if that audit was the last given to it
+    /// (again for a sync that was abandoned and is committed to anew: it earns nothing either
+    /// way).
     pub fn spend(&mut self, run: RunId, w: WorkerId, id: AuditId) -> bool {
         match self.standing.get_mut(&(run, w)) {
-            Some(Standing { assigned: Some((a, used)), .. }) if *a == id && !*used => {
+            Some(Standing { assigned: Some((a, used, _)), .. }) if *a == id => {
                 *used = true;
                 true
             }
@@ -347,12 +377,10 @@ impl Book {
     ) -> Option<Decision> {
         let o = self.open.get_mut(&id)?;
         let i = o.asked.iter().position(|(a, d)| *a == auditor && d.is_none())?;
+        let late = now_step > o.opened + AUDIT_SYNCS;
         let decision = match answer {
-            Answer::Unable(_) => {
-                o.asked.remove(i);
-                o.unable.push(auditor);
-                Decision::Ask { exclude: exclude(o) }
-            }
+            _ if late => Decision::Dropped { target: o.info.target },
+            Answer::Unable(_) => Decision::Dropped { target: o.info.target },
             Answer::Digest(d) => {
                 o.asked[i].1 = Some(d);
                 judge(o)
@@ -391,6 +419,7 @@ impl Book {
             Decision::Inconclusive { target, .. } => {
                 self.standing_mut(run, *target).hot_until = now_step + HOT_SYNCS;
             }
+            Decision::Dropped { .. } => {}
         }
     }
 }
@@ -399,7 +428,6 @@ impl Book {
 fn exclude(o: &Open) -> Vec<WorkerId> {
     let mut v = vec![o.info.target];
     v.extend(o.asked.iter().map(|(a, _)| *a));
-    v.extend(o.unable.iter().copied());
     v
 }
 
@@ -457,14 +485,15 @@ mod tests {
     }
 
     fn opened(book: &mut Book, committed: u8) -> AuditId {
-        book.open(info(), "cpu", [committed; 32], A, 7).id
+        book.open(info(), "cpu", [committed; 32], A, vec![A, B], 7).id
     }
 
     #[test]
     fn a_first_auditor_that_finds_the_committed_digest_passes_the_member() {
         let mut book = Book::new([0; 32]);
         let id = opened(&mut book, 1);
-        assert!(book.busy(RUN, A) && !book.busy(RUN, B));
+        assert!(book.in_hand(RUN, A, 7) && !book.in_hand(RUN, B, 7));
+        assert!(!book.in_hand(RUN, A, 8 + AUDIT_SYNCS), "an audit lost on the way frees it");
         assert_eq!(book.answer(id, B, Answer::Digest([1; 32]), 8), None, "B was not asked");
         let d = book.answer(id, A, Answer::Digest([1; 32]), 8);
         assert_eq!(d, Some(Decision::Passed { target: T, auditors: vec![A], wrong: None }));
@@ -481,7 +510,8 @@ mod tests {
         assert_eq!(d, Decision::Ask { exclude: vec![T, A] });
         assert_eq!(book.standing(RUN, T).map_or(0, |s| s.strikes), 0);
         // The second auditor finds the committed digest: the first was wrong (a framer).
-        book.ask(id, B).unwrap();
+        assert_eq!(book.candidates(id, 8), vec![B]);
+        book.ask(id, B, 8).unwrap();
         let d = book.answer(id, B, Answer::Digest([1; 32]), 9).unwrap();
         assert_eq!(d, Decision::Passed { target: T, auditors: vec![B], wrong: Some(A) });
         let (t, a) = (book.standing(RUN, T).unwrap(), book.standing(RUN, A).unwrap());
@@ -490,13 +520,13 @@ mod tests {
         assert_eq!((a.wrong, a.strikes, a.performed), (1, 0, 0));
         assert_eq!(book.chance(&policy(), RUN, A, 10), 1.0, "a wrong auditor is watched");
         assert!(book.spend(RUN, A, id));
-        assert!(!book.busy(RUN, A), "one wrong answer keeps the role");
-        let id = book.open(AuditInfo { step: 8, ..info() }, "cpu", [1; 32], A, 8).id;
+        assert!(book.available(RUN, A, 10), "one wrong answer keeps the role");
+        let id = book.open(AuditInfo { step: 8, ..info() }, "cpu", [1; 32], A, vec![A, B], 8).id;
         book.answer(id, A, Answer::Digest([2; 32]), 9).unwrap();
-        book.ask(id, B).unwrap();
+        book.ask(id, B, 9).unwrap();
         book.answer(id, B, Answer::Digest([1; 32]), 10).unwrap();
         assert!(book.spend(RUN, A, id));
-        assert!(book.busy(RUN, A), "a second one retires it as an auditor");
+        assert!(book.retired(RUN, A) && !book.available(RUN, A, 11), "a second one retires it");
     }
 
     #[test]
@@ -504,7 +534,7 @@ mod tests {
         let mut book = Book::new([0; 32]);
         let id = opened(&mut book, 1);
         book.answer(id, A, Answer::Digest([2; 32]), 8).unwrap();
-        book.ask(id, B).unwrap();
+        book.ask(id, B, 8).unwrap();
         let d = book.answer(id, B, Answer::Digest([2; 32]), 9).unwrap();
         assert_eq!(d, Decision::Struck { target: T, auditors: vec![A, B] });
         assert_eq!(book.standing(RUN, T).unwrap().strikes, 1);
@@ -517,7 +547,7 @@ mod tests {
         let mut book = Book::new([0; 32]);
         let id = opened(&mut book, 1);
         book.answer(id, A, Answer::Digest([2; 32]), 8).unwrap();
-        book.ask(id, B).unwrap();
+        book.ask(id, B, 8).unwrap();
         let d = book.answer(id, B, Answer::Digest([3; 32]), 9).unwrap();
         assert_eq!(d, Decision::Inconclusive { target: T, auditors: vec![A, B] });
         for w in [T, A, B] {
@@ -526,25 +556,34 @@ mod tests {
     }
 
     #[test]
-    fn an_auditor_that_cannot_recompute_is_replaced_and_blamed_for_nothing() {
+    fn an_audit_that_cannot_be_recomputed_or_is_answered_late_is_dropped_blaming_nobody() {
         let mut book = Book::new([0; 32]);
         let id = opened(&mut book, 1);
         let d = book.answer(id, A, Answer::Unable("no such state".into()), 8).unwrap();
-        assert_eq!(d, Decision::Ask { exclude: vec![T, A] });
+        assert_eq!(d, Decision::Dropped { target: T });
         assert_eq!(book.standing(RUN, A).map_or(0, |s| s.wrong + s.strikes), 0);
+        assert!(book.get(id).is_none());
+        // A first answer held back until honest members no longer hold the state: dropped,
+        // so a colluder cannot wait until only colluders are left to ask.
+        let id = opened(&mut book, 1);
+        let d = book.answer(id, A, Answer::Digest([2; 32]), 8 + AUDIT_SYNCS).unwrap();
+        assert_eq!(d, Decision::Dropped { target: T });
+        assert_eq!(book.standing(RUN, T).map_or(0, |s| s.strikes), 0);
+        let id = opened(&mut book, 1);
         assert!(book.expire(RUN, 7 + AUDIT_SYNCS).is_empty());
         assert_eq!(book.expire(RUN, 8 + AUDIT_SYNCS).len(), 1);
         assert!(book.get(id).is_none());
     }
 
     #[test]
-    fn a_sync_is_spent_on_an_audit_once_and_only_by_its_auditor() {
+    fn a_sync_is_spent_on_an_audit_only_by_its_auditor() {
         let mut book = Book::new([0; 32]);
         let id = opened(&mut book, 1);
         assert!(!book.spend(RUN, B, id));
         assert!(!book.spend(RUN, A, id + 1));
         assert!(book.spend(RUN, A, id));
-        assert!(!book.spend(RUN, A, id), "twice");
+        assert!(!book.in_hand(RUN, A, 7));
+        assert!(book.spend(RUN, A, id), "again, for an abandoned sync committed to anew");
     }
 
     #[test]

@@ -112,6 +112,9 @@ pub(super) fn spec(min: u32, max: u32, steps: u64) -> (RunSpec, String) {
         .replacen("interval_steps = 100", "interval_steps = 50", 1)
         .replacen("# restart_budget = 5", "restart_budget = 5", 1)
         .replacen("mode = \"diloco\"", "mode = \"ddp\"", 1)
+        // The harness's agents neither audit nor commit digests and spans.
+        .replacen("# audit_probability = 0.05", "audit_probability = 0.0", 1)
+        .replacen("# probation_probability = 0.5", "probation_probability = 0.0", 1)
         .lines()
         .filter(|l| !l.starts_with("inner_steps") && !l.starts_with("outer_"))
         .collect::<Vec<_>>()

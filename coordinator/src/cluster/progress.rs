@@ -635,6 +635,10 @@ impl Cluster {
                 u64::from(spec.batch_size).saturating_mul(step.saturating_sub(r.committed_step))
             }),
         };
+        let audited = self
+            .specs
+            .get(&run)
+            .is_some_and(|s| s.verification.enabled() && matches!(s.sync, SyncMode::Ddp));
         let book = self.shards.get(&run);
         let shard_samples = |i: u32| {
             book.and_then(|b| b.record(i)).filter(|s| s.info.is_synthetic()).map(|s| s.info.size)
@@ -669,7 +673,9 @@ impl Cluster {
             .map(|(w, contributes)| {
                 let claim = sync.commits.get(w).filter(|_| *contributes)?;
                 let book = self.claims.get(&(run, *w)).unwrap_or(&empty);
-                commitments::check(step, claim, &known, book, shard_samples).err()
+                commitments::check(step, claim, &known, book, shard_samples)
+                    .err()
+                    .or_else(|| auditable(audited, claim, self.profiles.get(&(run, *w))))
             })
             .collect();
         // Contributions that are another's (same digest): left out too. Members that contribute
@@ -769,6 +775,11 @@ impl Cluster {
                 Some(e) => Verdict::Excluded(e.to_string()),
             };
             if matches!(verdict, Verdict::Accepted { .. }) {
+                // A member's profile is the first it committed under in the run.
+                let profile = self.profiles.entry((run, *w)).or_default();
+                if profile.is_empty() {
+                    profile.clone_from(&claim.profile);
+                }
                 self.claims.entry((run, *w)).or_default().accept(step, claim);
                 self.digests.entry(run).or_default().accept(*w, step, claim);
                 let named: u64 = claim.spans.iter().map(|s| s.to - s.from).sum();
@@ -838,7 +849,11 @@ impl Cluster {
             Answer::Unable(why) => Some(why.clone()),
             Answer::Digest(_) => None,
         };
-        let Some(audited) = self.audits.get(id).map(|(i, _)| i.step) else { return };
+        // The audit's own run: an answer naming another is ignored.
+        let Some(audited) = self.audits.get(id).filter(|(i, _)| i.run == run).map(|(i, _)| i.step)
+        else {
+            return;
+        };
         let Some(decision) = self.audits.answer(id, worker, answer, step) else { return };
         if let Some(record) = decision.record(id, audited) {
             self.outbox.push_back(super::Output::Audit { run, record });
@@ -851,31 +866,29 @@ impl Cluster {
         };
         let short = format!("{id:016x}");
         match decision {
-            Decision::Ask { exclude } => {
-                let Some((info, profile)) = self.audits.get(id) else { return };
-                let (info, profile) = (info.clone(), profile.to_owned());
-                let candidates: Vec<WorkerId> = self
-                    .syncs
+            Decision::Ask { .. } => {
+                let Some((info, _)) = self.audits.get(id) else { return };
+                let info = info.clone();
+                // Members of the audited sync with its profile, still in the run.
+                let members: Vec<WorkerId> = self
+                    .runs
                     .get(&run)
-                    .map(|s| s.members.clone())
-                    .unwrap_or_default()
+                    .map(|r| r.members.iter().map(|m| m.worker).collect())
+                    .unwrap_or_default();
+                let candidates: Vec<WorkerId> = self
+                    .audits
+                    .candidates(id, step)
                     .into_iter()
-                    .filter(|m| !exclude.contains(m) && !self.audits.busy(run, *m))
-                    .filter(|m| self.profiles.get(&(run, *m)).is_some_and(|p| *p == profile))
+                    .filter(|m| members.contains(m))
                     .collect();
-                let round = exclude.len();
-                match self.audits.pick(run, info.step, info.target, round, &candidates) {
+                match self.audits.pick(run, info.step, info.target, 1, &candidates) {
                     Some(next) => {
-                        if let Some(task) = self.audits.ask(id, next) {
-                            let why = match &unable {
-                                Some(why) => format!("{worker} could not recompute it ({why})"),
-                                None => format!("{worker}'s answer is not what it committed"),
-                            };
+                        if let Some(task) = self.audits.ask(id, next, step) {
                             self.log(
                                 run,
                                 format!(
-                                    "audit {short} of {}'s contribution to step {}: {why}; {next} \
-                                     recomputes it too",
+                                    "audit {short} of {}'s contribution to step {}: {worker}'s \
+                                     answer is not what it committed; {next} recomputes it too",
                                     info.target, info.step
                                 ),
                             );
@@ -904,6 +917,19 @@ impl Cluster {
                         );
                     }
                 }
+            }
+            Decision::Dropped { target } => {
+                let why = match &unable {
+                    Some(why) => format!("{worker} could not recompute it ({why})"),
+                    None => format!(
+                        "{worker} answered after the audit's {} syncs",
+                        super::audits::AUDIT_SYNCS
+                    ),
+                };
+                self.log_once(
+                    run,
+                    format!("audit {short} of {target}'s contribution to step {audited} dropped: {why} (nobody is blamed)"),
+                );
             }
             Decision::Passed { target, auditors, wrong } => {
                 ledger(self, target, &|l| l.audits_passed += 1);
@@ -1001,9 +1027,6 @@ impl Cluster {
                 ),
             );
         }
-        for (w, (p, _)) in &profiles {
-            self.profiles.insert((run, *w), p.clone());
-        }
         let mut out = Vec::new();
         for (rank, w) in contributors {
             let Some((profile, claim)) = profiles.get(w) else { continue };
@@ -1013,16 +1036,17 @@ impl Cluster {
             if profile.is_empty() || !self.audits.draw(&policy, run, *w, step) {
                 continue;
             }
-            let busy = members.iter().filter(|m| self.audits.busy(run, **m)).count();
-            if busy + 1 >= members.len() {
+            let in_hand = members.iter().filter(|m| self.audits.in_hand(run, **m, step)).count();
+            if in_hand + 1 >= members.len() {
                 continue;
             }
-            let candidates: Vec<WorkerId> = members
+            let same: Vec<WorkerId> = members
                 .iter()
-                .filter(|m| *m != w && !self.audits.busy(run, **m))
-                .filter(|m| profiles.get(m).is_some_and(|(p, _)| p == profile))
+                .filter(|m| *m != w && profiles.get(m).is_some_and(|(p, _)| p == profile))
                 .copied()
                 .collect();
+            let candidates: Vec<WorkerId> =
+                same.iter().filter(|m| self.audits.available(run, **m, step)).copied().collect();
             let Some(auditor) = self.audits.pick(run, step, *w, 0, &candidates) else { continue };
             let info = AuditInfo {
                 run,
@@ -1033,7 +1057,7 @@ impl Cluster {
                 target: *w,
                 rank: *rank,
             };
-            let info = self.audits.open(info, profile, digest, auditor, step);
+            let info = self.audits.open(info, profile, digest, auditor, same, step);
             out.push((auditor, info));
         }
         out
@@ -1182,6 +1206,24 @@ impl Cluster {
         if sync.logged.len() < 256 && sync.logged.insert(line.clone()) {
             self.log(run, line);
         }
+    }
+}
+
+/// Why a contributing claim cannot be audited in a run with audits (`audited`), if it cannot:
+/// an auditor needs its digest and its data, and its profile must stay the one the member first
+/// committed under (`first`), or a member could leave its cheated syncs unauditable.
+fn auditable(audited: bool, claim: &Claim, first: Option<&String>) -> Option<String> {
+    if !audited {
+        return None;
+    }
+    if claim.digest.is_none() || claim.spans.is_empty() {
+        return Some("a run with audits needs its contribution's digest and its data spans".into());
+    }
+    match first {
+        Some(p) if !p.is_empty() && *p != claim.profile => Some(format!(
+            "its reproducibility profile changed within the run (it first committed under {p:?})"
+        )),
+        _ => None,
     }
 }
 

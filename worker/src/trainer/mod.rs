@@ -487,6 +487,7 @@ impl Trainer {
     pub fn forward_backward(&mut self, batch: &Batch) -> Result<StepStats, TrainError> {
         let t = Instant::now();
         self.pending = None;
+        self.auditing = None;
         for p in &self.params {
             let mut g = p.grad();
             if g.defined() {
@@ -951,6 +952,7 @@ impl Trainer {
         self.step = sync_step;
         self.inner_start = self.step;
         self.pending = None;
+        self.auditing = None;
         self.samples_since_sync = 0;
         self.round_spans.clear();
         self.hash = self.compute_hash();
@@ -1034,6 +1036,7 @@ impl Trainer {
         self.sync_step = meta.step;
         self.inner_start = meta.step;
         self.pending = None;
+        self.auditing = None;
         self.hash = self.compute_hash();
         if self.hash != meta.param_hash {
             return Err(TrainError::State(format!(
