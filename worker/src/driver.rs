@@ -34,7 +34,7 @@ use crate::agent::{self, Attempt, Down, EpochInfo, Identity, Lease, TrainerSide}
 use crate::comm::{Comm, RingComm};
 use crate::lifecycle::{Action, Ended, EpochRef, Event, Lifecycle, Next};
 use crate::trainer::checkpoint::{self, Cursor};
-use crate::trainer::data::{Batch, ShardData, ShardReader, Span, shard_seed};
+use crate::trainer::data::{Batch, ShardData, ShardReader, Span, order_seed, shard_seed};
 use crate::trainer::plan::{self, DeviceChoice, ShardFormat};
 use crate::trainer::{Agreement, Commitment, Coordinate, Plan, SyncMode, TrainError, Trainer};
 use collectives::group::{JoinError, OpError};
@@ -868,7 +868,6 @@ impl Driver {
         task: &pb::AuditTask,
         attempt: &Attempt,
     ) -> Result<[u8; 32], String> {
-        use sha2::Digest;
         let start = ParamHash::from_str(&task.start_hash).map_err(|e| e.to_string())?;
         let total: u64 = task.spans.iter().map(|s| s.to.saturating_sub(s.from)).sum();
         if task.spans.is_empty() || total > 1 << 24 {
@@ -898,12 +897,11 @@ impl Driver {
             } else {
                 None
             };
-            let mut seed = shard_seed(ctx.feeder.seed, s.shard, s.data_epoch);
+            let seed = shard_seed(ctx.feeder.seed, s.shard, s.data_epoch);
             let data = format.load(path.as_deref(), seed).map_err(|e| e.to_string())?;
-            if s.shared {
-                seed = shard_seed(seed, task.worker_id as u32, s.lease_id);
-            }
-            let mut reader = ShardReader::new(data, ctx.feeder.seq_len, seed);
+            let shared_by = s.shared.then_some((task.worker_id, s.lease_id));
+            let order = order_seed(ctx.feeder.seed, s.shard, s.data_epoch, shared_by);
+            let mut reader = ShardReader::new(data, ctx.feeder.seq_len, order);
             let want = s.to.checked_sub(s.from).filter(|n| *n > 0).ok_or("an empty span")?;
             if s.to > reader.remaining() {
                 return Err(format!("span {}..{} beyond shard {}", s.from, s.to, s.shard));
@@ -918,12 +916,7 @@ impl Driver {
             .trainer
             .audit(start, &batch, task.step, task.rank as usize)
             .map_err(|e| e.to_string())?;
-        let mut h = sha2::Sha256::new();
-        for block in contribution.chunks(16_384) {
-            let bytes: Vec<u8> = block.iter().flat_map(|v| v.to_le_bytes()).collect();
-            h.update(&bytes);
-        }
-        Ok(h.finalize().into())
+        Ok(crate::trainer::digest(&contribution))
     }
 
     fn answer_audit(&self, task: &pb::AuditTask, result: Result<[u8; 32], String>) {
@@ -1381,11 +1374,9 @@ impl Feeder {
             self.next = None;
             match loaded.map_err(anyhow::Error::from).and_then(|r| r) {
                 Ok((lease, data)) => {
-                    let mut seed = shard_seed(self.seed, lease.shard, lease.data_epoch);
-                    if lease.shared {
-                        // Not the holder's order: a sharer's batches should differ from its.
-                        seed = shard_seed(seed, self.identity.worker_id as u32, lease.id);
-                    }
+                    // A sharer reads in its own order, not the holder's: their batches differ.
+                    let shared_by = lease.shared.then_some((self.identity.worker_id, lease.id));
+                    let seed = order_seed(self.seed, lease.shard, lease.data_epoch, shared_by);
                     self.current = Some((lease, ShardReader::new(data, self.seq_len, seed)));
                 }
                 Err(err) => {

@@ -375,6 +375,22 @@ pub fn shard_seed(run_seed: u64, shard: u32, data_epoch: u64) -> u64 {
     x
 }
 
+/// The seed of a lease's reading order: the shard's own in its data epoch, or, for a shared
+/// lease (`shared_by`: the reading worker and the lease), the reader's own order of it. An
+/// auditor rebuilding a member's batch uses the same.
+pub fn order_seed(
+    run_seed: u64,
+    shard: u32,
+    data_epoch: u64,
+    shared_by: Option<(u64, u64)>,
+) -> u64 {
+    let seed = shard_seed(run_seed, shard, data_epoch);
+    match shared_by {
+        Some((worker, lease)) => shard_seed(seed, worker as u32, lease),
+        None => seed,
+    }
+}
+
 /// Loss (mean cross-entropy over scored positions) and (correct, counted) for accuracy.
 pub fn loss_and_accuracy(logits: &Tensor, batch: &Batch) -> (Tensor, (i64, i64)) {
     let v = *logits.size().last().unwrap_or(&1);

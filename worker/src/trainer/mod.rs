@@ -137,7 +137,6 @@ impl Commitment {
         mut spans: Vec<data::Span>,
         mut samples: u64,
     ) -> Self {
-        use sha2::Digest;
         if spans.len() > proto::MAX_COMMIT_SPANS {
             spans.truncate(proto::MAX_COMMIT_SPANS);
             samples = spans.iter().map(|s| s.to - s.from).sum();
@@ -157,23 +156,40 @@ impl Commitment {
             .collect();
         let norm =
             segment_norms.iter().map(|n| f64::from(*n) * f64::from(*n)).sum::<f64>().sqrt() as f32;
-        let mut h = sha2::Sha256::new();
-        // In blocks, so that the hash runs over whole buffers (SHA-NI where the CPU has it).
-        let mut bytes = Vec::with_capacity(4 * 16_384);
-        for block in contribution.chunks(16_384) {
-            bytes.clear();
-            bytes.extend(block.iter().flat_map(|v| v.to_le_bytes()));
-            h.update(&bytes);
-        }
         Self {
             step,
             segment_norms,
             start_hash,
             spans,
             samples,
-            digest: h.finalize().into(),
+            digest: digest(contribution),
             norm,
             audit: None,
+        }
+    }
+}
+
+/// The SHA-256 of a contribution as little-endian f32 values: what a commitment names, and
+/// what an auditor's recomputation must equal.
+pub fn digest(contribution: &[f32]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    // In blocks, so that the hash runs over whole buffers (SHA-NI where the CPU has it).
+    let mut bytes = Vec::with_capacity(4 * 16_384);
+    for block in contribution.chunks(16_384) {
+        bytes.clear();
+        bytes.extend(block.iter().flat_map(|v| v.to_le_bytes()));
+        h.update(&bytes);
+    }
+    h.finalize().into()
+}
+
+/// Zeroes the gradients of `params` (those that have one).
+fn zero_grads(params: &[Tensor]) {
+    for p in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.zero_();
         }
     }
 }
@@ -488,12 +504,7 @@ impl Trainer {
         let t = Instant::now();
         self.pending = None;
         self.auditing = None;
-        for p in &self.params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
+        zero_grads(&self.params);
         if matches!(self.spec.sync, SyncMode::Ddp) {
             let _rng = RNG.lock().unwrap_or_else(|p| p.into_inner());
             tch::manual_seed(step_seed(self.spec.seed, self.step + 1, self.rank));
@@ -629,14 +640,6 @@ impl Trainer {
             }
         };
         load(&self.params, snapshot);
-        let zero_grads = |params: &[Tensor]| {
-            for p in params {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = g.zero_();
-                }
-            }
-        };
         zero_grads(&self.params);
         let result = (|| {
             {
