@@ -63,7 +63,7 @@ fn first_strike(seed: u64, case: &Case, policy: &Verification, limit: u64) -> Op
         let available: Vec<WorkerId> =
             others.iter().filter(|w| book.available(RUN, **w, step)).copied().collect();
         let a1 = book.pick(RUN, step, CHEATER, 0, &available)?;
-        let id = book.open(info, "cpu", committed, a1, others.clone(), step).id;
+        let id = book.open(info, committed, a1, others.clone(), step).id;
         // Each auditor spends its next sync on the audit, as workers do.
         book.spend(RUN, a1, id);
         let mut decision = book.answer(id, a1, Answer::Digest(answer(a1)), step + 1);

@@ -147,7 +147,7 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum LedgerCommand {
     /// Check a ledger file's signature, offline, against the CA pin (`--ca-hash`, or the CA in
-    /// the state directory; with neither, it says which CA signed it).
+    /// the state directory; with neither, it fails, naming the CA that signed it).
     Verify { file: PathBuf },
 }
 
@@ -225,10 +225,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ledger { check: Some(LedgerCommand::Verify { file }), .. } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let trusted = match cli.conn.at.pin() {
-                Some(p) => Some(p.to_owned()),
-                None => read_ca_der(&home).ok().map(|der| ca_hash(&der)),
-            };
+            let trusted = trusted_pin(&cli.conn, &home).ok();
             match crate::ledger::verify(&bytes, trusted.as_deref()) {
                 Ok(v) if trusted.is_none() => {
                     // Anyone can sign with a CA of their own: without a pin to compare, this
@@ -359,13 +356,18 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn connect(conn: &Conn, home: &Path) -> Result<Control> {
-    let pin = match conn.at.pin() {
-        Some(p) => p.to_owned(),
-        None => ca_hash(
+/// The CA pin this CLI trusts: `--ca-hash`, or the hash of the state directory's CA.
+fn trusted_pin(conn: &Conn, home: &Path) -> Result<String> {
+    match conn.at.pin() {
+        Some(p) => Ok(p.to_owned()),
+        None => Ok(ca_hash(
             &read_ca_der(home).context("no --ca-hash given and no CA in the state directory")?,
-        ),
-    };
+        )),
+    }
+}
+
+fn connect(conn: &Conn, home: &Path) -> Result<Control> {
+    let pin = trusted_pin(conn, home)?;
     let token = match &conn.admin_token {
         Some(t) => t.clone(),
         None => std::fs::read_to_string(home.join("admin.token"))
@@ -615,10 +617,7 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                 doc.extend_from_slice(&chunk.data);
             }
             // Signed by the coordinator this CLI trusts (the pin it connected with).
-            let pin = match conn.at.pin() {
-                Some(p) => p.to_owned(),
-                None => ca_hash(&read_ca_der(home).context("no --ca-hash and no CA here")?),
-            };
+            let pin = trusted_pin(conn, home)?;
             let v = crate::ledger::verify(&doc, Some(&pin))
                 .map_err(|e| anyhow::anyhow!("the coordinator's ledger does not verify: {e}"))?;
             let signer = v.ca.clone();

@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::server::accept::{Accepted, tls_incoming};
 use crate::server::{ClientCerts, ServeError, Shared, tls_config};
+use crate::shards::ShardInfo;
 use client::WORKER_HEADER;
 
 /// The response header carrying the shard's lower-case hex SHA-256 from the manifest.
@@ -38,6 +39,16 @@ pub const SHA256_HEADER: &str = "x-longhaul-sha256";
 /// The URL path of a shard.
 pub fn shard_path(run: RunId, index: u32) -> String {
     format!("/runs/{}/shards/{index}", run.0)
+}
+
+/// Where a worker fetches a shard's bytes, under the shard listener's `base` URL: "" when the
+/// coordinator serves no shards, and for synthetic shards (the worker generates them: there is
+/// nothing to fetch).
+pub fn shard_url(base: Option<&str>, run: RunId, index: u32, info: &ShardInfo) -> String {
+    match base {
+        Some(base) if !info.is_synthetic() => format!("{base}{}", shard_path(run, index)),
+        _ => String::new(),
+    }
 }
 
 /// The client certificate of a connection (verified against the CA in the handshake).

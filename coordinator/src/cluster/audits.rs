@@ -74,6 +74,20 @@ pub struct AuditRecord {
     pub verdict: String,
 }
 
+impl AuditRecord {
+    /// The record of an audit dropped with no verdict (nobody credited or blamed).
+    pub fn dropped(info: &AuditInfo) -> Self {
+        Self {
+            id: info.id,
+            step: info.step,
+            target: info.target,
+            auditors: Vec::new(),
+            wrong: None,
+            verdict: "dropped".into(),
+        }
+    }
+}
+
 impl Decision {
     /// The stored record of a final decision (`None` for `Ask`).
     pub fn record(&self, id: AuditId, step: u64) -> Option<AuditRecord> {
@@ -163,7 +177,6 @@ pub struct Standing {
 #[derive(Clone, Debug)]
 struct Open {
     info: AuditInfo,
-    profile: String,
     committed: [u8; 32],
     /// Auditors asked, in order, with their answers.
     asked: Vec<(WorkerId, Option<[u8; 32]>)>,
@@ -276,13 +289,12 @@ impl Book {
         !self.in_hand(run, w, now) && !self.retired(run, w)
     }
 
-    /// Opens an audit of `info` (a contribution committed with digest `committed` under
-    /// `profile`), asking `auditor`, at sync `now_step`. `members`: the sync's members of that
-    /// profile other than the audited one (who may be asked).
+    /// Opens an audit of `info` (a contribution committed with digest `committed`), asking
+    /// `auditor`, at sync `now_step`. `members`: the sync's members of the audited member's
+    /// profile, other than it (who may be asked).
     pub fn open(
         &mut self,
         mut info: AuditInfo,
-        profile: &str,
         committed: [u8; 32],
         auditor: WorkerId,
         members: Vec<WorkerId>,
@@ -294,7 +306,6 @@ impl Book {
             info.id,
             Open {
                 info: info.clone(),
-                profile: profile.to_owned(),
                 committed,
                 asked: vec![(auditor, None)],
                 members,
@@ -316,9 +327,9 @@ impl Book {
             .collect()
     }
 
-    /// The open audit `id`: what it asks and the profile it needs.
-    pub fn get(&self, id: AuditId) -> Option<(&AuditInfo, &str)> {
-        self.open.get(&id).map(|o| (&o.info, o.profile.as_str()))
+    /// What the open audit `id` asks.
+    pub fn get(&self, id: AuditId) -> Option<&AuditInfo> {
+        self.open.get(&id).map(|o| &o.info)
     }
 
     /// Asks one more auditor for audit `id` at sync `now`.
@@ -485,7 +496,7 @@ mod tests {
     }
 
     fn opened(book: &mut Book, committed: u8) -> AuditId {
-        book.open(info(), "cpu", [committed; 32], A, vec![A, B], 7).id
+        book.open(info(), [committed; 32], A, vec![A, B], 7).id
     }
 
     #[test]
@@ -521,7 +532,7 @@ mod tests {
         assert_eq!(book.chance(&policy(), RUN, A, 10), 1.0, "a wrong auditor is watched");
         assert!(book.spend(RUN, A, id));
         assert!(book.available(RUN, A, 10), "one wrong answer keeps the role");
-        let id = book.open(AuditInfo { step: 8, ..info() }, "cpu", [1; 32], A, vec![A, B], 8).id;
+        let id = book.open(AuditInfo { step: 8, ..info() }, [1; 32], A, vec![A, B], 8).id;
         book.answer(id, A, Answer::Digest([2; 32]), 9).unwrap();
         book.ask(id, B, 9).unwrap();
         book.answer(id, B, Answer::Digest([1; 32]), 10).unwrap();

@@ -622,6 +622,7 @@ impl Cluster {
     }
 
     fn issue_plan(&mut self, now: Millis, run: RunId) {
+        let audited = self.audit_policy(run).is_some();
         let sync = self.syncs.get_mut(&run).expect("issue_plan for a run with a sync");
         let agreement = sync.agreement.clone().expect("commitments come after the agreement");
         let world = sync.members.len();
@@ -635,10 +636,6 @@ impl Cluster {
                 u64::from(spec.batch_size).saturating_mul(step.saturating_sub(r.committed_step))
             }),
         };
-        let audited = self
-            .specs
-            .get(&run)
-            .is_some_and(|s| s.verification.enabled() && matches!(s.sync, SyncMode::Ddp));
         let book = self.shards.get(&run);
         let shard_samples = |i: u32| {
             book.and_then(|b| b.record(i)).filter(|s| s.info.is_synthetic()).map(|s| s.info.size)
@@ -794,13 +791,13 @@ impl Cluster {
             };
             self.outbox.push_back(super::Output::Commitment { run, record });
         }
-        let audited: Vec<(usize, WorkerId)> = members
+        let included: Vec<(usize, WorkerId)> = members
             .iter()
             .enumerate()
             .filter(|(rank, _)| plan.excluded[*rank].is_none())
             .map(|(rank, w)| (rank, *w))
             .collect();
-        let audits = self.draw_audits(run, step, &audited);
+        let audits = self.draw_audits(run, step, &included);
         let sync = self.syncs.get_mut(&run).expect("issue_plan for a run with a sync");
         sync.plan = Some(info.clone());
         sync.rounds += 1;
@@ -850,8 +847,7 @@ impl Cluster {
             Answer::Digest(_) => None,
         };
         // The audit's own run: an answer naming another is ignored.
-        let Some(audited) = self.audits.get(id).filter(|(i, _)| i.run == run).map(|(i, _)| i.step)
-        else {
+        let Some(audited) = self.audits.get(id).filter(|i| i.run == run).map(|i| i.step) else {
             return;
         };
         let Some(decision) = self.audits.answer(id, worker, answer, step) else { return };
@@ -867,8 +863,7 @@ impl Cluster {
         let short = format!("{id:016x}");
         match decision {
             Decision::Ask { .. } => {
-                let Some((info, _)) = self.audits.get(id) else { return };
-                let info = info.clone();
+                let Some(info) = self.audits.get(id).cloned() else { return };
                 // Members of the audited sync with its profile, still in the run.
                 let members: Vec<WorkerId> = self
                     .runs
@@ -898,14 +893,7 @@ impl Cluster {
                     }
                     None => {
                         self.audits.drop_audit(id);
-                        let record = AuditRecord {
-                            id,
-                            step: info.step,
-                            target: info.target,
-                            auditors: Vec::new(),
-                            wrong: None,
-                            verdict: "dropped".into(),
-                        };
+                        let record = AuditRecord::dropped(&info);
                         self.outbox.push_back(super::Output::Audit { run, record });
                         self.log(
                             run,
@@ -999,26 +987,10 @@ impl Cluster {
         step: u64,
         contributors: &[(usize, WorkerId)],
     ) -> Vec<(WorkerId, AuditInfo)> {
-        let Some(policy) = self.specs.get(&run).map(|s| s.verification) else { return vec![] };
-        let Some(sync) = self.syncs.get(&run) else { return vec![] };
-        if !policy.enabled()
-            || !matches!(self.specs.get(&run).map(|s| &s.sync), Some(SyncMode::Ddp))
-        {
-            return vec![];
-        }
-        let members = sync.members.clone();
-        let profiles: BTreeMap<WorkerId, (String, Claim)> =
-            sync.commits.iter().map(|(w, c)| (*w, (c.profile.clone(), c.clone()))).collect();
+        let Some(policy) = self.audit_policy(run) else { return vec![] };
         for dropped in self.audits.expire(run, step) {
-            let record = AuditRecord {
-                id: dropped.id,
-                step: dropped.step,
-                target: dropped.target,
-                auditors: Vec::new(),
-                wrong: None,
-                verdict: "dropped".into(),
-            };
-            self.outbox.push_back(super::Output::Audit { run, record });
+            self.outbox
+                .push_back(super::Output::Audit { run, record: AuditRecord::dropped(&dropped) });
             self.log_once(
                 run,
                 format!(
@@ -1027,22 +999,25 @@ impl Cluster {
                 ),
             );
         }
+        let Some(sync) = self.syncs.get(&run) else { return vec![] };
+        let profile_of = |w: &WorkerId| sync.commits.get(w).map(|c| c.profile.as_str());
         let mut out = Vec::new();
         for (rank, w) in contributors {
-            let Some((profile, claim)) = profiles.get(w) else { continue };
+            let Some(claim) = sync.commits.get(w) else { continue };
             let (Some(digest), Some(start_hash)) = (claim.digest, claim.start_hash) else {
                 continue;
             };
-            if profile.is_empty() || !self.audits.draw(&policy, run, *w, step) {
+            if claim.profile.is_empty() || !self.audits.draw(&policy, run, *w, step) {
                 continue;
             }
+            let members = &sync.members;
             let in_hand = members.iter().filter(|m| self.audits.in_hand(run, **m, step)).count();
             if in_hand + 1 >= members.len() {
                 continue;
             }
             let same: Vec<WorkerId> = members
                 .iter()
-                .filter(|m| *m != w && profiles.get(m).is_some_and(|(p, _)| p == profile))
+                .filter(|m| *m != w && profile_of(m) == Some(claim.profile.as_str()))
                 .copied()
                 .collect();
             let candidates: Vec<WorkerId> =
@@ -1057,10 +1032,18 @@ impl Cluster {
                 target: *w,
                 rank: *rank,
             };
-            let info = self.audits.open(info, profile, digest, auditor, same, step);
+            let info = self.audits.open(info, digest, auditor, same, step);
             out.push((auditor, info));
         }
         out
+    }
+
+    /// The run's audit policy if its contributions are audited (ddp with `[verification]` on).
+    fn audit_policy(&self, run: RunId) -> Option<runspec::Verification> {
+        self.specs
+            .get(&run)
+            .filter(|s| s.verification.enabled() && matches!(s.sync, SyncMode::Ddp))
+            .map(|s| s.verification)
     }
 
     /// A member says its ring of `epoch` failed, blaming `fault.peer` (if any). See the

@@ -396,12 +396,7 @@ fn audit_to_wire(
         }
         let Some(rec) = book.and_then(|b| b.record(s.shard)) else { continue };
         shards.push(pb::ShardLease {
-            url: match shards_url {
-                Some(base) if !rec.info.is_synthetic() => {
-                    format!("{base}{}", crate::shard_server::shard_path(a.run, s.shard))
-                }
-                _ => String::new(),
-            },
+            url: crate::shard_server::shard_url(shards_url, a.run, s.shard, &rec.info),
             lease_id: s.lease.0,
             run_id: a.run.0,
             shard: s.shard,
