@@ -83,10 +83,13 @@ pub enum Attack {
     CheckpointSpam,
     /// Heartbeat and report, but never join the ring.
     NoRing,
+    /// Answer every audit with a digest other than the one it recomputed (to frame the audited
+    /// member).
+    AuditLie,
 }
 
 impl Attack {
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 8] = [
         "forge-complete",
         "forge-hash",
         "accuse",
@@ -94,6 +97,7 @@ impl Attack {
         "metrics-flood",
         "checkpoint-spam",
         "no-ring",
+        "audit-lie",
     ];
 
     pub fn parse(s: &str) -> Result<Self, String> {
@@ -105,6 +109,7 @@ impl Attack {
             "metrics-flood" => Self::MetricsFlood,
             "checkpoint-spam" => Self::CheckpointSpam,
             "no-ring" => Self::NoRing,
+            "audit-lie" => Self::AuditLie,
             other => return Err(format!("unknown attack {other:?}: {}", Self::NAMES.join(", "))),
         })
     }
@@ -921,7 +926,12 @@ impl Driver {
 
     fn answer_audit(&self, task: &pb::AuditTask, result: Result<[u8; 32], String>) {
         let (contribution_sha256, error) = match result {
-            Ok(d) => (client::pki::hex(&d), String::new()),
+            Ok(mut d) => {
+                if self.cfg.attack == Some(Attack::AuditLie) {
+                    d[0] ^= 1;
+                }
+                (client::pki::hex(&d), String::new())
+            }
             Err(why) => (String::new(), why.chars().take(1000).collect()),
         };
         self.send(Up::AuditResult(pb::AuditResult {

@@ -385,6 +385,10 @@ async fn adversary_ddp() {
             "a member trains on half its batch and commits it as the whole (ddp)",
             vec![("x1", args(&["--fault-poison", "half", "--fault-poison-after", "0"]))],
         ),
+        (
+            "an auditor answers every audit with a wrong digest (ddp)",
+            vec![("x1", args(&["--fault-attack", "audit-lie"]))],
+        ),
     ];
     let only = std::env::var("LONGHAUL_ADVERSARY_ONLY").ok();
     for (what, hostile) in cases {
@@ -411,6 +415,20 @@ async fn adversary_ddp() {
             assert!(x1.strikes >= 2 && !x1.banned_from.is_empty(), "{what}: not evicted: {x1:?}");
             assert_eq!(x1.audits_passed, 0, "{what}: an audit passed a cheated contribution");
             assert!(strikes >= 2, "{what}: {strikes} strikes in the run's log");
+        }
+        // A framing auditor: a second auditor finds the committed digest every time, so the
+        // honest members pass (the scenario checks that none was struck) and the liar is the
+        // one counted wrong.
+        if what.contains("wrong digest") {
+            let x1 = out.workers.iter().find(|w| w.host == "x1").expect("x1 in the ledger");
+            let framed = out.logs.iter().filter(|l| l.contains("counted against worker-")).count();
+            println!(
+                "  caught: {} wrong answers by the liar ({framed} in the log), {} strikes on anyone",
+                x1.audits_wrong,
+                out.workers.iter().map(|w| w.strikes).sum::<u64>()
+            );
+            assert!(x1.audits_wrong >= 1, "{what}: the liar was never counted wrong: {x1:?}");
+            assert!(out.workers.iter().all(|w| w.strikes == 0), "{what}: someone was struck");
         }
     }
 }

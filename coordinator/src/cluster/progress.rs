@@ -1219,3 +1219,52 @@ fn describe(reports: &BTreeMap<WorkerId, impl std::fmt::Display>) -> String {
     }
     parts.join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::commitments::Span;
+    use proto::LeaseId;
+
+    /// In a run with audits, what would make a claim unauditable is refused: no digest, no data,
+    /// or a profile other than the one the member first committed under (a cheater switching
+    /// profiles, or going silent about its digest, in the syncs it cheats).
+    #[test]
+    fn an_unauditable_claim_is_refused_only_in_a_run_with_audits() {
+        let span = Span {
+            lease: LeaseId(1),
+            shard: 0,
+            data_epoch: 0,
+            from: 0,
+            to: 8,
+            granted: true,
+            shared: false,
+        };
+        let honest = Claim {
+            spans: vec![span],
+            digest: Some([1; 32]),
+            profile: "cpu|x|threads=1".into(),
+            ..Claim::norms(vec![1.0])
+        };
+        let first = "cpu|x|threads=1".to_owned();
+        assert_eq!(auditable(true, &honest, Some(&first)), None);
+        assert_eq!(auditable(true, &honest, None), None, "its first commitment");
+        let no_digest = Claim { digest: None, ..honest.clone() };
+        let no_spans = Claim { spans: Vec::new(), ..honest.clone() };
+        let switched = Claim { profile: "cpu|y|threads=1".into(), ..honest.clone() };
+        let silent = Claim { profile: String::new(), ..honest.clone() };
+        for (claim, needle) in [
+            (&no_digest, "digest"),
+            (&no_spans, "spans"),
+            (&switched, "profile changed"),
+            (&silent, "profile changed"),
+        ] {
+            let why = auditable(true, claim, Some(&first)).expect("refused");
+            assert!(why.contains(needle), "{why}");
+            assert_eq!(auditable(false, claim, Some(&first)), None, "no audits, no refusal");
+        }
+        // A member whose first commitments named no profile (a CUDA worker) is not audited,
+        // and a later profile is not a change.
+        assert_eq!(auditable(true, &honest, Some(&String::new())), None);
+    }
+}
