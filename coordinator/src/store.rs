@@ -304,6 +304,13 @@ impl Store {
                 out.counters.next_lease += 1 << 20;
             }
         }
+        // What an unfinished run's verification remembered is rebuilt from these (a record
+        // that cannot be read is skipped and logged, like the ledger does).
+        let unfinished: Vec<RunId> =
+            out.runs.iter().filter(|r| !r.state.is_terminal()).map(|r| r.id).collect();
+        for run in unfinished {
+            out.verification.insert(run, (self.commitments(run)?, self.audits(run)?));
+        }
         let quarantined = self.quarantine(bad)?;
         Ok((out, quarantined))
     }

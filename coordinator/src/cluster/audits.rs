@@ -399,13 +399,41 @@ impl Book {
         };
         if !matches!(decision, Decision::Ask { .. }) {
             let o = self.open.remove(&id).expect("looked up above");
-            self.settle(&o, &decision, now_step);
+            self.settle(o.info.run, &decision, now_step);
         }
         Some(decision)
     }
 
-    fn settle(&mut self, o: &Open, d: &Decision, now_step: u64) {
-        let run = o.info.run;
+    /// Rebuilds the standings of `run` after a restart from what was stored: `contributions`,
+    /// each member's accepted commitments in order, and `records`, its finished audits. A
+    /// restart forgives nothing: a first strike still counts towards eviction, a wrong
+    /// auditor stays retired, probation resumes where it was, and a member audited at every
+    /// sync still is (from the audited sync plus [`AUDIT_SYNCS`], the latest its verdict can
+    /// have come). Audits open at the restart are lost: nobody is blamed, their auditors are
+    /// free again after [`AUDIT_SYNCS`] syncs.
+    pub fn replay(
+        &mut self,
+        run: RunId,
+        contributions: impl IntoIterator<Item = WorkerId>,
+        records: &[AuditRecord],
+    ) {
+        for w in contributions {
+            self.standing_mut(run, w).contributions += 1;
+        }
+        for r in records {
+            let target = r.target;
+            let auditors = r.auditors.clone();
+            let d = match r.verdict.as_str() {
+                "passed" => Decision::Passed { target, auditors, wrong: r.wrong },
+                "struck" => Decision::Struck { target, auditors },
+                "inconclusive" => Decision::Inconclusive { target, auditors },
+                _ => continue,
+            };
+            self.settle(run, &d, r.step + AUDIT_SYNCS);
+        }
+    }
+
+    fn settle(&mut self, run: RunId, d: &Decision, now_step: u64) {
         match d {
             Decision::Ask { .. } => {}
             Decision::Passed { target, auditors, wrong } => {
@@ -416,19 +444,20 @@ impl Book {
                 if let Some(w) = wrong {
                     let s = self.standing_mut(run, *w);
                     s.wrong += 1;
-                    s.hot_until = now_step + HOT_SYNCS;
+                    s.hot_until = s.hot_until.max(now_step + HOT_SYNCS);
                 }
             }
             Decision::Struck { target, auditors } => {
                 let s = self.standing_mut(run, *target);
                 s.strikes += 1;
-                s.hot_until = now_step + HOT_SYNCS;
+                s.hot_until = s.hot_until.max(now_step + HOT_SYNCS);
                 for a in auditors {
                     self.standing_mut(run, *a).performed += 1;
                 }
             }
             Decision::Inconclusive { target, .. } => {
-                self.standing_mut(run, *target).hot_until = now_step + HOT_SYNCS;
+                let s = self.standing_mut(run, *target);
+                s.hot_until = s.hot_until.max(now_step + HOT_SYNCS);
             }
             Decision::Dropped { .. } => {}
         }
@@ -551,6 +580,45 @@ mod tests {
         assert_eq!(book.standing(RUN, T).unwrap().strikes, 1);
         assert_eq!(book.chance(&policy(), RUN, T, 9 + HOT_SYNCS), 1.0);
         assert!(book.chance(&policy(), RUN, T, 10 + HOT_SYNCS) < 1.0);
+    }
+
+    /// A restart rebuilds the standings from the stored records: what the live book decided,
+    /// the replayed one knows (a first strike, a wrong auditor, probation, the hot window).
+    #[test]
+    fn standings_replayed_from_the_records_are_the_live_ones() {
+        let mut live = Book::new([0; 32]);
+        let mut records = Vec::new();
+        let mut contributions = Vec::new();
+        for step in 0..5 {
+            live.draw(&policy(), RUN, T, step);
+            contributions.push(T);
+        }
+        // A strike for T (A and B agree), then a framing answer by A (B finds the digest).
+        let mut decide = |live: &mut Book, step: u64, first: u8, second: u8| {
+            let id = live.open(AuditInfo { step, ..info() }, [1; 32], A, vec![A, B], step).id;
+            live.answer(id, A, Answer::Digest([first; 32]), step + 1).unwrap();
+            live.ask(id, B, step + 1).unwrap();
+            let d = live.answer(id, B, Answer::Digest([second; 32]), step + 2).unwrap();
+            records.push(d.record(id, step).unwrap());
+        };
+        decide(&mut live, 3, 2, 2);
+        decide(&mut live, 4, 2, 1);
+        records.push(AuditRecord::dropped(&AuditInfo { step: 4, ..info() }));
+        let mut replayed = Book::new([0; 32]);
+        replayed.replay(RUN, contributions, &records);
+        for w in [T, A, B] {
+            let (l, r) = (live.standing(RUN, w).unwrap(), replayed.standing(RUN, w).unwrap());
+            assert_eq!(
+                (l.contributions, l.passed, l.strikes, l.performed, l.wrong),
+                (r.contributions, r.passed, r.strikes, r.performed, r.wrong),
+                "{w}"
+            );
+            // Never shorter than the live window: a restart does not cool a member down.
+            assert!(r.hot_until >= l.hot_until, "{w}: {} < {}", r.hot_until, l.hot_until);
+        }
+        assert_eq!(replayed.standing(RUN, T).unwrap().strikes, 1);
+        assert_eq!(replayed.chance(&policy(), RUN, T, 6 + HOT_SYNCS), 1.0);
+        assert_eq!(replayed.standing(RUN, A).unwrap().wrong, 1);
     }
 
     #[test]

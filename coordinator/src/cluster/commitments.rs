@@ -123,11 +123,22 @@ pub struct ClaimBook {
     read: BTreeMap<LeaseId, (u64, u64)>,
     /// The digest of the last accepted non-zero contribution and its sync.
     last: Option<(u64, [u8; 32])>,
+    /// The first reproducibility profile it committed under, empty for none yet (who can
+    /// audit whom; a later change makes its claims unauditable).
+    profile: Option<String>,
 }
 
 impl ClaimBook {
+    /// The first profile its accepted claims named (`None` before any was accepted).
+    pub fn profile(&self) -> Option<&String> {
+        self.profile.as_ref()
+    }
+
     /// Records an accepted claim to the sync at `step`.
     pub fn accept(&mut self, step: u64, claim: &Claim) {
+        if self.profile.as_deref().is_none_or(str::is_empty) {
+            self.profile = Some(claim.profile.clone());
+        }
         for s in &claim.spans {
             let e = self.read.entry(s.lease).or_insert((0, step));
             *e = (e.0.max(s.to), step);

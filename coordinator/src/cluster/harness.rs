@@ -94,6 +94,8 @@ pub(super) struct Net {
     pub(super) aborts: Vec<(Millis, WorkerId, Epoch)>,
     /// Every run log line: (time, run, line).
     pub(super) logs: Vec<(Millis, RunId, String)>,
+    /// The commitments and audits the cluster asked the store to append, in order.
+    pub(super) appended: Vec<Output>,
     /// Every plan delivered: (worker, plan).
     pub(super) plans: Vec<(WorkerId, super::PlanInfo)>,
     /// A token every simulated join uses.
@@ -152,6 +154,7 @@ impl Net {
             epochs: Vec::new(),
             aborts: Vec::new(),
             logs: Vec::new(),
+            appended: Vec::new(),
             plans: Vec::new(),
             token,
             next_key: 1,
@@ -375,12 +378,11 @@ impl Net {
                     self.logs.push((self.now, run, line));
                     continue;
                 }
-                Output::Metric { .. }
-                | Output::Checkpoint { .. }
-                | Output::Commitment { .. }
-                | Output::Audit { .. } => {
+                Output::Commitment { .. } | Output::Audit { .. } => {
+                    self.appended.push(out);
                     continue;
                 }
+                Output::Metric { .. } | Output::Checkpoint { .. } => continue,
             };
             match &cmd {
                 Command::Epoch(info) => {
@@ -764,7 +766,8 @@ fn restore(net: &Net, at: Millis) -> Cluster {
             all.insert(super::Dirty::Shard(r.id, i));
         }
     }
-    let batch = crate::store::Batch::collect(&net.cluster, &all).expect("serialize");
+    let mut batch = crate::store::Batch::collect(&net.cluster, &all).expect("serialize");
+    batch.append_outputs(at, net.appended.iter());
     store.write(&[batch]).expect("write");
     drop(store);
     let store = crate::store::Store::open(&dir.path().join("state.redb")).expect("reopen");
@@ -1336,4 +1339,73 @@ fn a_member_that_keeps_accusing_is_kept_out_and_its_first_victim_comes_back() {
     net.run_for(10_000);
     assert!(net.step(run) > step, "the run went on");
     assert!(net.cluster.workers().all(|x| x.banned.is_empty()));
+}
+
+/// A coordinator restart forgives nothing its verification remembered, rebuilt from the stored
+/// commitments and audits: a member's first strike still counts towards its eviction, the data
+/// it claimed cannot be claimed again, its contribution cannot be replayed, and it keeps the
+/// profile it first committed under.
+#[test]
+fn a_restart_forgives_no_strike_no_claimed_data_and_no_profile() {
+    use super::audits::AuditRecord;
+    use super::commitments::{self, CommitmentRecord, Known, Verdict};
+    let mut net = Net::new(config());
+    let run = net.submit(2, 8, 1_000_000, 20);
+    let (a, b, c) = (net.join(), net.join(), net.join());
+    net.run_for(3_000);
+    // What the store holds beside the harness's own records: an accepted claim of `a` naming
+    // data, a digest and a profile, and two auditors agreeing it was not what `a` committed.
+    let step = net.step(run) + 100;
+    let span = Span {
+        lease: LeaseId(7),
+        shard: 0,
+        data_epoch: 0,
+        from: 0,
+        to: 8,
+        granted: true,
+        shared: false,
+    };
+    let mut claimed = claim(vec![1.0], None);
+    claimed.spans = vec![span.clone()];
+    claimed.samples = 8;
+    claimed.digest = Some([5; 32]);
+    claimed.profile = "cpu|test|threads=1".into();
+    let verdict = Verdict::Accepted { coefficient: 1.0 };
+    let record =
+        CommitmentRecord { step, epoch: Epoch(1), worker: a, claim: claimed.clone(), verdict };
+    net.appended.push(Output::Commitment { run, record });
+    let audit = AuditRecord {
+        id: 1,
+        step,
+        target: a,
+        auditors: vec![b, c],
+        wrong: None,
+        verdict: "struck".into(),
+    };
+    net.appended.push(Output::Audit { run, record: audit });
+    let restored = restore(&net, net.now);
+    let s = restored.audits.standing(run, a).expect("a's standing is back");
+    assert_eq!(s.strikes, 1, "{s:?}");
+    assert_eq!(s.contributions, 1, "its one claim naming a profile: {s:?}");
+    let hot = restored.audits.chance(&runspec::Verification::OFF, run, a, step + 1);
+    assert_eq!(hot, 1.0, "still audited at every sync");
+    for auditor in [b, c] {
+        assert_eq!(restored.audits.standing(run, auditor).map(|s| s.performed), Some(1));
+    }
+    let book = &restored.claims[&(run, a)];
+    assert_eq!(book.profile().map(String::as_str), Some("cpu|test|threads=1"));
+    let known = Known { recorded: None, max_samples: 64 };
+    let mut reread = claimed.clone();
+    reread.digest = Some([6; 32]);
+    let err = commitments::check(step + 1, &reread, &known, book, |_| None).unwrap_err();
+    assert!(err.contains("again"), "{err}");
+    let mut replayed = claimed.clone();
+    replayed.spans = vec![Span { from: 8, to: 16, ..span }];
+    let err = commitments::check(step + 1, &replayed, &known, book, |_| None).unwrap_err();
+    assert!(err.contains("replay"), "{err}");
+    // Without the stored records, none of it (the test can fail).
+    net.appended.clear();
+    let forgetful = restore(&net, net.now);
+    assert!(forgetful.audits.standing(run, a).is_none());
+    assert!(!forgetful.claims.contains_key(&(run, a)));
 }

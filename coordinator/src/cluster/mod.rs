@@ -523,14 +523,14 @@ pub struct Cluster {
     /// Each run's parsed run file.
     specs: BTreeMap<RunId, RunSpec>,
     shards: BTreeMap<RunId, ShardBook>,
-    /// Audits drawn and their answers, and every member's audit standing per run (volatile).
+    /// Audits drawn and their answers, and every member's audit standing per run (standings
+    /// are rebuilt from the stored audits after a restart; open audits are lost).
     audits: audits::Book,
-    /// Each member's latest committed profile per run (who can audit whom).
-    profiles: BTreeMap<(RunId, WorkerId), String>,
-    /// What each worker claimed and was accepted per run (volatile: after a restart a replay
-    /// of earlier data is left to audits).
+    /// What each worker claimed and was accepted per run, and under which profile (rebuilt
+    /// from the stored commitments after a restart).
     claims: BTreeMap<(RunId, WorkerId), commitments::ClaimBook>,
-    /// Each run's recently accepted contributions by digest, to name copies (volatile).
+    /// Each run's recently accepted contributions by digest, to name copies (rebuilt like
+    /// `claims`).
     digests: BTreeMap<RunId, commitments::RecentDigests>,
     workers: BTreeMap<WorkerId, WorkerRecord>,
     /// Workers by key.
@@ -574,7 +574,6 @@ impl Cluster {
     pub fn new(config: Config) -> Self {
         Self {
             audits: audits::Book::new(config.audit_key),
-            profiles: BTreeMap::new(),
             config,
             counters: Counters { next_run: 1, next_worker: 1, next_lease: 1 },
             runs: BTreeMap::new(),
@@ -643,6 +642,11 @@ impl Cluster {
                 c.force_epoch.insert(r.id);
             }
             c.runs.insert(r.id, r);
+        }
+        for (run, (commitments, audits)) in &state.verification {
+            if c.runs.get(run).is_some_and(|r| !r.state.is_terminal()) {
+                c.replay_verification(*run, commitments, audits);
+            }
         }
         // Workers assigned to a run that ended (or vanished) are free.
         let stale: Vec<WorkerId> = c
@@ -1407,7 +1411,6 @@ impl Cluster {
         self.syncs.remove(&run);
         // What was kept in memory about the run's contributions.
         self.audits.forget(run);
-        self.profiles.retain(|(r, _), _| *r != run);
         self.claims.retain(|(r, _), _| *r != run);
         self.digests.remove(&run);
         for m in members {
@@ -1658,6 +1661,10 @@ pub struct Restored {
     pub workers: Vec<WorkerRecord>,
     pub shards: BTreeMap<RunId, ShardBook>,
     pub tokens: BTreeMap<[u8; 32], TokenRecord>,
+    /// Per unfinished run, its stored commitments and finished audits, oldest first (what its
+    /// verification remembered is rebuilt from them).
+    pub verification:
+        BTreeMap<RunId, (Vec<commitments::CommitmentRecord>, Vec<audits::AuditRecord>)>,
 }
 
 /// The step of the next synchronisation after `committed`: every step in ddp; the next multiple

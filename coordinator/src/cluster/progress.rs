@@ -672,7 +672,7 @@ impl Cluster {
                 let book = self.claims.get(&(run, *w)).unwrap_or(&empty);
                 commitments::check(step, claim, &known, book, shard_samples)
                     .err()
-                    .or_else(|| auditable(audited, claim, self.profiles.get(&(run, *w))))
+                    .or_else(|| auditable(audited, claim, book.profile()))
             })
             .collect();
         // Contributions that are another's (same digest): left out too. Members that contribute
@@ -772,11 +772,6 @@ impl Cluster {
                 Some(e) => Verdict::Excluded(e.to_string()),
             };
             if matches!(verdict, Verdict::Accepted { .. }) {
-                // A member's profile is the first it committed under in the run.
-                let profile = self.profiles.entry((run, *w)).or_default();
-                if profile.is_empty() {
-                    profile.clone_from(&claim.profile);
-                }
                 self.claims.entry((run, *w)).or_default().accept(step, claim);
                 self.digests.entry(run).or_default().accept(*w, step, claim);
                 let named: u64 = claim.spans.iter().map(|s| s.to - s.from).sum();
@@ -962,6 +957,30 @@ impl Cluster {
                 );
             }
         }
+    }
+
+    /// After a restart, rebuilds what `run`'s verification remembered from its stored
+    /// commitments and finished audits (oldest first), so that a restart forgives nothing: a
+    /// replay or a re-read span is still refused, a member keeps its first profile, and its
+    /// audit standing (probation, strikes, a wrong auditor's record) is what it was.
+    pub(super) fn replay_verification(
+        &mut self,
+        run: RunId,
+        commitments: &[CommitmentRecord],
+        audits: &[AuditRecord],
+    ) {
+        let mut contributed = Vec::new();
+        for c in commitments {
+            if matches!(c.verdict, Verdict::Accepted { .. }) {
+                self.claims.entry((run, c.worker)).or_default().accept(c.step, &c.claim);
+                self.digests.entry(run).or_default().accept(c.worker, c.step, &c.claim);
+                // The draw counts accepted contributions that name a profile.
+                if !c.claim.profile.is_empty() {
+                    contributed.push(c.worker);
+                }
+            }
+        }
+        self.audits.replay(run, contributed, audits);
     }
 
     /// A confirmed strike: at the run's `strikes_to_evict`, the member is evicted.
