@@ -86,6 +86,7 @@ fn main() {
         probation_probability: 0.5,
         probation_syncs: 20,
         strikes_to_evict: 2,
+        ..Verification::OFF
     };
     let cases = [
         Case {

@@ -53,6 +53,14 @@ pub struct RunSummary {
     pub state: String,
     pub committed_step: u64,
     pub total_steps: u64,
+    /// The escrow window in steps (`verification.escrow_syncs` syncs): a sync's credit is
+    /// final once the run is this many steps past it, or has ended, with no strike of the
+    /// member meanwhile.
+    #[serde(default)]
+    pub escrow_steps: u64,
+    /// Whether the run has ended (no audit can come any more: what is in escrow is final).
+    #[serde(default)]
+    pub finished: bool,
 }
 
 /// Per worker, from the run's commitments and audits.
@@ -73,6 +81,19 @@ pub struct WorkerTotals {
     pub audits_performed: u64,
     pub audits_wrong: u64,
     pub evicted: bool,
+    /// The reproducibility profile its applied commitments named first ("" if none did: no
+    /// auditor could recompute its contributions).
+    #[serde(default)]
+    pub profile: String,
+    /// Verified samples of applied syncs past their escrow window (a basis to pay from),
+    /// still in escrow, and forfeited (a strike came during their escrow window, or the member
+    /// was evicted while they were in escrow).
+    #[serde(default)]
+    pub credit_final: u64,
+    #[serde(default)]
+    pub credit_provisional: u64,
+    #[serde(default)]
+    pub credit_forfeited: u64,
 }
 
 /// One commitment and what became of it.
@@ -92,6 +113,32 @@ pub struct SyncRow {
     pub spans: Vec<[u64; 4]>,
     /// "passed", "struck", "inconclusive", "dropped" or "" (not audited).
     pub audit: String,
+    /// For an applied sync, its credit: "final", "provisional" (in escrow) or "forfeited";
+    /// "" for an excluded one.
+    #[serde(default)]
+    pub credit: String,
+}
+
+/// Which worker trained which samples of one shard in one data epoch, in applied syncs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShardCoverage {
+    pub shard: u32,
+    pub data_epoch: u64,
+    /// Samples of it trained in applied syncs (overlaps of shared leases counted once).
+    pub samples_trained: u64,
+    /// Ordered by `from`.
+    pub spans: Vec<CoveredSpan>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CoveredSpan {
+    pub from: u64,
+    pub to: u64,
+    pub worker: u64,
+    pub step: u64,
+    /// The sync's audit ("passed", "struck", ...; "" if it was not audited) and credit.
+    pub audit: String,
+    pub credit: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -101,6 +148,10 @@ pub struct Ledger {
     pub generated_unix_ms: u64,
     pub workers: Vec<WorkerTotals>,
     pub syncs: Vec<SyncRow>,
+    /// For every shard and data epoch trained in an applied sync: by whom, over which samples,
+    /// and whether that work was verified.
+    #[serde(default)]
+    pub shards: Vec<ShardCoverage>,
 }
 
 /// Builds the ledger of a run from its durable records. `evicted`: the workers banned from it.
@@ -113,12 +164,16 @@ pub fn build(
 ) -> Ledger {
     let mut totals: BTreeMap<WorkerId, WorkerTotals> = BTreeMap::new();
     let mut audit_of: BTreeMap<(u64, WorkerId), &str> = BTreeMap::new();
+    let mut struck: BTreeMap<WorkerId, Vec<u64>> = BTreeMap::new();
     for a in audits {
         audit_of.insert((a.step, a.target), a.verdict.as_str());
         let t = totals.entry(a.target).or_default();
         match a.verdict.as_str() {
             "passed" => t.audits_passed += 1,
-            "struck" => t.strikes += 1,
+            "struck" => {
+                t.strikes += 1;
+                struck.entry(a.target).or_default().push(a.step);
+            }
             _ => {}
         }
         for w in &a.auditors {
@@ -135,25 +190,62 @@ pub fn build(
     for c in commitments {
         last.insert((c.step, c.worker), c);
     }
-    let mut syncs = Vec::with_capacity(last.len());
-    for c in last.into_values() {
-        if c.step > run.committed_step {
-            continue;
+    last.retain(|(step, _), _| *step <= run.committed_step);
+    // The last sync each worker committed to: an evicted one's eviction came right after it.
+    let mut last_step: BTreeMap<WorkerId, u64> = BTreeMap::new();
+    for (step, w) in last.keys() {
+        last_step.insert(*w, *step);
+    }
+    let credit = |w: WorkerId, step: u64| -> &'static str {
+        let escrow_ends = step.saturating_add(run.escrow_steps);
+        let strikes = struck.get(&w).map_or(&[][..], Vec::as_slice);
+        if strikes.iter().any(|t| (step..=escrow_ends).contains(t))
+            || (evicted.contains(&w) && last_step.get(&w).is_some_and(|l| *l <= escrow_ends))
+        {
+            "forfeited"
+        } else if run.finished || escrow_ends <= run.committed_step {
+            "final"
+        } else {
+            "provisional"
         }
+    };
+    let mut syncs = Vec::with_capacity(last.len());
+    let mut coverage: BTreeMap<(u32, u64), Vec<CoveredSpan>> = BTreeMap::new();
+    for c in last.into_values() {
         let t = totals.entry(c.worker).or_default();
         t.syncs_committed += 1;
         t.samples_claimed += c.claim.samples;
         let named: u64 = c.claim.spans.iter().map(|s| s.to.saturating_sub(s.from)).sum();
-        let (verdict, coefficient, reason) = match &c.verdict {
+        let audit: &str = audit_of.get(&(c.step, c.worker)).copied().unwrap_or_default();
+        let (verdict, coefficient, reason, credit) = match &c.verdict {
             Verdict::Accepted { coefficient } => {
                 t.syncs_applied += 1;
                 t.samples_verified += named;
                 t.effective_weight += f64::from(*coefficient);
-                ("applied", *coefficient, String::new())
+                if t.profile.is_empty() {
+                    t.profile.clone_from(&c.claim.profile);
+                }
+                let credit = credit(c.worker, c.step);
+                match credit {
+                    "final" => t.credit_final += named,
+                    "provisional" => t.credit_provisional += named,
+                    _ => t.credit_forfeited += named,
+                }
+                for s in &c.claim.spans {
+                    coverage.entry((s.shard, s.data_epoch)).or_default().push(CoveredSpan {
+                        from: s.from,
+                        to: s.to,
+                        worker: c.worker.0,
+                        step: c.step,
+                        audit: audit.into(),
+                        credit: credit.into(),
+                    });
+                }
+                ("applied", *coefficient, String::new(), credit)
             }
             Verdict::Excluded(why) => {
                 *t.syncs_excluded.entry(reason_class(why)).or_default() += 1;
-                ("excluded", 0.0, why.clone())
+                ("excluded", 0.0, why.clone(), "")
             }
         };
         syncs.push(SyncRow {
@@ -171,9 +263,26 @@ pub fn build(
                 .iter()
                 .map(|s| [u64::from(s.shard), s.data_epoch, s.from, s.to])
                 .collect(),
-            audit: audit_of.get(&(c.step, c.worker)).copied().unwrap_or_default().into(),
+            audit: audit.into(),
+            credit: credit.into(),
         });
     }
+    let shards = coverage
+        .into_iter()
+        .map(|((shard, data_epoch), mut spans)| {
+            spans.sort_by_key(|s| (s.from, s.to, s.step, s.worker));
+            // Samples covered, overlaps (shared leases) once.
+            let (mut samples_trained, mut upto) = (0, 0);
+            for s in &spans {
+                let from = s.from.max(upto);
+                if s.to > from {
+                    samples_trained += s.to - from;
+                }
+                upto = upto.max(s.to);
+            }
+            ShardCoverage { shard, data_epoch, samples_trained, spans }
+        })
+        .collect();
     let workers = totals
         .into_iter()
         .map(|(w, mut t)| {
@@ -182,7 +291,14 @@ pub fn build(
             t
         })
         .collect();
-    Ledger { format: "longhaul-ledger/1".into(), run, generated_unix_ms: now_ms, workers, syncs }
+    Ledger {
+        format: "longhaul-ledger/1".into(),
+        run,
+        generated_unix_ms: now_ms,
+        workers,
+        syncs,
+        shards,
+    }
 }
 
 /// The class of an exclusion reason (its words before any detail), for the totals.
@@ -205,13 +321,15 @@ pub fn render(l: &Ledger, format: Format) -> Vec<u8> {
                 "# longhaul ledger of run {} ({}), {} at step {} of {}",
                 l.run.id, l.run.name, l.run.state, l.run.committed_step, l.run.total_steps
             );
-            s.push_str("step,epoch,worker,verdict,coefficient,reason,samples,digest,spans,audit\n");
+            s.push_str(
+                "step,epoch,worker,verdict,coefficient,reason,samples,digest,spans,audit,credit\n",
+            );
             for r in &l.syncs {
                 let spans: Vec<String> =
                     r.spans.iter().map(|[a, b, c, d]| format!("{a}:{b}:{c}-{d}")).collect();
                 let _ = writeln!(
                     s,
-                    "{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{}",
                     r.step,
                     r.epoch,
                     r.worker,
@@ -221,7 +339,8 @@ pub fn render(l: &Ledger, format: Format) -> Vec<u8> {
                     r.samples,
                     r.digest,
                     spans.join(" "),
-                    r.audit
+                    r.audit,
+                    r.credit
                 );
             }
             s.into_bytes()
@@ -362,8 +481,78 @@ mod tests {
             state: "completed".into(),
             committed_step: 2,
             total_steps: 2,
+            escrow_steps: 0,
+            finished: true,
         };
         build(run, 99, &commitments, &audits, &[WorkerId(9)])
+    }
+
+    /// Credit is final once the escrow window passed (or the run ended) with no strike; a
+    /// strike forfeits what was still in escrow when it came, and so does an eviction.
+    #[test]
+    fn a_strike_forfeits_the_credit_in_escrow_and_the_rest_becomes_final() {
+        let accepted = || Verdict::Accepted { coefficient: 1.0 };
+        let mut commitments = Vec::new();
+        for step in 1..=30 {
+            commitments.push(record(step, 1, accepted()));
+            commitments.push(record(step, 2, accepted()));
+        }
+        let strike = AuditRecord {
+            id: 1,
+            step: 20,
+            target: WorkerId(2),
+            auditors: vec![WorkerId(1), WorkerId(3)],
+            wrong: None,
+            verdict: "struck".into(),
+        };
+        let run = |finished| RunSummary {
+            id: 3,
+            name: "r".into(),
+            state: "running".into(),
+            committed_step: 30,
+            total_steps: 100,
+            escrow_steps: 5,
+            finished,
+        };
+        let l = build(run(false), 0, &commitments, std::slice::from_ref(&strike), &[]);
+        let (w1, w2) = (&l.workers[0], &l.workers[1]);
+        // Steps 1..=25 are past the window (25 + 5 <= 30); 26..=30 are in it.
+        assert_eq!((w1.credit_final, w1.credit_provisional, w1.credit_forfeited), (250, 50, 0));
+        // The strike at 20 forfeits 15..=20; 21..=25 are final, 26..=30 in escrow.
+        assert_eq!((w2.credit_final, w2.credit_provisional, w2.credit_forfeited), (190, 50, 60));
+        let row = |step, w| l.syncs.iter().find(|r| r.step == step && r.worker == w).unwrap();
+        assert_eq!(
+            (row(14, 2).credit.as_str(), row(15, 2).credit.as_str()),
+            ("final", "forfeited")
+        );
+        // Evicted: what was in escrow at its last sync is forfeited too; the run's end makes the
+        // rest final.
+        let l = build(run(true), 0, &commitments, &[strike], &[WorkerId(2)]);
+        let (w1, w2) = (&l.workers[0], &l.workers[1]);
+        assert_eq!((w1.credit_final, w1.credit_provisional), (300, 0));
+        // Forfeited: 15..=20 (the strike) and 25..=30 (in escrow at its last sync, 30).
+        assert_eq!((w2.credit_final, w2.credit_provisional, w2.credit_forfeited), (180, 0, 120));
+        assert_eq!(w1.credit_final + w2.credit_final + w2.credit_forfeited, 600);
+    }
+
+    /// The ledger answers, per shard and data epoch, who trained which samples in which sync,
+    /// and whether that was verified.
+    #[test]
+    fn every_trained_span_is_indexed_by_shard() {
+        let l = ledger();
+        // Applied and recorded: [10, 20) of shard 2 by w1 and w2 at step 1 (a shared lease), and
+        // [20, 30) by w1 at step 2; the excluded and the unrecorded ones are not there.
+        let all: Vec<(u32, u64, u64, u64, &str)> = l
+            .shards
+            .iter()
+            .flat_map(|c| {
+                c.spans.iter().map(move |s| (c.shard, s.from, s.worker, s.step, s.audit.as_str()))
+            })
+            .collect();
+        assert_eq!(all, vec![(2, 10, 1, 1, "passed"), (2, 10, 2, 1, ""), (2, 20, 1, 2, "")]);
+        assert_eq!(l.shards.len(), 1);
+        assert_eq!(l.shards[0].samples_trained, 20, "the shared span once");
+        assert!(l.shards[0].spans.iter().all(|s| s.credit == "final"), "the run ended");
     }
 
     #[test]

@@ -99,6 +99,9 @@ interval_steps = 100      # a checkpoint every this many committed steps
 # probation_probability = 0.5  # the chance during a member's first probation_syncs contributions
 # probation_syncs = 20
 # strikes_to_evict = 2         # confirmed wrong contributions that evict a member
+# escrow_syncs = 100           # the ledger's credit for a sync is final this many syncs later
+#                              # if no strike came meanwhile (a strike forfeits what is in escrow)
+# require_profile = false      # refuse contributions no auditor can recompute (CUDA, for now)
 "#;
 
 /// A run file that could not be accepted.
@@ -164,6 +167,13 @@ pub struct Verification {
     pub probation_syncs: u32,
     /// Confirmed wrong contributions (strikes) that evict a member from the run.
     pub strikes_to_evict: u32,
+    /// A member's credit for a sync becomes final this many syncs later if no audit struck it
+    /// meanwhile (the ledger's escrow window); a strike forfeits the credit still in escrow.
+    pub escrow_syncs: u32,
+    /// In a run with audits, refuse contributions that name no reproducibility profile (a CUDA
+    /// worker's, for now, which no auditor can recompute): every applied contribution is then
+    /// auditable. Off by default, so CUDA workers can train ddp runs.
+    pub require_profile: bool,
 }
 
 impl Verification {
@@ -173,6 +183,8 @@ impl Verification {
         probation_probability: 0.0,
         probation_syncs: 0,
         strikes_to_evict: 2,
+        escrow_syncs: 0,
+        require_profile: false,
     };
 
     pub fn enabled(&self) -> bool {
@@ -457,6 +469,8 @@ struct RawVerification {
     probation_probability: Option<f64>,
     probation_syncs: Option<u32>,
     strikes_to_evict: Option<u32>,
+    escrow_syncs: Option<u32>,
+    require_profile: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -871,6 +885,8 @@ fn validate_verification(
         probation_probability: None,
         probation_syncs: None,
         strikes_to_evict: None,
+        escrow_syncs: None,
+        require_profile: None,
     });
     let probability = |x: Option<f64>, default: f64, field: &'static str| match x {
         None => Ok(default),
@@ -891,6 +907,7 @@ fn validate_verification(
     let probation_syncs =
         ranged(v.probation_syncs, 20, 0, 1_000_000, "verification.probation_syncs")?;
     let strikes_to_evict = ranged(v.strikes_to_evict, 2, 1, 100, "verification.strikes_to_evict")?;
+    let escrow_syncs = ranged(v.escrow_syncs, 100, 0, 1_000_000, "verification.escrow_syncs")?;
     if !ddp && (audit_probability > 0.0 || probation_probability > 0.0) {
         let field = if audit_probability > 0.0 {
             "verification.audit_probability"
@@ -904,7 +921,14 @@ fn validate_verification(
              also depends on the member's own inner optimizer state)",
         ));
     }
-    Ok(Verification { audit_probability, probation_probability, probation_syncs, strikes_to_evict })
+    Ok(Verification {
+        audit_probability,
+        probation_probability,
+        probation_syncs,
+        strikes_to_evict,
+        escrow_syncs,
+        require_profile: v.require_profile.unwrap_or(false),
+    })
 }
 
 fn validate_dataset(d: RawDataset) -> Result<Dataset, RunFileError> {
@@ -1307,6 +1331,14 @@ mod tests {
         assert_eq!(ddp.verification.audit_probability, 0.05);
         assert_eq!(ddp.verification.probation_probability, 0.5);
         assert_eq!((ddp.verification.probation_syncs, ddp.verification.strikes_to_evict), (20, 2));
+        assert_eq!((ddp.verification.escrow_syncs, ddp.verification.require_profile), (100, false));
+        let strict = RunSpec::parse(&as_ddp.replacen(
+            "# require_profile = false",
+            "require_profile = true",
+            1,
+        ))
+        .unwrap();
+        assert!(strict.verification.require_profile);
         check(
             "# audit_probability = 0.05",
             "audit_probability = 0.1",
@@ -1331,6 +1363,8 @@ mod tests {
                 "verification.probation_probability",
             ),
             ("# strikes_to_evict = 2", "strikes_to_evict = 0", "verification.strikes_to_evict"),
+            ("# escrow_syncs = 100", "escrow_syncs = -1", "verification.escrow_syncs"),
+            ("# require_profile = false", "require_profile = 1", "verification.require_profile"),
         ] {
             let err = RunSpec::parse(&ddp(from, to)).unwrap_err();
             assert_eq!(err.field(), Some(field), "{err}");

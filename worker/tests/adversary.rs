@@ -202,7 +202,23 @@ async fn scenario(
         let row = ledger.workers.iter().find(|t| t.worker == w.worker_id);
         let (passed, strikes) = row.map_or((0, 0), |t| (t.audits_passed, t.strikes));
         assert_eq!((passed, strikes), (w.audits_passed, w.strikes), "{what}: ledger of {}", w.host);
+        // Credit: every verified sample is final, in escrow or forfeited; the run ended, so
+        // nothing is left in escrow; a strike forfeits, and an honest worker forfeits nothing.
+        let Some(t) = row else { continue };
+        let credit = (t.credit_final, t.credit_provisional, t.credit_forfeited);
+        assert_eq!(credit.0 + credit.1 + credit.2, t.samples_verified, "{what}: {t:?}");
+        assert_eq!(credit.1, 0, "{what}: credit in escrow after the run ended: {t:?}");
+        if w.host.starts_with('h') {
+            assert_eq!(credit.2, 0, "{what}: honest {} forfeited credit: {t:?}", w.host);
+        }
+        if t.strikes > 0 {
+            assert!(credit.2 > 0, "{what}: {} struck but forfeited nothing: {t:?}", w.host);
+        }
     }
+    // Every applied span is indexed by shard, and nothing is counted twice.
+    let trained: u64 = ledger.shards.iter().map(|c| c.samples_trained).sum();
+    let verified: u64 = ledger.workers.iter().map(|t| t.samples_verified).sum();
+    assert!(trained > 0 && trained <= verified, "{what}: {trained} trained of {verified}");
     println!(
         "  ledger: {} commitments, {} audited, signed by {}",
         ledger.syncs.len(),

@@ -509,6 +509,7 @@ mod tests {
             probation_probability: 0.5,
             probation_syncs: 20,
             strikes_to_evict: 2,
+            ..Verification::OFF
         }
     }
 

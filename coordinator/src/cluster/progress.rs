@@ -622,7 +622,7 @@ impl Cluster {
     }
 
     fn issue_plan(&mut self, now: Millis, run: RunId) {
-        let audited = self.audit_policy(run).is_some();
+        let policy = self.audit_policy(run);
         let sync = self.syncs.get_mut(&run).expect("issue_plan for a run with a sync");
         let agreement = sync.agreement.clone().expect("commitments come after the agreement");
         let world = sync.members.len();
@@ -672,7 +672,7 @@ impl Cluster {
                 let book = self.claims.get(&(run, *w)).unwrap_or(&empty);
                 commitments::check(step, claim, &known, book, shard_samples)
                     .err()
-                    .or_else(|| auditable(audited, claim, book.profile()))
+                    .or_else(|| auditable(policy.as_ref(), claim, book.profile()))
             })
             .collect();
         // Contributions that are another's (same digest): left out too. Members that contribute
@@ -765,6 +765,7 @@ impl Cluster {
         // commits this batch's appends before it delivers its commands); accepted ones go into
         // the member's book, and their samples are credited once the sync is recorded.
         let mut claimed = BTreeMap::new();
+        let mut unauditable = Vec::new();
         for (rank, w) in members.iter().enumerate() {
             let Some(claim) = sync.commits.get(w) else { continue };
             let verdict = match &plan.excluded[rank] {
@@ -772,6 +773,12 @@ impl Cluster {
                 Some(e) => Verdict::Excluded(e.to_string()),
             };
             if matches!(verdict, Verdict::Accepted { .. }) {
+                if policy.is_some()
+                    && claim.profile.is_empty()
+                    && !self.claims.contains_key(&(run, *w))
+                {
+                    unauditable.push(*w);
+                }
                 self.claims.entry((run, *w)).or_default().accept(step, claim);
                 self.digests.entry(run).or_default().accept(*w, step, claim);
                 let named: u64 = claim.spans.iter().map(|s| s.to - s.from).sum();
@@ -785,6 +792,16 @@ impl Cluster {
                 verdict,
             };
             self.outbox.push_back(super::Output::Commitment { run, record });
+        }
+        for w in unauditable {
+            self.log(
+                run,
+                format!(
+                    "{w} names no reproducibility profile (a CUDA worker): no auditor can \
+                     recompute its contributions yet, and the ledger shows them unaudited (set \
+                     verification.require_profile = true to take only auditable ones)"
+                ),
+            );
         }
         let included: Vec<(usize, WorkerId)> = members
             .iter()
@@ -1211,15 +1228,26 @@ impl Cluster {
     }
 }
 
-/// Why a contributing claim cannot be audited in a run with audits (`audited`), if it cannot:
+/// Why a contributing claim cannot be audited in a run with audits (`policy`), if it cannot:
 /// an auditor needs its digest and its data, and its profile must stay the one the member first
-/// committed under (`first`), or a member could leave its cheated syncs unauditable.
-fn auditable(audited: bool, claim: &Claim, first: Option<&String>) -> Option<String> {
-    if !audited {
-        return None;
-    }
+/// committed under (`first`), or a member could leave its cheated syncs unauditable. With
+/// `require_profile`, a claim naming no profile (which no auditor could recompute) is refused
+/// too.
+fn auditable(
+    policy: Option<&runspec::Verification>,
+    claim: &Claim,
+    first: Option<&String>,
+) -> Option<String> {
+    let policy = policy?;
     if claim.digest.is_none() || claim.spans.is_empty() {
         return Some("a run with audits needs its contribution's digest and its data spans".into());
+    }
+    if policy.require_profile && claim.profile.is_empty() {
+        return Some(
+            "it names no reproducibility profile, so no auditor could recompute it, and this run \
+             takes only auditable contributions (verification.require_profile)"
+                .into(),
+        );
     }
     match first {
         Some(p) if !p.is_empty() && *p != claim.profile => Some(format!(
@@ -1266,8 +1294,10 @@ mod tests {
             ..Claim::norms(vec![1.0])
         };
         let first = "cpu|x|threads=1".to_owned();
-        assert_eq!(auditable(true, &honest, Some(&first)), None);
-        assert_eq!(auditable(true, &honest, None), None, "its first commitment");
+        let on = runspec::Verification { audit_probability: 0.05, ..runspec::Verification::OFF };
+        let audited = Some(&on);
+        assert_eq!(auditable(audited, &honest, Some(&first)), None);
+        assert_eq!(auditable(audited, &honest, None), None, "its first commitment");
         let no_digest = Claim { digest: None, ..honest.clone() };
         let no_spans = Claim { spans: Vec::new(), ..honest.clone() };
         let switched = Claim { profile: "cpu|y|threads=1".into(), ..honest.clone() };
@@ -1278,12 +1308,18 @@ mod tests {
             (&switched, "profile changed"),
             (&silent, "profile changed"),
         ] {
-            let why = auditable(true, claim, Some(&first)).expect("refused");
+            let why = auditable(audited, claim, Some(&first)).expect("refused");
             assert!(why.contains(needle), "{why}");
-            assert_eq!(auditable(false, claim, Some(&first)), None, "no audits, no refusal");
+            assert_eq!(auditable(None, claim, Some(&first)), None, "no audits, no refusal");
         }
         // A member whose first commitments named no profile (a CUDA worker) is not audited,
         // and a later profile is not a change.
-        assert_eq!(auditable(true, &honest, Some(&String::new())), None);
+        assert_eq!(auditable(audited, &honest, Some(&String::new())), None);
+        assert_eq!(auditable(audited, &silent, None), None, "a CUDA worker trains");
+        // Unless the run takes only auditable contributions.
+        let strict = runspec::Verification { require_profile: true, ..on };
+        let why = auditable(Some(&strict), &silent, None).expect("refused");
+        assert!(why.contains("require_profile"), "{why}");
+        assert_eq!(auditable(Some(&strict), &honest, Some(&first)), None);
     }
 }

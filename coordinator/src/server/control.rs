@@ -224,6 +224,14 @@ impl Control for ControlSvc {
                     state: r.state.as_str().into(),
                     committed_step: r.committed_step,
                     total_steps: r.total_steps,
+                    escrow_steps: c.spec(id).map_or(0, |s| {
+                        let per_sync = match s.sync {
+                            runspec::SyncMode::Ddp => 1,
+                            runspec::SyncMode::Diloco { inner_steps, .. } => inner_steps.max(1),
+                        };
+                        u64::from(s.verification.escrow_syncs) * u64::from(per_sync)
+                    }),
+                    finished: r.state.is_terminal(),
                 };
                 let evicted: Vec<WorkerId> =
                     c.workers().filter(|w| w.banned.contains(&id)).map(|w| w.id).collect();
