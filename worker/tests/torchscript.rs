@@ -9,16 +9,9 @@ use std::process::Command;
 use collectives::Compression;
 use rand::SeedableRng;
 use worker::comm::{Solo, SoloPlan};
-use worker::testing::gpt_spec;
+use worker::testing::{gpt_spec, python};
 use worker::trainer::data::Addition;
 use worker::trainer::{ModelSource, SyncMode, Trainer};
-
-fn python() -> PathBuf {
-    std::env::var_os("LONGHAUL_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").unwrap();
-        PathBuf::from(home).join(".cache/longhaul/venv-torch-2.11.0/bin/python")
-    })
-}
 
 #[test]
 fn an_exported_torchscript_module_trains_and_its_loss_falls() {

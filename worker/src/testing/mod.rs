@@ -20,6 +20,15 @@ use crate::trainer::{
     Agreement, Commitment, Coordinate, ModelSource, Plan, SyncMode, TrainError, TrainSpec,
 };
 
+/// The pinned torch environment's python (`LONGHAUL_PYTHON`, which `scripts/test` sets, or
+/// where `scripts/setup-python.sh` creates it).
+pub fn python() -> std::path::PathBuf {
+    std::env::var_os("LONGHAUL_PYTHON").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").unwrap_or_default();
+        std::path::PathBuf::from(home).join(".cache/longhaul/venv-torch-2.11.0/bin/python")
+    })
+}
+
 /// A small gpt on the synthetic addition task with `digits` digits.
 pub fn gpt_spec(sync: SyncMode, compression: Compression, digits: u32, steps: u64) -> TrainSpec {
     let seq_len = 3 * digits as usize + 3;

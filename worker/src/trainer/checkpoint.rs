@@ -9,7 +9,15 @@
 //!     model.safetensors     the synchronised parameters, by name (f32)
 //!     optimizer.safetensors exp_avg.<name>, exp_avg_sq.<name> (AdamW) or momentum.<name> (SGD)
 //!     outer.safetensors     diloco only: `global` (flat parameters), `momentum` (flat)
-//!     meta.json             see [`Meta`]; lists every file with its SHA-256
+//!     meta.json             see [`Meta`]; lists every file with its SHA-256 and names the model
+//! ```
+//!
+//! `model.safetensors` names each parameter as PyTorch's `state_dict()` does (TorchScript
+//! modules: the module's own names; built-in models: their reference modules in
+//! `examples/pytorch/longhaul_models.py`), so PyTorch loads it as it is:
+//!
+//! ```text
+//! model.load_state_dict(safetensors.torch.load_file("step-00000500/model.safetensors"))
 //! ```
 //!
 //! A checkpoint is written into `step-N.tmp-<pid>/`, every file fsynced, the directory renamed
@@ -62,6 +70,29 @@ pub struct Meta {
     /// File name → lower-case hex SHA-256.
     pub files: BTreeMap<String, String>,
     pub created_unix_ms: u64,
+    /// What model the parameters belong to (`examples/pytorch/longhaul_models.py` builds it
+    /// from this); absent in checkpoints of earlier workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelMeta>,
+}
+
+/// The model of a checkpoint, for loading it elsewhere (PyTorch).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    /// `gpt`, `mlp`, `convnet`, or `torchscript` (then the run's module file defines it).
+    pub arch: String,
+    pub layers: i64,
+    pub width: i64,
+    pub heads: i64,
+    pub context: i64,
+    /// Output classes (the vocabulary for token tasks).
+    pub outputs: i64,
+    /// Token tasks: the vocabulary the inputs come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<i64>,
+    /// Tensor tasks: one sample's feature shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<Vec<i64>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -962,23 +962,26 @@ impl Trainer {
         Ok(())
     }
 
-    /// Named tensors for a checkpoint: `model` (the synchronised parameters), `optimizer`,
-    /// `outer` (diloco).
+    /// The parameters' names as PyTorch's `state_dict()` gives them, in `names` order.
+    pub fn state_dict_names(&self) -> Vec<String> {
+        self.names.iter().map(|n| self.net.state_dict_name(n)).collect()
+    }
+
+    /// Named tensors for a checkpoint: `model` (the synchronised parameters, under their
+    /// PyTorch `state_dict()` names), `optimizer`, `outer` (diloco).
     pub fn checkpoint_tensors(&self) -> checkpoint::Tensors {
-        let model: Vec<(String, Tensor)> = match &self.outer {
+        let params: Vec<Tensor> = match &self.outer {
             Some(o) => {
                 let global: Vec<Tensor> =
                     self.params.iter().map(|p| p.to_device(Device::Cpu).zeros_like()).collect();
                 state::unflatten_into(&o.global, &global);
-                self.names.iter().cloned().zip(global).collect()
+                global
             }
-            None => self
-                .names
-                .iter()
-                .cloned()
-                .zip(self.params.iter().map(|p| p.to_device(Device::Cpu).to_kind(Kind::Float)))
-                .collect(),
+            None => {
+                self.params.iter().map(|p| p.to_device(Device::Cpu).to_kind(Kind::Float)).collect()
+            }
         };
+        let model = self.state_dict_names().into_iter().zip(params).collect();
         let optimizer = self
             .opt
             .state(&self.names)
@@ -1007,8 +1010,9 @@ impl Trainer {
                 .map(|(_, t)| t.shallow_clone())
                 .ok_or_else(|| TrainError::State(format!("checkpoint has no tensor `{name}`")))
         };
-        for (n, p) in self.names.iter().zip(&self.params) {
-            let v = find(&t.model, n)?;
+        for ((n, exported), p) in self.names.iter().zip(self.state_dict_names()).zip(&self.params) {
+            // Checkpoints name parameters as PyTorch does; earlier ones as the `VarStore` did.
+            let v = find(&t.model, &exported).or_else(|e| find(&t.model, n).map_err(|_| e))?;
             if v.size() != p.size() {
                 return Err(TrainError::State(format!(
                     "checkpoint tensor `{n}` is {:?}, the model's is {:?}",
@@ -1072,6 +1076,44 @@ impl Trainer {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
+            model: Some(self.model_meta()),
+        }
+    }
+
+    /// What model this is, for a checkpoint's `meta.json`.
+    fn model_meta(&self) -> checkpoint::ModelMeta {
+        match &self.spec.model {
+            ModelSource::Builtin(c) => checkpoint::ModelMeta {
+                arch: match c.arch {
+                    model::Arch::Gpt => "gpt",
+                    model::Arch::Mlp => "mlp",
+                    model::Arch::Convnet => "convnet",
+                }
+                .into(),
+                layers: c.layers,
+                width: c.width,
+                heads: c.heads,
+                context: c.context,
+                outputs: c.outputs,
+                vocab: match c.input {
+                    model::Input::Tokens { vocab } => Some(vocab),
+                    model::Input::Features(_) => None,
+                },
+                features: match &c.input {
+                    model::Input::Tokens { .. } => None,
+                    model::Input::Features(shape) => Some(shape.clone()),
+                },
+            },
+            ModelSource::TorchScript(_) => checkpoint::ModelMeta {
+                arch: "torchscript".into(),
+                layers: 0,
+                width: 0,
+                heads: 0,
+                context: 0,
+                outputs: 0,
+                vocab: None,
+                features: None,
+            },
         }
     }
 

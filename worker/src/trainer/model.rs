@@ -47,6 +47,13 @@ pub enum Input {
 /// A trainable model: its forward pass. Parameters live in the `VarStore` it was built in.
 pub trait Net: std::fmt::Debug + Send {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor, tch::TchError>;
+
+    /// The name PyTorch's `state_dict()` gives the parameter the `VarStore` calls `name`
+    /// (checkpoints use it, so PyTorch loads them as they are). The built-in models name their
+    /// variables as their reference PyTorch modules in `examples/pytorch/` do.
+    fn state_dict_name(&self, name: &str) -> String {
+        name.to_owned()
+    }
 }
 
 /// Builds a built-in model under `vs`.
@@ -293,19 +300,39 @@ impl Net for Convnet {
 #[derive(Debug)]
 pub struct Scripted {
     module: tch::TrainableCModule,
+    /// `VarStore` name → the module's own parameter name (`blocks.0.att.in_proj_weight`):
+    /// tch's `VarStore` separates path parts with dots, so it stores each parameter under its
+    /// name with the dots made underscores.
+    names: std::collections::BTreeMap<String, String>,
 }
 
 impl Scripted {
     pub fn load(vs: &nn::Path<'_>, path: &Path) -> Result<Self, String> {
-        let mut module = tch::TrainableCModule::load(path, vs.clone())
-            .map_err(|e| format!("cannot load TorchScript module {}: {e}", path.display()))?;
+        let cannot =
+            |e: tch::TchError| format!("cannot load TorchScript module {}: {e}", path.display());
+        let mut module = tch::TrainableCModule::load(path, vs.clone()).map_err(cannot)?;
         module.set_train();
-        Ok(Self { module })
+        let plain = tch::CModule::load(path).map_err(cannot)?;
+        let mut names = std::collections::BTreeMap::new();
+        for (name, _) in plain.named_parameters().map_err(cannot)? {
+            if let Some(other) = names.insert(name.replace('.', "_"), name.clone()) {
+                return Err(format!(
+                    "TorchScript module {}: parameters `{other}` and `{name}` differ only in dots \
+                     and underscores, which the trainer cannot tell apart",
+                    path.display()
+                ));
+            }
+        }
+        Ok(Self { module, names })
     }
 }
 
 impl Net for Scripted {
     fn forward_t(&self, xs: &Tensor, _train: bool) -> Result<Tensor, tch::TchError> {
         self.module.forward_ts(&[xs])
+    }
+
+    fn state_dict_name(&self, name: &str) -> String {
+        self.names.get(name).cloned().unwrap_or_else(|| name.to_owned())
     }
 }

@@ -1,0 +1,149 @@
+#![allow(clippy::unwrap_used)]
+//! A model trained by the worker goes home to PyTorch: a checkpoint written by the worker's own
+//! code loads into PyTorch as it is (every parameter name and shape as `state_dict()` has it),
+//! for the built-in models through their reference definitions in `examples/pytorch/`, for a
+//! TorchScript run into the module it trained; and PyTorch computes the worker's loss on a
+//! held-out batch. Needs the pinned torch environment (`scripts/setup-python.sh`, which
+//! `scripts/test` runs and names in `LONGHAUL_PYTHON`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use collectives::Compression;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::{Kind, Tensor};
+use worker::comm::{Solo, SoloPlan};
+use worker::testing::{gpt_spec, python};
+use worker::trainer::data::{Addition, Batch, Scoring};
+use worker::trainer::model::{Arch, Input, ModelConfig};
+use worker::trainer::{ModelSource, SyncMode, Trainer, checkpoint};
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// A batch of `n` random feature samples of `shape` in `classes` classes.
+fn features(rng_seed: i64, n: i64, shape: &[i64], classes: i64) -> Batch {
+    tch::manual_seed(rng_seed);
+    let mut dims = vec![n];
+    dims.extend_from_slice(shape);
+    Batch {
+        inputs: Tensor::randn(dims.as_slice(), (Kind::Float, tch::Device::Cpu)),
+        targets: Tensor::randint(classes, [n], (Kind::Int64, tch::Device::Cpu)),
+        scoring: Scoring::ExactMatch,
+        samples: n,
+        tokens: n,
+        spans: Vec::new(),
+    }
+}
+
+/// Trains `model` for a few steps, writes a checkpoint with the worker's code, and has PyTorch
+/// evaluate it on a held-out batch: the loss must be the worker's.
+fn goes_home(
+    what: &str,
+    model: ModelSource,
+    batch: &mut dyn FnMut() -> Batch,
+    module: Option<&Path>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = gpt_spec(SyncMode::Ddp, Compression::None, 2, 50);
+    spec.model = model;
+    let mut tr = Trainer::new(spec).unwrap();
+    for _ in 0..5 {
+        tr.forward_backward(&batch()).unwrap();
+        tr.ddp_sync(&mut Solo, &mut SoloPlan).unwrap();
+    }
+    let meta = tr.checkpoint_meta(1, None);
+    let (step_dir, _) = checkpoint::write(dir.path(), &tr.checkpoint_tensors(), meta, 2).unwrap();
+    let held = batch();
+    let want = tr.evaluate(&held).unwrap().loss;
+    let batch_file = dir.path().join("batch.safetensors");
+    Tensor::write_safetensors(&[("inputs", &held.inputs), ("targets", &held.targets)], &batch_file)
+        .unwrap();
+    let mut cmd = Command::new(python());
+    cmd.arg(examples().join("pytorch/evaluate.py")).arg(&step_dir).arg(&batch_file);
+    if let Some(m) = module {
+        cmd.arg("--module").arg(m);
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run python: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: PyTorch could not load the checkpoint: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = report["loss"].as_f64().unwrap();
+    let mut names: Vec<String> = report["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    let mut ours = tr.state_dict_names();
+    ours.sort();
+    assert_eq!(names, ours, "{what}: PyTorch's state_dict names are the checkpoint's");
+    println!("{what}: worker loss {want:.6}, PyTorch {got:.6}, {} tensors", names.len());
+    assert!(
+        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+        "{what}: PyTorch computes loss {got}, the worker {want}"
+    );
+}
+
+#[test]
+fn checkpoints_load_into_pytorch_and_give_the_workers_loss() {
+    tch::set_num_threads(1);
+    let task = Addition { digits: 2 };
+    let seq_len = 3 * 2 + 3;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut tokens = || task.batch(&mut rng, 16, seq_len);
+    let vocab = worker::trainer::data::ADDITION_VOCAB;
+    let builtin = |arch, input| {
+        ModelSource::Builtin(ModelConfig {
+            arch,
+            layers: 2,
+            width: 32,
+            heads: 4,
+            context: seq_len as i64,
+            outputs: match &input {
+                Input::Tokens { vocab } => *vocab,
+                Input::Features(_) => 5,
+            },
+            input,
+        })
+    };
+    let gpt = builtin(Arch::Gpt, Input::Tokens { vocab });
+    goes_home("gpt", gpt, &mut tokens, None);
+    goes_home("mlp on tokens", builtin(Arch::Mlp, Input::Tokens { vocab }), &mut tokens, None);
+    let conv = builtin(Arch::Convnet, Input::Tokens { vocab });
+    goes_home("convnet on tokens", conv, &mut tokens, None);
+    let mut seed = 0;
+    let mut flat = || {
+        seed += 1;
+        features(seed, 16, &[12], 5)
+    };
+    goes_home("mlp on features", builtin(Arch::Mlp, Input::Features(vec![12])), &mut flat, None);
+    let mut images = || {
+        seed += 1;
+        features(seed, 8, &[3, 8, 8], 5)
+    };
+    let conv = builtin(Arch::Convnet, Input::Features(vec![3, 8, 8]));
+    goes_home("convnet on images", conv, &mut images, None);
+
+    // A TorchScript module with nested, dotted parameter names (`mlp.0.weight`): the checkpoint
+    // names them as the module does, not as tch's VarStore stores them (`mlp_0_weight`).
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("tiny.pt");
+    let status = Command::new(python())
+        .arg(examples().join("torchscript/export.py"))
+        .arg(&module)
+        .args(["--vocab", "14", "--context", "9"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "export.py failed: {status}");
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let mut tokens = || task.batch(&mut rng, 16, seq_len);
+    let scripted = ModelSource::TorchScript(module.clone());
+    goes_home("torchscript", scripted, &mut tokens, Some(&module));
+}
