@@ -149,6 +149,19 @@ pub fn plan(world: usize, commits: &[Commitment]) -> Plan {
     Plan { coefficients, excluded }
 }
 
+/// A contribution whose norm is more than this many times the contributors' median, or less
+/// than the median divided by it, is anomalous. Honest ddp members of a small-batch task differ
+/// by up to about 6x (measured in the adversary suite's honest runs: a fixed 2x flagged a
+/// quarter of their syncs), so the bar is higher than the plan's clipping.
+pub const ANOMALY_FACTOR: f64 = 10.0;
+
+/// Which of the included contributors' norms are anomalous (see [`ANOMALY_FACTOR`]). An anomaly
+/// raises the member's audit chance and nothing else: statistics never evict.
+pub fn anomalous(norms: &[f64]) -> Vec<bool> {
+    let Some(m) = median(norms.to_vec()) else { return Vec::new() };
+    norms.iter().map(|n| *n > ANOMALY_FACTOR * m || *n < m / ANOMALY_FACTOR).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +219,14 @@ mod tests {
         assert_eq!(p.evidence().count(), 0);
         let p = plan(1, &[c(&[1.0]), c(&[0.5])]);
         assert_eq!(p.excluded, vec![None, None]);
+    }
+
+    #[test]
+    fn norms_far_from_the_median_are_anomalous() {
+        assert_eq!(anomalous(&[1.0, 1.1, 0.9, 1.5, 6.0, 0.2]), vec![false; 6]);
+        // A scaled-up update and a shrunken one.
+        assert_eq!(anomalous(&[1.0, 1.1, 0.9, 12.0, 0.05]), vec![false, false, false, true, true]);
+        assert!(anomalous(&[]).is_empty());
     }
 
     #[test]

@@ -53,6 +53,10 @@ pub const AUDIT_SYNCS: u64 = 4;
 /// syncs.
 pub const HOT_SYNCS: u64 = 50;
 
+/// After an anomalous contribution (a norm far from the sync's median), the member is audited
+/// at every sync for this many syncs, that one included.
+pub const ANOMALY_SYNCS: u64 = 10;
+
 /// An audit's id.
 pub type AuditId = u64;
 
@@ -244,6 +248,15 @@ impl Book {
         } else {
             policy.audit_probability
         }
+    }
+
+    /// Raises `w`'s audit chance to 1 up to sync `until` (an anomaly); true if it was not
+    /// already that high.
+    pub fn flag(&mut self, run: RunId, w: WorkerId, until: u64) -> bool {
+        let s = self.standing_mut(run, w);
+        let newly = s.hot_until < until;
+        s.hot_until = s.hot_until.max(until);
+        newly
     }
 
     /// Counts an accepted contribution and draws whether it is audited.

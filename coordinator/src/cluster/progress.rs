@@ -809,7 +809,13 @@ impl Cluster {
             .filter(|(rank, _)| plan.excluded[*rank].is_none())
             .map(|(rank, w)| (rank, *w))
             .collect();
-        let audits = self.draw_audits(run, step, &included);
+        let outliers: Vec<WorkerId> = members
+            .iter()
+            .enumerate()
+            .filter(|(rank, _)| matches!(plan.excluded[*rank], Some(Exclusion::Outlier { .. })))
+            .map(|(_, w)| *w)
+            .collect();
+        let audits = self.draw_audits(run, step, &included, &outliers);
         let sync = self.syncs.get_mut(&run).expect("issue_plan for a run with a sync");
         sync.plan = Some(info.clone());
         sync.rounds += 1;
@@ -1016,12 +1022,15 @@ impl Cluster {
     /// Draws which of `contributors` (rank, member) of the sync at `step` are audited, and
     /// gives each drawn one to an auditor: another member of the sync (it holds the state the
     /// contribution was trained from) with the same profile and no audit in hand. At least one
-    /// member of the ring keeps training.
+    /// member of the ring keeps training. A member whose norm is anomalous (far from the
+    /// contributors' median, or `outliers`, left out for it) is audited at every sync for
+    /// [`ANOMALY_SYNCS`](super::audits::ANOMALY_SYNCS) syncs, this one included.
     fn draw_audits(
         &mut self,
         run: RunId,
         step: u64,
         contributors: &[(usize, WorkerId)],
+        outliers: &[WorkerId],
     ) -> Vec<(WorkerId, AuditInfo)> {
         let Some(policy) = self.audit_policy(run) else { return vec![] };
         for dropped in self.audits.expire(run, step) {
@@ -1036,6 +1045,17 @@ impl Cluster {
             );
         }
         let Some(sync) = self.syncs.get(&run) else { return vec![] };
+        let norm_of = |w: &WorkerId| sync.commits.get(w).map_or(0.0, |c| f64::from(c.norm));
+        let norms: Vec<f64> = contributors.iter().map(|(_, w)| norm_of(w)).collect();
+        let flagged =
+            aggregate::anomalous(&norms).into_iter().zip(contributors).filter(|(a, _)| *a);
+        let until = step + super::audits::ANOMALY_SYNCS - 1;
+        let mut raised = Vec::new();
+        for w in flagged.map(|(_, (_, w))| w).chain(outliers) {
+            if self.audits.flag(run, *w, until) {
+                raised.push((*w, norm_of(w)));
+            }
+        }
         let profile_of = |w: &WorkerId| sync.commits.get(w).map(|c| c.profile.as_str());
         let mut out = Vec::new();
         for (rank, w) in contributors {
@@ -1070,6 +1090,24 @@ impl Cluster {
             };
             let info = self.audits.open(info, digest, auditor, same, step);
             out.push((auditor, info));
+        }
+        if !raised.is_empty() {
+            let median = {
+                let mut n = norms;
+                n.sort_by(f64::total_cmp);
+                n.get(n.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
+            };
+            for (w, norm) in raised {
+                self.log(
+                    run,
+                    format!(
+                        "{w}'s contribution to step {step} is anomalous (norm {norm:.3e}, the \
+                         contributors' median {median:.3e}): audited at every sync for {} syncs \
+                         (an anomaly alone blames nobody)",
+                        super::audits::ANOMALY_SYNCS
+                    ),
+                );
+            }
         }
         out
     }
