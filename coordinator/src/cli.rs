@@ -1,9 +1,10 @@
 //! The `longhaul` command line.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -104,6 +105,10 @@ enum Command {
         file: PathBuf,
         #[arg(long, short)]
         follow: bool,
+        /// When stdout is not a terminal (CI logs, nohup): seconds between progress lines (a
+        /// line is also printed at every change of the run's state).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        every: u64,
     },
     /// List runs.
     Runs,
@@ -116,6 +121,10 @@ enum Command {
         run: RunId,
         #[arg(long, short)]
         follow: bool,
+        /// With -f and stdout not a terminal: seconds between status lines (and at every change
+        /// of the run's state).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        every: u64,
     },
     /// Stop a run.
     Stop {
@@ -385,7 +394,7 @@ fn rpc_err(e: tonic::Status) -> anyhow::Error {
 async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<ExitCode> {
     let json = conn.output == Output::Json;
     match command {
-        Command::Submit { file, follow } => {
+        Command::Submit { file, follow, every } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             // Check here first: the same validation the coordinator does, without a round trip.
@@ -403,7 +412,11 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
             } else {
                 eprintln!("submitted run {id}");
             }
-            if follow { follow_run(&mut c, RunId(id), json).await } else { Ok(ExitCode::SUCCESS) }
+            if follow {
+                follow_run(&mut c, RunId(id), json, Duration::from_secs(every)).await
+            } else {
+                Ok(ExitCode::SUCCESS)
+            }
         }
         Command::Runs => {
             let mut c = connect(conn, home)?;
@@ -546,7 +559,7 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Logs { run, follow } => {
+        Command::Logs { run, follow, every } => {
             let mut c = connect(conn, home)?;
             if !follow {
                 let r = c
@@ -563,9 +576,14 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                 .map_err(rpc_err)?
                 .into_inner();
             let mut last = None;
+            // On a terminal every event; in a log, one line per interval.
+            let mut throttle = (!json && !std::io::stdout().is_terminal())
+                .then(|| Throttle::new(Duration::from_secs(every)));
             while let Some(ev) = stream.message().await.map_err(rpc_err)? {
                 if let Some(pb::run_event::Event::Status(r)) = ev.event {
-                    print_event(&r, json);
+                    if throttle.as_mut().is_none_or(|t| t.due(Instant::now(), r.state)) {
+                        print_event(&r, json);
+                    }
                     last = Some(r.state);
                 }
             }
@@ -717,12 +735,54 @@ fn exit_for(state: Option<i32>) -> ExitCode {
     }
 }
 
-/// Live progress until the run ends; the exit code is the run's result.
-async fn follow_run(c: &mut Control, run: RunId, json: bool) -> Result<ExitCode> {
+/// When progress goes to a log rather than a terminal: whether a line is due, one per
+/// interval and one at every change of the run's state.
+struct Throttle {
+    every: Duration,
+    last: Option<(Instant, i32)>,
+}
+
+impl Throttle {
+    fn new(every: Duration) -> Self {
+        Self { every, last: None }
+    }
+
+    fn due(&mut self, now: Instant, state: i32) -> bool {
+        let due = self
+            .last
+            .is_none_or(|(at, s)| s != state || now.saturating_duration_since(at) >= self.every);
+        if due {
+            self.last = Some((now, state));
+        }
+        due
+    }
+}
+
+/// One run's progress in a line: the bar's message, and the line a log gets.
+fn progress(r: &pb::RunInfo) -> String {
+    format!(
+        "loss {} | acc {} | {:.0} tok/s | compute {} | ring {} | {} workers | epoch {} | params {} | {}",
+        r.loss.map(fmt_loss).unwrap_or_else(|| "-".into()),
+        percent(r.accuracy),
+        r.tokens_per_sec,
+        percent(Some(r.compute_utilisation)),
+        human_bytes(r.bytes_moved),
+        r.workers,
+        r.epoch,
+        if r.committed_hash.is_empty() { "-" } else { &r.committed_hash },
+        state_name(r.state)
+    )
+}
+
+/// Live progress until the run ends; the exit code is the run's result. On a terminal, a
+/// progress bar; otherwise (CI logs, nohup) one plain line per `every` and at every change of
+/// state, and the run's log lines as they come.
+async fn follow_run(c: &mut Control, run: RunId, json: bool, every: Duration) -> Result<ExitCode> {
     let mut stream =
         c.watch_run(pb::WatchRunRequest { run_id: run.0 }).await.map_err(rpc_err)?.into_inner();
     let bar = indicatif::ProgressBar::new(0);
-    if json {
+    let mut plain = (!json && !std::io::stdout().is_terminal()).then(|| Throttle::new(every));
+    if json || plain.is_some() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     bar.set_style(
@@ -741,6 +801,8 @@ async fn follow_run(c: &mut Control, run: RunId, json: bool) -> Result<ExitCode>
             Some(pb::run_event::Event::Log(line)) => {
                 if json {
                     println!("{}", serde_json::json!({ "unix_ms": ev.unix_ms, "log": line }));
+                } else if plain.is_some() {
+                    println!("{line}");
                 } else {
                     bar.println(line);
                 }
@@ -750,20 +812,13 @@ async fn follow_run(c: &mut Control, run: RunId, json: bool) -> Result<ExitCode>
         };
         bar.set_length(r.total_steps);
         bar.set_position(r.committed_step);
-        bar.set_message(format!(
-            "loss {} | acc {} | {:.0} tok/s | compute {} | ring {} | {} workers | epoch {} | params {} | {}",
-            r.loss.map(fmt_loss).unwrap_or_else(|| "-".into()),
-            percent(r.accuracy),
-            r.tokens_per_sec,
-            percent(Some(r.compute_utilisation)),
-            human_bytes(r.bytes_moved),
-            r.workers,
-            r.epoch,
-            if r.committed_hash.is_empty() { "-" } else { &r.committed_hash },
-            state_name(r.state)
-        ));
+        bar.set_message(progress(&r));
         if json {
             println!("{}", run_json(&r));
+        } else if let Some(t) = plain.as_mut()
+            && t.due(Instant::now(), r.state)
+        {
+            println!("run {run} step {}/{} | {}", r.committed_step, r.total_steps, progress(&r));
         }
         last = Some(r);
     }
@@ -778,6 +833,16 @@ async fn follow_run(c: &mut Control, run: RunId, json: bool) -> Result<ExitCode>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_gets_one_progress_line_per_interval_and_one_per_state_change() {
+        let mut t = Throttle::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let lines: Vec<u64> =
+            (0..35).filter(|s| t.due(at(*s), if *s < 32 { 1 } else { 3 })).collect();
+        assert_eq!(lines, vec![0, 10, 20, 30, 32], "every 10 s, and when the state changed");
+    }
 
     #[test]
     fn figures_read_well() {

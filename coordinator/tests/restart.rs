@@ -207,7 +207,7 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
         .args(["submit", short.to_str().unwrap(), "--follow"])
         .env("LONGHAUL_HOME", home.path())
         .env("LONGHAUL_COORDINATOR", &url)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -224,6 +224,10 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
         tokio::task::spawn_blocking(move || follow.wait_with_output().unwrap()).await.unwrap();
     assert!(status.status.success(), "--follow exits 0 on completion: {status:?}");
     assert!(String::from_utf8_lossy(&status.stderr).contains("completed"));
+    // Its stdout is not a terminal: plain progress lines, the last one at the run's end.
+    let out = String::from_utf8_lossy(&status.stdout);
+    let last = out.lines().rfind(|l| l.starts_with("run ")).unwrap_or_default();
+    assert!(last.contains("step 3/3") && last.ends_with("completed"), "{out}");
     ha.abort();
     server.kill().unwrap();
     server.wait().unwrap();
