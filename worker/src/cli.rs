@@ -84,8 +84,10 @@ struct Opts {
     #[arg(long, global = true, env = "LONGHAUL_HOST")]
     host: Option<String>,
     /// Fault injection for chaos and adversary tests: corrupt what this worker sends on the
-    /// ring (nan, huge, zero, replay: an earlier contribution again, or lie:<factor>: scaled
-    /// after declaring the honest norms) from step `--fault-poison-after` on.
+    /// ring (nan, huge, zero, replay: an earlier contribution again, half or half/<every>: the
+    /// gradient of half its batch as the whole's, always or at every `every`-th step, or
+    /// lie:<factor>: scaled after declaring the honest norms) from step `--fault-poison-after`
+    /// on.
     #[arg(long, global = true, env = "LONGHAUL_FAULT_POISON", hide = true,
           value_parser = crate::trainer::PoisonKind::parse)]
     fault_poison: Option<crate::trainer::PoisonKind>,

@@ -402,6 +402,10 @@ async fn adversary_ddp() {
             vec![("x1", args(&["--fault-poison", "half", "--fault-poison-after", "0"]))],
         ),
         (
+            "a member trains on half its batch at every fifth sync only (ddp)",
+            vec![("x1", args(&["--fault-poison", "half/5", "--fault-poison-after", "0"]))],
+        ),
+        (
             "an auditor answers every audit with a wrong digest (ddp)",
             vec![("x1", args(&["--fault-attack", "audit-lie"]))],
         ),
@@ -421,7 +425,7 @@ async fn adversary_ddp() {
         // Half the work for full credit: audits recompute its contributions, two auditors
         // agree against it, and its second strike evicts it. Nothing else could catch it: its
         // commitment is honest about its inputs and its norm.
-        if what.contains("half its batch") {
+        if what.contains("half its batch and commits") {
             let x1 = out.workers.iter().find(|w| w.host == "x1").expect("x1 in the ledger");
             let strikes = out.logs.iter().filter(|l| l.contains("a strike for worker-")).count();
             println!(
@@ -431,6 +435,21 @@ async fn adversary_ddp() {
             assert!(x1.strikes >= 2 && !x1.banned_from.is_empty(), "{what}: not evicted: {x1:?}");
             assert_eq!(x1.audits_passed, 0, "{what}: an audit passed a cheated contribution");
             assert!(strikes >= 2, "{what}: {strikes} strikes in the run's log");
+        }
+        // Cheating on a fifth of its syncs: on probation (its first 20 contributions audited
+        // at 0.5) each sync catches it with probability 0.1, then 0.01; the first strike makes
+        // it audited at every sync, so its next cheat is the second. Caught within the run's
+        // 600 syncs with probability 1 - 0.9^20 * 0.99^580, about 99.96 %.
+        if what.contains("every fifth sync") {
+            let x1 = out.workers.iter().find(|w| w.host == "x1").expect("x1 in the ledger");
+            let predicted = 1.0 - 0.9f64.powi(20) * 0.99f64.powi(580);
+            println!(
+                "  caught: {} strikes, banned from {:?} (predicted within 600 syncs: {:.2} %)",
+                x1.strikes,
+                x1.banned_from,
+                100.0 * predicted
+            );
+            assert!(x1.strikes >= 2 && !x1.banned_from.is_empty(), "{what}: not evicted: {x1:?}");
         }
         // A framing auditor: a second auditor finds the committed digest every time, so the
         // honest members pass (the scenario checks that none was struck) and the liar is the

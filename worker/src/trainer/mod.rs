@@ -343,26 +343,37 @@ pub enum PoisonKind {
     /// its commitment's digest is the one it committed before.
     Replay,
     /// ddp: the gradient of the first half of its batch, committed as the whole batch's (half
-    /// the work for full credit; its commitment is honest about everything else): audits catch
-    /// it.
-    Half,
+    /// the work for full credit; its commitment is honest about everything else), at every
+    /// `every`-th step (1: always; 5: a fifth of its syncs): audits catch it.
+    Half { every: u64 },
 }
 
 impl PoisonKind {
-    /// Reads `nan`, `huge`, `zero` or `lie:<factor>` (for example `lie:-999`).
+    /// Reads `nan`, `huge`, `zero`, `replay`, `half`, `half/<every>` (for example `half/5`) or
+    /// `lie:<factor>` (for example `lie:-999`).
     pub fn parse(s: &str) -> Result<Self, String> {
         match s {
             "nan" => Ok(Self::Nan),
             "huge" => Ok(Self::Huge),
             "zero" => Ok(Self::Zero),
             "replay" => Ok(Self::Replay),
-            "half" => Ok(Self::Half),
-            other => match other.strip_prefix("lie:").map(str::parse::<f32>) {
-                Some(Ok(f)) if f.is_finite() => Ok(Self::Lie(f)),
-                _ => Err(format!(
-                    "unknown poison {other:?}: nan, huge, zero, replay, half or lie:<factor>"
-                )),
-            },
+            "half" => Ok(Self::Half { every: 1 }),
+            other => {
+                if let Some(Ok(f)) = other.strip_prefix("lie:").map(str::parse::<f32>)
+                    && f.is_finite()
+                {
+                    return Ok(Self::Lie(f));
+                }
+                if let Some(Ok(every)) = other.strip_prefix("half/").map(str::parse::<u64>)
+                    && every > 0
+                {
+                    return Ok(Self::Half { every });
+                }
+                Err(format!(
+                    "unknown poison {other:?}: nan, huge, zero, replay, half, half/<every> or \
+                     lie:<factor>"
+                ))
+            }
         }
     }
 }
@@ -511,8 +522,10 @@ impl Trainer {
         }
         let half;
         let trained = match self.poison {
-            Some(Poison { after_step, kind: PoisonKind::Half })
-                if self.step >= after_step && batch.samples > 1 =>
+            Some(Poison { after_step, kind: PoisonKind::Half { every } })
+                if self.step >= after_step
+                    && batch.samples > 1
+                    && (self.step + 1).is_multiple_of(every) =>
             {
                 half = batch.head(batch.samples / 2);
                 &half
@@ -736,7 +749,7 @@ impl Trainer {
                 PoisonKind::Nan => buf.iter_mut().for_each(|v| *v = f32::NAN),
                 PoisonKind::Huge => buf.iter_mut().for_each(|v| *v *= 1e30),
                 PoisonKind::Zero => buf.iter_mut().for_each(|v| *v = 0.0),
-                PoisonKind::Lie(_) | PoisonKind::Replay | PoisonKind::Half => {}
+                PoisonKind::Lie(_) | PoisonKind::Replay | PoisonKind::Half { .. } => {}
             },
             _ => {}
         }
@@ -1143,6 +1156,9 @@ mod tests {
         assert!(PoisonKind::parse("lie:x").is_err());
         assert!(PoisonKind::parse("fast").is_err());
         assert_eq!(PoisonKind::parse("replay"), Ok(PoisonKind::Replay));
+        assert_eq!(PoisonKind::parse("half"), Ok(PoisonKind::Half { every: 1 }));
+        assert_eq!(PoisonKind::parse("half/5"), Ok(PoisonKind::Half { every: 5 }));
+        assert!(PoisonKind::parse("half/0").is_err());
     }
 
     /// Audits depend on it: the same state and the same batch give the same gradient bits, in
