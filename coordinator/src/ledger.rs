@@ -54,8 +54,8 @@ pub struct RunSummary {
     pub committed_step: u64,
     pub total_steps: u64,
     /// The escrow window in steps (`verification.escrow_syncs` syncs): a sync's credit is
-    /// final once the run is this many steps past it, or has ended, with no strike of the
-    /// member meanwhile.
+    /// final once the run is this many steps past it plus the 4 syncs an audit's verdict can
+    /// take, or has ended, with no strike of the member in the window.
     #[serde(default)]
     pub escrow_steps: u64,
     /// Whether the run has ended (no audit can come any more: what is in escrow is final).
@@ -191,6 +191,15 @@ pub fn build(
         last.insert((c.step, c.worker), c);
     }
     last.retain(|(step, _), _| *step <= run.committed_step);
+    // A step is recorded by its last attempt (an abandoned one is retried in a later epoch, and
+    // a recorded step is never attempted again): commitments to earlier attempts of a step,
+    // by members the retry went on without, were never applied.
+    let mut last_epoch: BTreeMap<u64, u64> = BTreeMap::new();
+    for c in last.values() {
+        let e = last_epoch.entry(c.step).or_default();
+        *e = (*e).max(c.epoch.0);
+    }
+    last.retain(|(step, _), c| last_epoch.get(step) == Some(&c.epoch.0));
     // The last sync each worker committed to: an evicted one's eviction came right after it.
     let mut last_step: BTreeMap<WorkerId, u64> = BTreeMap::new();
     for (step, w) in last.keys() {
@@ -198,12 +207,15 @@ pub fn build(
     }
     let credit = |w: WorkerId, step: u64| -> &'static str {
         let escrow_ends = step.saturating_add(run.escrow_steps);
+        // A strike of a sync in the window is decided up to AUDIT_SYNCS later: only then is
+        // the credit final (it never goes from final to forfeited).
+        let settled = escrow_ends.saturating_add(crate::cluster::audits::AUDIT_SYNCS);
         let strikes = struck.get(&w).map_or(&[][..], Vec::as_slice);
         if strikes.iter().any(|t| (step..=escrow_ends).contains(t))
             || (evicted.contains(&w) && last_step.get(&w).is_some_and(|l| *l <= escrow_ends))
         {
             "forfeited"
-        } else if run.finished || escrow_ends <= run.committed_step {
+        } else if run.finished || settled <= run.committed_step {
             "final"
         } else {
             "provisional"
@@ -458,6 +470,11 @@ mod tests {
 
     fn ledger() -> Ledger {
         let commitments = vec![
+            // An attempt at step 1 abandoned (epoch 0) and retried without worker 3.
+            CommitmentRecord {
+                epoch: Epoch(0),
+                ..record(1, 3, Verdict::Accepted { coefficient: 1.0 })
+            },
             // An abandoned plan's verdict, superseded by the last one below.
             record(2, 2, Verdict::Accepted { coefficient: 0.5 }),
             record(1, 1, Verdict::Accepted { coefficient: 0.5 }),
@@ -516,10 +533,11 @@ mod tests {
         };
         let l = build(run(false), 0, &commitments, std::slice::from_ref(&strike), &[]);
         let (w1, w2) = (&l.workers[0], &l.workers[1]);
-        // Steps 1..=25 are past the window (25 + 5 <= 30); 26..=30 are in it.
-        assert_eq!((w1.credit_final, w1.credit_provisional, w1.credit_forfeited), (250, 50, 0));
-        // The strike at 20 forfeits 15..=20; 21..=25 are final, 26..=30 in escrow.
-        assert_eq!((w2.credit_final, w2.credit_provisional, w2.credit_forfeited), (190, 50, 60));
+        // Steps 1..=21 are past the window and a verdict's delay (21 + 5 + 4 <= 30); 22..=30
+        // are in it.
+        assert_eq!((w1.credit_final, w1.credit_provisional, w1.credit_forfeited), (210, 90, 0));
+        // The strike at 20 forfeits 15..=20; 1..=14 and 21 are final, 22..=30 in escrow.
+        assert_eq!((w2.credit_final, w2.credit_provisional, w2.credit_forfeited), (150, 90, 60));
         let row = |step, w| l.syncs.iter().find(|r| r.step == step && r.worker == w).unwrap();
         assert_eq!(
             (row(14, 2).credit.as_str(), row(15, 2).credit.as_str()),
@@ -562,6 +580,7 @@ mod tests {
         assert_eq!((w1.worker, w1.syncs_committed, w1.syncs_applied), (1, 2, 2));
         assert_eq!((w1.samples_claimed, w1.samples_verified, w1.audits_passed), (20, 20, 1));
         assert_eq!(w1.effective_weight, 1.5);
+        assert!(l.workers.iter().all(|w| w.worker != 3), "an abandoned attempt applied nothing");
         let w2 = &l.workers[1];
         assert_eq!((w2.syncs_applied, w2.samples_verified, w2.audits_performed), (1, 10, 1));
         assert_eq!(w2.syncs_excluded.get("auditing"), Some(&1));

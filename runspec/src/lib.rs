@@ -921,13 +921,22 @@ fn validate_verification(
              also depends on the member's own inner optimizer state)",
         ));
     }
+    let require_profile = v.require_profile.unwrap_or(false);
+    if require_profile && audit_probability == 0.0 && probation_probability == 0.0 {
+        return Err(invalid(
+            "verification.require_profile",
+            require_profile,
+            "false in a run without audits (it refuses contributions no auditor could \
+             recompute; set audit_probability or probation_probability above 0)",
+        ));
+    }
     Ok(Verification {
         audit_probability,
         probation_probability,
         probation_syncs,
         strikes_to_evict,
         escrow_syncs,
-        require_profile: v.require_profile.unwrap_or(false),
+        require_profile,
     })
 }
 
@@ -1339,6 +1348,12 @@ mod tests {
         ))
         .unwrap();
         assert!(strict.verification.require_profile);
+        let pointless = as_ddp
+            .replacen("# require_profile = false", "require_profile = true", 1)
+            .replacen("# audit_probability = 0.05", "audit_probability = 0.0", 1)
+            .replacen("# probation_probability = 0.5", "probation_probability = 0.0", 1);
+        let err = RunSpec::parse(&pointless).unwrap_err();
+        assert_eq!(err.field(), Some("verification.require_profile"), "{err}");
         check(
             "# audit_probability = 0.05",
             "audit_probability = 0.1",

@@ -496,6 +496,13 @@ impl Driver {
     fn start_run(&mut self, e: &EpochInfo) -> Result<RunCtx, StartError> {
         let spec = RunSpec::parse(&e.run_toml).map_err(|err| anyhow!("run file: {err}"))?;
         let device = plan::device(self.cfg.device).map_err(|m| anyhow!(m))?;
+        if spec.verification.require_profile && device != tch::Device::Cpu {
+            return Err(anyhow!(
+                "the run takes only contributions an auditor can recompute \
+                 (verification.require_profile), and a CUDA worker's cannot be audited yet"
+            )
+            .into());
+        }
         let format = ShardFormat::of(&spec);
         let mut feeder =
             Feeder::new(format, spec.seed, spec.seq_len as usize, &self.cfg, &self.identity);

@@ -158,8 +158,12 @@ pub const ANOMALY_FACTOR: f64 = 10.0;
 /// Which of the included contributors' norms are anomalous (see [`ANOMALY_FACTOR`]). An anomaly
 /// raises the member's audit chance and nothing else: statistics never evict.
 pub fn anomalous(norms: &[f64]) -> Vec<bool> {
-    let Some(m) = median(norms.to_vec()) else { return Vec::new() };
-    norms.iter().map(|n| *n > ANOMALY_FACTOR * m || *n < m / ANOMALY_FACTOR).collect()
+    match median(norms.to_vec()) {
+        Some(m) if m.is_finite() && m > 0.0 => {
+            norms.iter().map(|n| *n > ANOMALY_FACTOR * m || *n < m / ANOMALY_FACTOR).collect()
+        }
+        _ => vec![false; norms.len()],
+    }
 }
 
 #[cfg(test)]
@@ -227,6 +231,8 @@ mod tests {
         // A scaled-up update and a shrunken one.
         assert_eq!(anomalous(&[1.0, 1.1, 0.9, 12.0, 0.05]), vec![false, false, false, true, true]);
         assert!(anomalous(&[]).is_empty());
+        // A median of zero (liars declaring nothing) flags nobody.
+        assert_eq!(anomalous(&[0.0, 0.0, 1.0]), vec![false; 3]);
     }
 
     #[test]

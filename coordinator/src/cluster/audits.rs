@@ -53,10 +53,6 @@ pub const AUDIT_SYNCS: u64 = 4;
 /// syncs.
 pub const HOT_SYNCS: u64 = 50;
 
-/// After an anomalous contribution (a norm far from the sync's median), the member is audited
-/// at every sync for this many syncs, that one included.
-pub const ANOMALY_SYNCS: u64 = 10;
-
 /// An audit's id.
 pub type AuditId = u64;
 

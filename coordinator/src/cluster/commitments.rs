@@ -234,7 +234,10 @@ pub fn check(
     }
     let declared = total_norm(&claim.segment_norms);
     let norm = f64::from(claim.norm);
-    if !norm.is_finite() || (norm - declared).abs() > 1e-3 * declared.max(1e-30) + 1e-6 {
+    if !norm.is_finite()
+        || norm < 0.0
+        || (norm - declared).abs() > 1e-3 * declared.max(1e-30) + 1e-6
+    {
         return Err(format!(
             "its norm {norm:.6e} contradicts its segment norms (together {declared:.6e})"
         ));

@@ -1365,7 +1365,7 @@ fn a_restart_forgives_no_strike_no_claimed_data_and_no_profile() {
         granted: true,
         shared: false,
     };
-    let mut claimed = claim(vec![1.0], None);
+    let mut claimed = claim(vec![1.0], Some(hash_of(7)));
     claimed.spans = vec![span.clone()];
     claimed.samples = 8;
     claimed.digest = Some([5; 32]);

@@ -809,13 +809,7 @@ impl Cluster {
             .filter(|(rank, _)| plan.excluded[*rank].is_none())
             .map(|(rank, w)| (rank, *w))
             .collect();
-        let outliers: Vec<WorkerId> = members
-            .iter()
-            .enumerate()
-            .filter(|(rank, _)| matches!(plan.excluded[*rank], Some(Exclusion::Outlier { .. })))
-            .map(|(_, w)| *w)
-            .collect();
-        let audits = self.draw_audits(run, step, &included, &outliers);
+        let audits = self.draw_audits(run, step, &included);
         let sync = self.syncs.get_mut(&run).expect("issue_plan for a run with a sync");
         sync.plan = Some(info.clone());
         sync.rounds += 1;
@@ -997,8 +991,11 @@ impl Cluster {
             if matches!(c.verdict, Verdict::Accepted { .. }) {
                 self.claims.entry((run, c.worker)).or_default().accept(c.step, &c.claim);
                 self.digests.entry(run).or_default().accept(c.worker, c.step, &c.claim);
-                // The draw counts accepted contributions that name a profile.
-                if !c.claim.profile.is_empty() {
+                // The draw counts accepted contributions it could audit (see `draw_audits`).
+                if !c.claim.profile.is_empty()
+                    && c.claim.digest.is_some()
+                    && c.claim.start_hash.is_some()
+                {
                     contributed.push(c.worker);
                 }
             }
@@ -1022,15 +1019,15 @@ impl Cluster {
     /// Draws which of `contributors` (rank, member) of the sync at `step` are audited, and
     /// gives each drawn one to an auditor: another member of the sync (it holds the state the
     /// contribution was trained from) with the same profile and no audit in hand. At least one
-    /// member of the ring keeps training. A member whose norm is anomalous (far from the
-    /// contributors' median, or `outliers`, left out for it) is audited at every sync for
-    /// [`ANOMALY_SYNCS`](super::audits::ANOMALY_SYNCS) syncs, this one included.
+    /// member of the ring keeps training. A contribution whose norm is anomalous (far from the
+    /// contributors' median, `aggregate::anomalous`) is audited for certain: a scaled update is
+    /// caught by the recomputation itself, and nothing lingers for a liar to aim at honest
+    /// members' compute.
     fn draw_audits(
         &mut self,
         run: RunId,
         step: u64,
         contributors: &[(usize, WorkerId)],
-        outliers: &[WorkerId],
     ) -> Vec<(WorkerId, AuditInfo)> {
         let Some(policy) = self.audit_policy(run) else { return vec![] };
         for dropped in self.audits.expire(run, step) {
@@ -1045,17 +1042,19 @@ impl Cluster {
             );
         }
         let Some(sync) = self.syncs.get(&run) else { return vec![] };
-        let norm_of = |w: &WorkerId| sync.commits.get(w).map_or(0.0, |c| f64::from(c.norm));
+        let norm_of = |w: &WorkerId| {
+            sync.commits.get(w).map_or(0.0, |c| aggregate::total_norm(&c.segment_norms))
+        };
         let norms: Vec<f64> = contributors.iter().map(|(_, w)| norm_of(w)).collect();
         let flagged =
             aggregate::anomalous(&norms).into_iter().zip(contributors).filter(|(a, _)| *a);
-        let until = step + super::audits::ANOMALY_SYNCS - 1;
         let mut raised = Vec::new();
-        for w in flagged.map(|(_, (_, w))| w).chain(outliers) {
-            if self.audits.flag(run, *w, until) {
+        for (_, (_, w)) in flagged {
+            if self.audits.flag(run, *w, step) {
                 raised.push((*w, norm_of(w)));
             }
         }
+        let mut unauditable = Vec::new();
         let profile_of = |w: &WorkerId| sync.commits.get(w).map(|c| c.profile.as_str());
         let mut out = Vec::new();
         for (rank, w) in contributors {
@@ -1078,6 +1077,9 @@ impl Cluster {
                 .collect();
             let candidates: Vec<WorkerId> =
                 same.iter().filter(|m| self.audits.available(run, **m, step)).copied().collect();
+            if same.is_empty() {
+                unauditable.push((*w, claim.profile.clone()));
+            }
             let Some(auditor) = self.audits.pick(run, step, *w, 0, &candidates) else { continue };
             let info = AuditInfo {
                 run,
@@ -1102,12 +1104,20 @@ impl Cluster {
                     run,
                     format!(
                         "{w}'s contribution to step {step} is anomalous (norm {norm:.3e}, the \
-                         contributors' median {median:.3e}): audited at every sync for {} syncs \
-                         (an anomaly alone blames nobody)",
-                        super::audits::ANOMALY_SYNCS
+                         contributors' median {median:.3e}): it is audited (an anomaly alone \
+                         blames nobody)"
                     ),
                 );
             }
+        }
+        for (w, profile) in unauditable {
+            self.log_once(
+                run,
+                format!(
+                    "{w}'s contributions cannot be audited: no other member of the ring shares \
+                     its reproducibility profile ({profile})"
+                ),
+            );
         }
         out
     }
