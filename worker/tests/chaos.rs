@@ -80,7 +80,15 @@ async fn chaos_kill_a_random_worker_every_15s_with_replacements() {
         .map(|i| Worker::spawn(worker_bin(), dir.path(), &format!("w{i}"), &c, &token, &[]))
         .collect();
     c.wait_workers(3, Duration::from_secs(120)).await;
-    let run = c.submit(&run_file(2, 3, 7000, DILOCO)).await;
+    // Every kill spends one restart of the run's budget, and how far the run gets per kill
+    // depends on the machine's speed: the budget must outlast every kill the schedule can make
+    // (about 12 in 3 minutes), or a slow machine fails the run for its budget, not for a bug.
+    let file = run_file(2, 3, 7000, DILOCO).replacen(
+        "[checkpoint]",
+        "restart_budget = 100\n[checkpoint]",
+        1,
+    );
+    let run = c.submit(&file).await;
     c.wait_run(run, Duration::from_secs(120), "3 workers training", |r| {
         r.workers == 3 && r.committed_step >= 50
     })
