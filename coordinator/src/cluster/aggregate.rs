@@ -92,7 +92,7 @@ pub fn total_norm(segment_norms: &[f32]) -> f64 {
 }
 
 /// The median of `values` (the lower one for an even count, the smaller of two).
-fn median(mut values: Vec<f64>) -> Option<f64> {
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
     values.sort_by(f64::total_cmp);
     match values.len() {
         0 => None,

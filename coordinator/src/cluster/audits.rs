@@ -246,8 +246,8 @@ impl Book {
         }
     }
 
-    /// Raises `w`'s audit chance to 1 up to sync `until` (an anomaly); true if it was not
-    /// already that high.
+    /// Raises `w`'s audit chance to 1 up to sync `until` (a strike, a wrong or inconclusive
+    /// answer, an anomaly); true if it was not already that high.
     pub fn flag(&mut self, run: RunId, w: WorkerId, until: u64) -> bool {
         let s = self.standing_mut(run, w);
         let newly = s.hot_until < until;
@@ -451,22 +451,19 @@ impl Book {
                     self.standing_mut(run, *a).performed += 1;
                 }
                 if let Some(w) = wrong {
-                    let s = self.standing_mut(run, *w);
-                    s.wrong += 1;
-                    s.hot_until = s.hot_until.max(now_step + HOT_SYNCS);
+                    self.standing_mut(run, *w).wrong += 1;
+                    self.flag(run, *w, now_step + HOT_SYNCS);
                 }
             }
             Decision::Struck { target, auditors } => {
-                let s = self.standing_mut(run, *target);
-                s.strikes += 1;
-                s.hot_until = s.hot_until.max(now_step + HOT_SYNCS);
+                self.standing_mut(run, *target).strikes += 1;
+                self.flag(run, *target, now_step + HOT_SYNCS);
                 for a in auditors {
                     self.standing_mut(run, *a).performed += 1;
                 }
             }
             Decision::Inconclusive { target, .. } => {
-                let s = self.standing_mut(run, *target);
-                s.hot_until = s.hot_until.max(now_step + HOT_SYNCS);
+                self.flag(run, *target, now_step + HOT_SYNCS);
             }
             Decision::Dropped { .. } => {}
         }

@@ -56,6 +56,12 @@ pub struct Claim {
 }
 
 impl Claim {
+    /// Whether an auditor could recompute it: it names its start state, its digest and a
+    /// reproducibility profile (the draw counts and audits only these).
+    pub fn recomputable(&self) -> bool {
+        self.start_hash.is_some() && self.digest.is_some() && !self.profile.is_empty()
+    }
+
     /// A claim of segment norms alone (what members committed before commitments had inputs).
     pub fn norms(segment_norms: Vec<f32>) -> Self {
         Self {
@@ -85,6 +91,14 @@ pub struct Span {
     /// A shared lease (its reading order is the reader's own).
     #[serde(default)]
     pub shared: bool,
+}
+
+#[cfg(test)]
+impl Span {
+    /// Samples `[from, to)` of `shard` under lease `lease`, granted (for tests).
+    pub(crate) fn granted(lease: u64, shard: u32, from: u64, to: u64) -> Self {
+        Self { lease: LeaseId(lease), shard, data_epoch: 0, from, to, granted: true, shared: false }
+    }
 }
 
 /// What the coordinator knows when it checks a claim to the sync at some step.
@@ -323,15 +337,7 @@ mod tests {
     const H: ParamHash = ParamHash(0xabcd);
 
     fn span(lease: u64, from: u64, to: u64) -> Span {
-        Span {
-            lease: LeaseId(lease),
-            shard: 3,
-            data_epoch: 0,
-            from,
-            to,
-            granted: true,
-            shared: false,
-        }
+        Span::granted(lease, 3, from, to)
     }
 
     fn honest() -> Claim {

@@ -1356,15 +1356,7 @@ fn a_restart_forgives_no_strike_no_claimed_data_and_no_profile() {
     // What the store holds beside the harness's own records: an accepted claim of `a` naming
     // data, a digest and a profile, and two auditors agreeing it was not what `a` committed.
     let step = net.step(run) + 100;
-    let span = Span {
-        lease: LeaseId(7),
-        shard: 0,
-        data_epoch: 0,
-        from: 0,
-        to: 8,
-        granted: true,
-        shared: false,
-    };
+    let span = Span::granted(7, 0, 0, 8);
     let mut claimed = claim(vec![1.0], Some(hash_of(7)));
     claimed.spans = vec![span.clone()];
     claimed.samples = 8;

@@ -992,10 +992,7 @@ impl Cluster {
                 self.claims.entry((run, c.worker)).or_default().accept(c.step, &c.claim);
                 self.digests.entry(run).or_default().accept(c.worker, c.step, &c.claim);
                 // The draw counts accepted contributions it could audit (see `draw_audits`).
-                if !c.claim.profile.is_empty()
-                    && c.claim.digest.is_some()
-                    && c.claim.start_hash.is_some()
-                {
+                if c.claim.recomputable() {
                     contributed.push(c.worker);
                 }
             }
@@ -1058,13 +1055,13 @@ impl Cluster {
         let profile_of = |w: &WorkerId| sync.commits.get(w).map(|c| c.profile.as_str());
         let mut out = Vec::new();
         for (rank, w) in contributors {
-            let Some(claim) = sync.commits.get(w) else { continue };
+            let Some(claim) = sync.commits.get(w).filter(|c| c.recomputable()) else { continue };
+            if !self.audits.draw(&policy, run, *w, step) {
+                continue;
+            }
             let (Some(digest), Some(start_hash)) = (claim.digest, claim.start_hash) else {
                 continue;
             };
-            if claim.profile.is_empty() || !self.audits.draw(&policy, run, *w, step) {
-                continue;
-            }
             let members = &sync.members;
             let in_hand = members.iter().filter(|m| self.audits.in_hand(run, **m, step)).count();
             if in_hand + 1 >= members.len() {
@@ -1094,11 +1091,7 @@ impl Cluster {
             out.push((auditor, info));
         }
         if !raised.is_empty() {
-            let median = {
-                let mut n = norms;
-                n.sort_by(f64::total_cmp);
-                n.get(n.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
-            };
+            let median = aggregate::median(norms).unwrap_or(0.0);
             for (w, norm) in raised {
                 self.log(
                     run,
@@ -1319,22 +1312,13 @@ fn describe(reports: &BTreeMap<WorkerId, impl std::fmt::Display>) -> String {
 mod tests {
     use super::*;
     use crate::cluster::commitments::Span;
-    use proto::LeaseId;
 
     /// In a run with audits, what would make a claim unauditable is refused: no digest, no data,
     /// or a profile other than the one the member first committed under (a cheater switching
     /// profiles, or going silent about its digest, in the syncs it cheats).
     #[test]
     fn an_unauditable_claim_is_refused_only_in_a_run_with_audits() {
-        let span = Span {
-            lease: LeaseId(1),
-            shard: 0,
-            data_epoch: 0,
-            from: 0,
-            to: 8,
-            granted: true,
-            shared: false,
-        };
+        let span = Span::granted(1, 0, 0, 8);
         let honest = Claim {
             spans: vec![span],
             digest: Some([1; 32]),
