@@ -19,6 +19,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+/// The prefix of dashboard viewer tokens ([`Pki::viewer_token`]).
+pub const VIEWER_PREFIX: &str = "lh_view_";
+
 /// How long a worker certificate is valid. Workers rejoin (with a token) to renew.
 pub const WORKER_CERT_DAYS: i64 = 30;
 
@@ -235,6 +238,36 @@ impl Pki {
             mac.update(&v.to_le_bytes());
         }
         hex(&mac.finalize().into_bytes()[..16])
+    }
+
+    /// A read-only dashboard credential valid until `expires_ms` (Unix ms):
+    /// `lh_view_<expires_ms>_<MAC>`, the MAC under a key derived from the grant key. Stateless:
+    /// nothing is stored, and it cannot be revoked before it expires (keep lifetimes short).
+    pub fn viewer_token(&self, expires_ms: u64) -> String {
+        format!("{VIEWER_PREFIX}{expires_ms}_{}", self.viewer_mac(expires_ms))
+    }
+
+    /// When `token` expires (Unix ms), if it is a viewer token this coordinator issued that has
+    /// not expired at `now_ms` (the MAC compared in constant time); `None` otherwise.
+    pub fn viewer_expiry(&self, token: &str, now_ms: u64) -> Option<u64> {
+        let (expires, mac) = token.strip_prefix(VIEWER_PREFIX)?.split_once('_')?;
+        // Digits only: `u64::from_str` would also take a leading '+', a second spelling of the
+        // same expiry.
+        if expires.is_empty() || expires.len() > 20 || !expires.bytes().all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        let expires = expires.parse::<u64>().ok()?;
+        (hashes_equal(self.viewer_mac(expires).as_bytes(), mac.as_bytes()) && now_ms < expires)
+            .then_some(expires)
+    }
+
+    fn viewer_mac(&self, expires_ms: u64) -> String {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.grant_key).expect("HMAC takes any key length");
+        mac.update(b"longhaul viewer token v1\0");
+        mac.update(&expires_ms.to_le_bytes());
+        hex(&mac.finalize().into_bytes())
     }
 
     /// Whether `grant` is the grant of `g` (in constant time).

@@ -17,6 +17,7 @@ use runspec::{self, RunSpec};
 
 use crate::ca::read_ca_der;
 use crate::server::{self, ServerConfig};
+use crate::views::{self, liveness_name, run_json, state_name};
 
 /// longhaul: train one model on GPUs scattered across the internet.
 #[derive(Debug, Parser)]
@@ -62,6 +63,11 @@ enum Command {
         /// Prometheus /metrics and /healthz listen address (plain HTTP).
         #[arg(long, env = "LONGHAUL_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
         metrics_listen: SocketAddr,
+        /// Serve the web dashboard on this address (off unless given): plain HTTP on a loopback
+        /// address, HTTPS with the coordinator's certificate on any other. It asks for the
+        /// admin credential or a viewer token (`longhaul token create --viewer`).
+        #[arg(long, env = "LONGHAUL_DASHBOARD_LISTEN")]
+        dashboard_listen: Option<SocketAddr>,
         /// Serve shard bytes over HTTPS (mutual TLS) on this address, so workers need no shared
         /// filesystem; lease responses then carry each shard's URL. Off unless given.
         #[arg(long, env = "LONGHAUL_SHARDS_LISTEN")]
@@ -162,8 +168,13 @@ enum LedgerCommand {
 
 #[derive(Debug, Subcommand)]
 enum TokenCommand {
-    /// Create a join token.
+    /// Create a join token for workers, or with --viewer a read-only token for the web
+    /// dashboard.
     Create {
+        /// A viewer token: it reads the dashboard (runs, workers, metrics, logs) and nothing
+        /// else; it cannot be revoked before it expires.
+        #[arg(long, conflicts_with = "uses")]
+        viewer: bool,
         /// Lifetime: 90s, 30m, 12h, 7d.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
@@ -271,6 +282,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve {
             listen,
             metrics_listen,
+            dashboard_listen,
             shards_listen,
             shards_url,
             names,
@@ -308,16 +320,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ),
                     None => None,
                 };
+                let dashboard = match dashboard_listen {
+                    Some(a) => Some(
+                        tokio::net::TcpListener::bind(a)
+                            .await
+                            .with_context(|| format!("binding {a}"))?,
+                    ),
+                    None => None,
+                };
                 eprintln!(
-                    "longhaul coordinator on {} (metrics on http://{}{})",
+                    "longhaul coordinator on {} (metrics on http://{}{}{})",
                     listener.local_addr()?,
                     metrics.local_addr()?,
                     match &shards {
                         Some(s) => format!(", shards over HTTPS on {}", s.local_addr()?),
                         None => String::new(),
+                    },
+                    match &dashboard {
+                        Some(d) => {
+                            let a = d.local_addr()?;
+                            let scheme = if a.ip().is_loopback() { "http" } else { "https" };
+                            format!(", dashboard on {scheme}://{a}/")
+                        }
+                        None => String::new(),
                     }
                 );
-                let listeners = server::Listeners { api: listener, metrics: Some(metrics), shards };
+                let listeners =
+                    server::Listeners { api: listener, metrics: Some(metrics), shards, dashboard };
                 server::run(listeners, config, shutdown_signal()).await?;
                 Ok(ExitCode::SUCCESS)
             })
@@ -505,24 +534,7 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                 after = page.next_after;
             }
             if json {
-                let v: Vec<_> = ws
-                    .iter()
-                    .map(|w| {
-                        serde_json::json!({
-                            "worker_id": w.worker_id, "name": w.name, "host": w.host, "ring_addr": w.ring_addr,
-                            "liveness": liveness_name(w.liveness), "run_id": w.run_id,
-                            "last_heartbeat_unix_ms": w.last_heartbeat_unix_ms, "samples": w.samples,
-                            "steps": w.steps, "bytes": w.bytes, "uptime_ms": w.uptime_ms,
-                            "joined_unix_ms": w.joined_unix_ms, "loss": w.loss,
-                            "param_hash": w.param_hash, "compute_utilisation": w.compute_utilisation,
-                            "syncs": w.syncs, "excluded": w.excluded, "verified_samples": w.verified_samples,
-                            "benched_until_unix_ms": w.benched_until_unix_ms, "banned_from": w.banned_from,
-                            "sitting_out_of": w.sitting_out_of,
-                            "audits_passed": w.audits_passed, "strikes": w.strikes,
-                            "audits_performed": w.audits_performed, "audits_wrong": w.audits_wrong,
-                        })
-                    })
-                    .collect();
+                let v: Vec<_> = ws.iter().map(views::worker_json).collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 println!(
@@ -599,7 +611,29 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
             eprintln!("run {} {}", r.run_id, state_name(r.state));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Token { command: TokenCommand::Create { ttl, uses } } => {
+        Command::Token { command: TokenCommand::Create { viewer: true, ttl, .. } } => {
+            let mut c = connect(conn, home)?;
+            let t = c
+                .create_viewer_token(pb::CreateViewerTokenRequest { ttl_seconds: ttl.as_secs() })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "token": t.token, "expires_unix_ms": t.expires_unix_ms })
+                );
+            } else {
+                println!("{}", t.token);
+                eprintln!(
+                    "a read-only dashboard token; expires in {}s (open the dashboard at \
+                     <its address>/#token=<this token>, or paste it there)",
+                    ttl.as_secs()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { command: TokenCommand::Create { ttl, uses, .. } } => {
             let mut c = connect(conn, home)?;
             let t = c
                 .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: ttl.as_secs(), uses })
@@ -663,27 +697,6 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
             unreachable!("handled without a client")
         }
     }
-}
-
-fn state_name(s: i32) -> &'static str {
-    proto::convert::run_state(s).map(RunState::as_str).unwrap_or("unknown")
-}
-
-fn liveness_name(s: i32) -> &'static str {
-    proto::convert::liveness(s).map(|l| l.as_str()).unwrap_or("unknown")
-}
-
-fn run_json(r: &pb::RunInfo) -> serde_json::Value {
-    serde_json::json!({
-        "run_id": r.run_id, "name": r.name, "state": state_name(r.state), "epoch": r.epoch,
-        "committed_step": r.committed_step, "total_steps": r.total_steps, "workers": r.workers,
-        "min_workers": r.min_workers, "max_workers": r.max_workers, "loss": r.loss,
-        "tokens_per_sec": r.tokens_per_sec, "restarts": r.restarts, "restart_budget": r.restart_budget,
-        "message": r.message, "created_unix_ms": r.created_unix_ms, "updated_unix_ms": r.updated_unix_ms,
-        "data_epoch": r.data_epoch, "accuracy": r.accuracy,
-        "compute_utilisation": r.compute_utilisation, "bytes_moved": r.bytes_moved,
-        "committed_hash": r.committed_hash, "latest_checkpoint": r.latest_checkpoint,
-    })
 }
 
 /// A loss with 4 decimals, or in scientific notation when that would show only zeros.

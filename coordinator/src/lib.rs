@@ -8,6 +8,7 @@
 pub mod ca;
 pub mod cli;
 pub mod cluster;
+pub mod dashboard;
 pub mod floats;
 pub mod ledger;
 pub mod metrics;
@@ -17,3 +18,4 @@ pub mod shards;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod views;

@@ -74,6 +74,19 @@ pub struct MetricPoint {
     #[serde(with = "crate::floats::f64")]
     pub tokens_per_sec: f64,
     pub at_ms: Millis,
+    /// The accuracy the member reported with it, if the task has one.
+    #[serde(with = "crate::floats::opt_f64", default)]
+    pub accuracy: Option<f64>,
+    /// The run's compute utilisation then (mean over its members; 0 if unknown).
+    #[serde(with = "crate::floats::f64", default)]
+    pub compute_utilisation: f64,
+    /// The run's ring bytes then: the sum of what its members had sent (see
+    /// `Cluster::bytes_moved`); per step between two points of one membership.
+    #[serde(default)]
+    pub bytes_moved: u64,
+    /// How many members the run had then.
+    #[serde(default)]
+    pub workers: u32,
 }
 
 /// One line of a run's log.

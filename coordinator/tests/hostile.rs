@@ -46,7 +46,7 @@ impl Running {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             server::run(
-                Listeners { api: listener, metrics: None, shards: Some(shards) },
+                Listeners { api: listener, metrics: None, shards: Some(shards), dashboard: None },
                 config,
                 async move {
                     let _ = stopped.await;

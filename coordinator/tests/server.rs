@@ -49,9 +49,13 @@ async fn start_with(dir: &Path, shards: bool, clock: server::Clock) -> Running {
     config.clock = clock.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
-        server::run(Listeners { api: listener, metrics: None, shards }, config, async move {
-            let _ = stopped.await;
-        })
+        server::run(
+            Listeners { api: listener, metrics: None, shards, dashboard: None },
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+        )
         .await
         .unwrap();
     });
@@ -487,7 +491,7 @@ async fn metrics_and_health() {
     let config = ServerConfig::new(dir.path().to_owned());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(server::run(
-        Listeners { api: listener, metrics: Some(metrics), shards: None },
+        Listeners { api: listener, metrics: Some(metrics), shards: None, dashboard: None },
         config,
         async move {
             let _ = stopped.await;
@@ -804,4 +808,129 @@ async fn commitments_name_their_data_by_the_coordinators_grants() {
         .map(|r| r.worker.0)
         .collect();
     assert_eq!(accepted, vec![honest]);
+}
+
+/// A request to a plain-HTTP listener: (status, headers and body as text).
+async fn http(addr: std::net::SocketAddr, request: String) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+fn get(path: &str, auth: &str) -> String {
+    let auth =
+        if auth.is_empty() { String::new() } else { format!("Authorization: Bearer {auth}\r\n") };
+    format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_reads_only_with_a_credential_and_a_viewer_token_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dashboard = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let daddr = dashboard.local_addr().unwrap();
+    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let mut config = ServerConfig::new(dir.path().to_owned());
+    let clock = server::Clock::manual();
+    config.clock = clock.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server::run(
+        Listeners { api: listener, metrics: None, shards: None, dashboard: Some(dashboard) },
+        config,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    for _ in 0..100 {
+        if dir.path().join("admin.token").exists() && dir.path().join("ca.pem").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cfg = testing::connect_config(&url, dir.path()).unwrap();
+    let admin = testing::admin_token(dir.path()).unwrap();
+    let mut control = client::control(&cfg, &admin).unwrap();
+    let manifest = testing::write_dataset(&dir.path().join("data"), 2).unwrap();
+    let run = submit(&mut control, testing::run_file(&manifest, 2, 4, 100)).await;
+
+    // The page itself holds no data; every API path wants a credential.
+    let (status, page) = http(daddr, get("/", "")).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("content-security-policy: default-src 'none'"), "{page}");
+    for path in ["/api/runs".to_owned(), format!("/api/runs/{run}"), "/api/workers".to_owned()] {
+        let (status, body) = http(daddr, get(&path, "")).await;
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(!body.contains("committed_step"), "{path}: {body}");
+    }
+    // The admin credential reads; a missing run is named.
+    let (status, body) = http(daddr, get(&format!("/api/runs/{run}"), &admin)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"committed_step\":0"), "{body}");
+    let (status, body) = http(daddr, get("/api/runs/999", &admin)).await;
+    assert_eq!((status, body.contains("no run 999")), (404, true), "{body}");
+    let (status, _) = http(daddr, get("/api/runs/x", &admin)).await;
+    assert_eq!(status, 400);
+
+    // A viewer token reads the dashboard but is no credential for the control API.
+    let viewer = control
+        .create_viewer_token(pb::CreateViewerTokenRequest { ttl_seconds: 60 })
+        .await
+        .unwrap()
+        .into_inner();
+    let (status, body) = http(daddr, get("/api/runs", &viewer.token)).await;
+    assert_eq!(status, 200, "{body}");
+    let mut as_viewer = client::control(&cfg, &viewer.token).unwrap();
+    let st = as_viewer.list_runs(pb::ListRunsRequest::default()).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st}");
+    // Tampered with (a later expiry under the same MAC), it is refused.
+    let (prefix, mac) = viewer.token.rsplit_once('_').unwrap();
+    let (head, expires) = prefix.rsplit_once('_').unwrap();
+    let later = format!("{head}_{}_{mac}", expires.parse::<u64>().unwrap() + 3_600_000);
+    assert_eq!(http(daddr, get("/api/runs", &later)).await.0, 401);
+    // A login sets an HttpOnly, SameSite=Strict cookie that reads like the header.
+    let login = format!(
+        "POST /api/login HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{}",
+        viewer.token.len(),
+        viewer.token
+    );
+    let (status, text) = http(daddr, login).await;
+    assert_eq!(status, 200, "{text}");
+    let cookie = text
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("no cookie: {text}"));
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let session = cookie.split(';').next().unwrap();
+    let with_cookie = format!(
+        "GET /api/runs HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(http(daddr, with_cookie.clone()).await.0, 200);
+    // A body larger than a credential is refused before it is read.
+    let big = "a".repeat(64 * 1024);
+    let login = format!(
+        "POST /api/login HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{big}",
+        big.len()
+    );
+    assert_eq!(http(daddr, login).await.0, 413);
+
+    // Expired: header and cookie alike get 401; the admin credential still reads.
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(http(daddr, get("/api/runs", &viewer.token)).await.0, 401);
+    assert_eq!(http(daddr, with_cookie).await.0, 401);
+    assert_eq!(http(daddr, get("/api/runs", &admin)).await.0, 200);
+    // Longer than the maximum lifetime: refused, and named.
+    let st = control
+        .create_viewer_token(pb::CreateViewerTokenRequest { ttl_seconds: 365 * 86400 })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st}");
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(T, task).await.unwrap().unwrap().unwrap();
 }

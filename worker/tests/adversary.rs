@@ -487,12 +487,10 @@ async fn adversary_ddp() {
 async fn adversary_diloco() {
     let _serial = SERIAL.lock().await;
     let base = scenario("baseline: 3 honest workers, diloco", DILOCO, &[], false).await;
-    let cases: Vec<(&str, Hostile)> = vec![
-        (
-            "a member sends a 1e30 diloco delta declared as a normal one",
-            vec![("x1", args(&["--fault-poison", "lie:1e30", "--fault-poison-after", "50"]))],
-        ),
-    ];
+    let cases: Vec<(&str, Hostile)> = vec![(
+        "a member sends a 1e30 diloco delta declared as a normal one",
+        vec![("x1", args(&["--fault-poison", "lie:1e30", "--fault-poison-after", "50"]))],
+    )];
     let only = std::env::var("LONGHAUL_ADVERSARY_ONLY").ok();
     for (what, hostile) in cases {
         if only.as_ref().is_some_and(|o| !what.contains(o.as_str())) {

@@ -916,6 +916,10 @@ impl Cluster {
             loss: m.loss,
             tokens_per_sec: m.tokens_per_sec,
             at_ms: now,
+            accuracy: m.accuracy,
+            compute_utilisation: self.compute_utilisation(run),
+            bytes_moved: self.bytes_moved(run),
+            workers: members as u32,
         };
         self.outbox.push_back(Output::Metric { run, point });
         Ok(())

@@ -24,7 +24,7 @@ use runspec::RunSpec;
 const MAX_TOKEN_USES: u32 = 100_000;
 
 #[derive(Clone, Debug)]
-pub(super) struct ControlSvc(pub(super) Arc<Shared>);
+pub(crate) struct ControlSvc(pub(super) Arc<Shared>);
 
 type EventStream = Pin<Box<dyn futures::Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
 type LedgerStream = Pin<Box<dyn futures::Stream<Item = Result<pb::LedgerChunk, Status>> + Send>>;
@@ -311,5 +311,26 @@ impl Control for ControlSvc {
             })
             .await?;
         Ok(Response::new(pb::CreateJoinTokenResponse { token, expires_unix_ms: expires }))
+    }
+
+    async fn create_viewer_token(
+        &self,
+        req: Request<pb::CreateViewerTokenRequest>,
+    ) -> Result<Response<pb::CreateViewerTokenResponse>, Status> {
+        let ttl = match req.into_inner().ttl_seconds {
+            0 => Duration::from_secs(24 * 3600),
+            s => Duration::from_secs(s),
+        };
+        if ttl > self.0.config.max_token_ttl {
+            return Err(Status::invalid_argument(format!(
+                "ttl {}s is longer than the maximum {}s",
+                ttl.as_secs(),
+                self.0.config.max_token_ttl.as_secs()
+            )));
+        }
+        let expires = self.0.now_ms() + ttl.as_millis() as Millis;
+        let token = self.0.pki().viewer_token(expires);
+        info!(expires_unix_ms = expires, "viewer token created");
+        Ok(Response::new(pb::CreateViewerTokenResponse { token, expires_unix_ms: expires }))
     }
 }

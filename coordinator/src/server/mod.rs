@@ -178,6 +178,11 @@ enum Admit {
 }
 
 impl Shared {
+    /// The store, for reads outside the state lock.
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     pub(crate) fn pki(&self) -> &Pki {
         &self.pki
     }
@@ -299,7 +304,7 @@ fn collect(c: &mut Cluster, now: Millis, shards_url: Option<&str>) -> Pending {
     p
 }
 
-fn run_info(c: &Cluster, r: &cluster::RunRecord) -> pb::RunInfo {
+pub(crate) fn run_info(c: &Cluster, r: &cluster::RunRecord) -> pb::RunInfo {
     pb::RunInfo {
         run_id: r.id.0,
         name: r.name.clone(),
@@ -432,7 +437,7 @@ fn audit_to_wire(
     }
 }
 
-fn worker_info(c: &Cluster, w: &cluster::WorkerRecord, now: Millis) -> pb::WorkerInfo {
+pub(crate) fn worker_info(c: &Cluster, w: &cluster::WorkerRecord, now: Millis) -> pb::WorkerInfo {
     let live = c.liveness(w.id).unwrap_or(proto::Liveness::Dead);
     let latest = c.latest_metrics(w.id);
     pb::WorkerInfo {
@@ -503,6 +508,8 @@ fn page_size(v: u32) -> usize {
 /// Whether a TLS listener demands a client certificate from the run's CA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ClientCerts {
+    /// Not asked for (the web dashboard: a browser would prompt for one).
+    None,
     /// Verified when presented (the control service uses the admin credential instead).
     Optional,
     /// Required: the handshake fails without one.
@@ -523,13 +530,21 @@ pub(crate) fn tls_config(
         Arc::new(roots),
         provider.clone(),
     );
+    let versions = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match client_certs {
+        ClientCerts::None => {
+            let mut cfg = versions
+                .with_no_client_auth()
+                .with_single_cert(pki.server_chain.clone(), pki.server_key.clone_key())?;
+            cfg.alpn_protocols = vec![alpn.to_vec()];
+            return Ok(Arc::new(cfg));
+        }
         ClientCerts::Optional => builder.allow_unauthenticated(),
         ClientCerts::Required => builder,
     };
     let verifier = builder.build().map_err(|e| ServeError::Other(e.to_string()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+    let mut cfg = versions
         .with_client_cert_verifier(verifier)
         .with_single_cert(pki.server_chain.clone(), pki.server_key.clone_key())?;
     cfg.alpn_protocols = vec![alpn.to_vec()];
@@ -579,12 +594,14 @@ pub struct Listeners {
     /// Shard bytes over HTTPS ([`crate::shard_server`]); lease responses then carry each
     /// shard's URL.
     pub shards: Option<TcpListener>,
+    /// The web dashboard ([`crate::dashboard`]): plain HTTP on loopback, HTTPS elsewhere.
+    pub dashboard: Option<TcpListener>,
 }
 
 impl Listeners {
     /// The gRPC API alone.
     pub fn api(api: TcpListener) -> Self {
-        Self { api, metrics: None, shards: None }
+        Self { api, metrics: None, shards: None, dashboard: None }
     }
 }
 
@@ -595,7 +612,7 @@ pub async fn run(
     mut config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let Listeners { api: listener, metrics, shards } = listeners;
+    let Listeners { api: listener, metrics, shards, dashboard } = listeners;
     if let Some(s) = &shards
         && config.shards_url.is_none()
     {
@@ -662,6 +679,12 @@ pub async fn run(
         if let Err(e) = crate::shard_server::serve(s, shared, cancel) {
             warn!(error = %e, "shard endpoint failed");
         }
+    }
+
+    if let Some(d) = dashboard
+        && let Err(e) = crate::dashboard::serve(d, shared.clone(), cancel.clone())
+    {
+        warn!(error = %e, "dashboard failed");
     }
 
     // Accept TCP, handshake TLS with a deadline, hand the streams to tonic.
@@ -772,4 +795,10 @@ impl tokio::io::AsyncWrite for PermitStream {
     ) -> std::task::Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
+}
+
+/// The `Control` service over `shared`, for callers in this process (the dashboard reads
+/// through it, so that it shows what the CLI shows).
+pub(crate) fn control_service(shared: Arc<Shared>) -> control::ControlSvc {
+    control::ControlSvc(shared)
 }

@@ -19,6 +19,8 @@ pub struct Coordinator {
     pub url: String,
     pub cfg: ConnectConfig,
     pub control: Control,
+    /// The web dashboard's base URL (`http://127.0.0.1:<port>`, plain HTTP on loopback).
+    pub dashboard: String,
     backend: Backend,
 }
 
@@ -46,15 +48,22 @@ impl Coordinator {
     pub async fn start(dir: &Path) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("test cluster");
         let shards = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("test cluster");
+        let dashboard = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("test cluster");
         let url =
             format!("https://127.0.0.1:{}", listener.local_addr().expect("test cluster").port());
+        let dash = format!("http://{}", dashboard.local_addr().expect("test cluster"));
         let mut config = ServerConfig::new(dir.to_owned());
         config.cluster = fast_cluster();
         config.tick = Duration::from_millis(50);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             server::run(
-                Listeners { api: listener, metrics: None, shards: Some(shards) },
+                Listeners {
+                    api: listener,
+                    metrics: None,
+                    shards: Some(shards),
+                    dashboard: Some(dashboard),
+                },
                 config,
                 async move {
                     let _ = stopped.await;
@@ -63,7 +72,7 @@ impl Coordinator {
             .await
             .expect("coordinator failed");
         });
-        Self::connect(dir, url, Backend::InProcess { stop: Some(stop), task }).await
+        Self::connect(dir, url, dash, Backend::InProcess { stop: Some(stop), task }).await
     }
 
     /// Starts `bin` (`longhaul`) as `longhaul serve` with its home in `dir` and fast failure
@@ -75,13 +84,14 @@ impl Coordinator {
                 .expect("a free port")
                 .port()
         };
-        let (grpc, shards, metrics) = (free(), free(), free());
+        let (grpc, shards, metrics, dashboard) = (free(), free(), free(), free());
         let c = fast_cluster();
         let args: Vec<String> = vec![
             "serve".into(),
             format!("--listen=127.0.0.1:{grpc}"),
             format!("--shards-listen=127.0.0.1:{shards}"),
             format!("--metrics-listen=127.0.0.1:{metrics}"),
+            format!("--dashboard-listen=127.0.0.1:{dashboard}"),
             format!("--suspect-after-ms={}", c.suspect_after),
             format!("--dead-after-ms={}", c.dead_after),
             format!("--readmit-after-ms={}", c.readmit_after),
@@ -92,10 +102,11 @@ impl Coordinator {
         let log = dir.join("coordinator.log");
         let mut backend = Backend::Process { bin: bin.to_owned(), args, child: None, log };
         backend.start_process(dir);
-        Self::connect(dir, format!("https://127.0.0.1:{grpc}"), backend).await
+        let dash = format!("http://127.0.0.1:{dashboard}");
+        Self::connect(dir, format!("https://127.0.0.1:{grpc}"), dash, backend).await
     }
 
-    async fn connect(dir: &Path, url: String, backend: Backend) -> Self {
+    async fn connect(dir: &Path, url: String, dashboard: String, backend: Backend) -> Self {
         let mut cfg = None;
         for _ in 0..400 {
             if let Ok(c) = connect_config(&url, dir)
@@ -109,7 +120,7 @@ impl Coordinator {
         let cfg = cfg.expect("the coordinator wrote its CA");
         let admin = coordinator::testing::admin_token(dir).expect("test cluster");
         let control = control(&cfg, &admin).expect("test cluster");
-        let mut c = Self { dir: dir.to_owned(), url, cfg, control, backend };
+        let mut c = Self { dir: dir.to_owned(), url, cfg, control, dashboard, backend };
         // Answers once it serves.
         for _ in 0..400 {
             if c.control.list_runs(pb::ListRunsRequest::default()).await.is_ok() {

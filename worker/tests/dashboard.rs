@@ -1,0 +1,359 @@
+#![allow(clippy::unwrap_used)]
+//! The web dashboard in a real browser: a `longhaul serve` process, three real workers
+//! training, and headless Chromium (Debian's `chromium`, installed by
+//! `scripts/setup-system.sh`) driven over the DevTools protocol.
+//!
+//! It checks that:
+//! - an unauthenticated request (and a wrong or forged credential) gets 401 and no data, for
+//!   every API path, the event stream included;
+//! - the page, signed in with a viewer token, renders the live run from real data: the curves
+//!   have points, the ring shows the run's members in order, the workers table lists them, and
+//!   the event log streams;
+//! - a run stopped meanwhile shows as stopped through the live event stream (no reload), with
+//!   the step, hash and state `longhaul status --output json` prints;
+//! - and it saves a screenshot (`target/dashboard.png`, a CI artefact).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures::{SinkExt, StreamExt};
+use proto::pb;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use worker::testing::cluster::{Coordinator, Worker, dump, run_file};
+
+fn worker_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_longhaul-worker"))
+}
+
+fn coordinator_bin() -> PathBuf {
+    worker_bin().with_file_name("longhaul")
+}
+
+/// Chromium: `$LONGHAUL_CHROMIUM`, else `chromium` or `chromium-browser` on PATH. Missing, the
+/// test fails saying how to install it (it is never skipped).
+fn chromium() -> PathBuf {
+    if let Some(p) = std::env::var_os("LONGHAUL_CHROMIUM") {
+        return p.into();
+    }
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!("no chromium on PATH: run scripts/setup-system.sh (Debian's `chromium` package)");
+}
+
+/// A plain HTTP/1.1 request to the dashboard: (status, body).
+fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// A headless Chromium and one page of it, over the DevTools protocol.
+struct Browser {
+    child: Child,
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    session: String,
+    next: u64,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn launch() -> Self {
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = Command::new(chromium())
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--remote-debugging-port=0",
+                "--window-size=1400,1400",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", chromium().display()));
+        // "DevTools listening on ws://127.0.0.1:<port>/devtools/browser/<id>"
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(url) = line.split("DevTools listening on ").nth(1)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(60)).expect("chromium's DevTools address");
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+        let mut b = Self { child, ws, session: String::new(), next: 0, _profile: profile };
+        let target = b.call("Target.createTarget", json!({ "url": "about:blank" })).await;
+        let target = target["targetId"].as_str().unwrap().to_owned();
+        let attached =
+            b.call("Target.attachToTarget", json!({ "targetId": target, "flatten": true })).await;
+        b.session = attached["sessionId"].as_str().unwrap().to_owned();
+        b
+    }
+
+    /// Sends one command (to the page once attached) and returns its result.
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        let mut msg = json!({ "id": id, "method": method, "params": params });
+        if !self.session.is_empty() {
+            msg["sessionId"] = json!(self.session);
+        }
+        self.ws.send(Message::text(msg.to_string())).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = tokio::time::timeout(left, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("{method}: no answer from chromium"))
+                .expect("chromium closed the DevTools connection")
+                .unwrap();
+            let Message::Text(text) = m else { continue };
+            let v: Value = serde_json::from_str(&text).unwrap();
+            if v["id"] == json!(id) {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates `expr` in the page; its value.
+    async fn eval(&mut self, expr: &str) -> Value {
+        let r = self
+            .call("Runtime.evaluate", json!({ "expression": expr, "returnByValue": true }))
+            .await;
+        r["result"]["value"].clone()
+    }
+
+    async fn screenshot(&mut self, to: &Path) {
+        let r = self.call("Page.captureScreenshot", json!({ "format": "png" })).await;
+        let png =
+            base64::engine::general_purpose::STANDARD.decode(r["data"].as_str().unwrap()).unwrap();
+        std::fs::write(to, png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the page shows, read from the DOM.
+const READ_PAGE: &str = r##"JSON.stringify((() => {
+  const s = document.getElementById("summary");
+  const chart = m => { const c = document.querySelector(`svg.chart[data-metric="${m}"]`); return c ? Number(c.dataset.points) : -1; };
+  return {
+    login: !document.getElementById("login").hidden,
+    summary: s ? Object.assign({}, s.dataset) : null,
+    loss: chart("loss"), tokens: chart("tokens_per_sec"), utilisation: chart("compute_utilisation"),
+    ring: [...document.querySelectorAll("#ring g.member")].map(g => Number(g.dataset.workerId)),
+    workers: [...document.querySelectorAll("#workers tr[data-worker-id]")].map(r => Number(r.dataset.workerId)),
+    log: document.querySelectorAll("#log .line").length,
+    conn: document.getElementById("conn").textContent,
+  };
+})())"##;
+
+/// What the page shows, or what kept it from showing anything (the page still loading, a
+/// script error).
+async fn read_page(b: &mut Browser) -> Value {
+    let r =
+        b.call("Runtime.evaluate", json!({ "expression": READ_PAGE, "returnByValue": true })).await;
+    match r["result"]["value"].as_str() {
+        Some(text) => serde_json::from_str(text).unwrap(),
+        None => json!({ "not yet": r }),
+    }
+}
+
+/// Polls the page until `f` holds, failing after `within` with what it showed last.
+async fn wait_page(
+    b: &mut Browser,
+    within: Duration,
+    what: &str,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = read_page(b).await;
+        if f(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited {within:?} for the page to show {what}; it shows {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_a_live_run_in_a_real_browser() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let home = dir.join("coordinator");
+    let mut c = Coordinator::spawn(&coordinator_bin(), &home).await;
+    let token = c.token().await;
+    let workers: Vec<Worker> = (1..=3)
+        .map(|i| Worker::spawn(worker_bin(), &dir, &format!("w{i}"), &c, &token, &[]))
+        .collect();
+    let all: Vec<&Worker> = workers.iter().collect();
+    c.wait_workers(3, Duration::from_secs(120)).await;
+    // Long enough to stay live while the browser looks; it is stopped at the end.
+    let run = c.submit(&run_file(3, 3, 1_000_000, "mode = \"ddp\"\ncompression = \"none\"")).await;
+    c.wait_run(run, Duration::from_secs(120), "the run to train", |r| r.committed_step >= 30).await;
+    let base = c.dashboard.clone();
+
+    // Nothing without a credential, or with a wrong or forged one: 401, and no data.
+    let name = "membership"; // the run's name (run_file)
+    let forged = format!("{}9999999999999_{}", coordinator::ca::VIEWER_PREFIX, "0".repeat(64));
+    for path in [
+        "/api/runs".to_owned(),
+        format!("/api/runs/{run}"),
+        format!("/api/runs/{run}/metrics"),
+        format!("/api/runs/{run}/events"),
+        "/api/workers".to_owned(),
+    ] {
+        for auth in [None, Some("Bearer lh_wrong"), Some(&*format!("Bearer {forged}"))] {
+            let headers: Vec<(&str, &str)> =
+                auth.map(|a| ("Authorization", a)).into_iter().collect();
+            let (status, body) = http(&base, "GET", &path, &headers, "");
+            assert_eq!(status, 401, "GET {path} with {auth:?}: {status} {body}");
+            assert!(!body.contains(name) && !body.contains("committed_step"), "{path}: {body}");
+        }
+        let cookie = format!("lh_session={forged}");
+        let (status, _) = http(&base, "GET", &path, &[("Cookie", &cookie)], "");
+        assert_eq!(status, 401, "GET {path} with a forged cookie");
+    }
+    let (status, _) = http(&base, "POST", "/api/login", &[], "lh_view_1_00");
+    assert_eq!(status, 401, "a login with a forged token");
+
+    // A viewer token signs in; a bad query is named.
+    let viewer = c
+        .control
+        .create_viewer_token(pb::CreateViewerTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let bearer = format!("Bearer {viewer}");
+    let (status, body) = http(
+        &base,
+        "GET",
+        &format!("/api/runs/{run}/metrics?max=x"),
+        &[("Authorization", &bearer)],
+        "",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("max=x"), "{body}");
+    let (status, body) = http(&base, "GET", "/api/runs", &[("Authorization", &bearer)], "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(name), "{body}");
+
+    // The page, in a real browser, signed in by the token in the address's fragment.
+    let mut b = Browser::launch().await;
+    b.call("Page.enable", json!({})).await;
+    b.call("Page.navigate", json!({ "url": format!("{base}/#token={viewer}&/runs/{run}") })).await;
+    let shown = wait_page(&mut b, Duration::from_secs(90), "the run's curves, ring and log", |v| {
+        v["loss"].as_i64().unwrap_or(-1) >= 2
+            && v["tokens"].as_i64().unwrap_or(-1) >= 2
+            && v["ring"].as_array().is_some_and(|r| r.len() == 3)
+            && v["workers"].as_array().is_some_and(|w| w.len() >= 3)
+            && v["log"].as_i64().unwrap_or(0) >= 1
+            && v["conn"] == "live"
+    })
+    .await;
+    println!("the page shows: {shown}");
+
+    assert_eq!(shown["login"], false);
+    assert_eq!(shown["summary"]["state"], "running");
+    // The ring is the run's members, in the coordinator's order.
+    let ws = c.control.list_workers(pb::ListWorkersRequest::default()).await.unwrap().into_inner();
+    let mut members: Vec<u64> =
+        ws.workers.iter().filter(|w| w.run_id == Some(run)).map(|w| w.worker_id).collect();
+    let mut ring: Vec<u64> =
+        shown["ring"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    ring.sort_unstable();
+    members.sort_unstable();
+    assert_eq!(ring, members, "the ring drawn is not the run's members");
+    // The fragment with the token is gone from the address.
+    let href = b.eval("location.href").await;
+    assert!(
+        !href.as_str().unwrap().contains("lh_view_"),
+        "the token stayed in the address: {href}"
+    );
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../dashboard.png");
+    b.screenshot(&shot).await;
+    println!("screenshot: {}", shot.display());
+
+    // Stopped meanwhile: the page learns it from the event stream, without a reload, and
+    // shows what `longhaul status` prints.
+    c.control
+        .stop_run(pb::StopRunRequest { run_id: run, reason: "the dashboard test is done".into() })
+        .await
+        .unwrap();
+    let after = wait_page(&mut b, Duration::from_secs(60), "the run stopped", |v| {
+        v["summary"]["state"] == "stopped"
+    })
+    .await;
+    let out = Command::new(coordinator_bin())
+        .args(["status", &run.to_string(), "--output", "json"])
+        .env("LONGHAUL_HOME", &home)
+        .env("LONGHAUL_COORDINATOR", &c.url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "longhaul status: {}", String::from_utf8_lossy(&out.stderr));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &after["summary"];
+    assert_eq!(s["state"], status["state"], "page {s}, status {status}");
+    assert_eq!(s["step"], status["committed_step"].to_string(), "page {s}, status {status}");
+    assert_eq!(s["total"], status["total_steps"].to_string(), "page {s}, status {status}");
+    assert_eq!(s["hash"], status["committed_hash"], "page {s}, status {status}");
+    assert_eq!(s["epoch"], status["epoch"].to_string(), "page {s}, status {status}");
+    if std::thread::panicking() {
+        dump(&all);
+    }
+    drop(b);
+    drop(workers);
+    c.stop().await;
+}
