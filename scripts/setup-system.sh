@@ -2,8 +2,9 @@
 # Installs the system packages and Rust components longhaul needs, once. Idempotent: packages
 # already present are not touched, and apt is only called when something is missing.
 set -euo pipefail
-# chromium: the dashboard test drives a real headless browser.
-packages=(build-essential pkg-config ca-certificates python3-venv iproute2 procps docker-compose chromium)
+# chromium: the dashboard test drives a real headless browser; prometheus: its promtool checks
+# the exposition of /metrics.
+packages=(build-essential pkg-config ca-certificates python3-venv iproute2 procps docker-compose chromium prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -61,15 +61,134 @@ impl Telemetry {
     }
 }
 
-/// A per-run gauge: name, help, and its value from the run's record (and, for figures derived
-/// from the members' latest reports, the cluster).
-type Series =
-    (&'static str, &'static str, fn(&crate::cluster::Cluster, &crate::cluster::RunRecord) -> f64);
+/// A per-run gauge: name, help, and its value from the run's record and the cluster (`None`:
+/// unknown, and the series is left out rather than exported as NaN).
+type Series = (
+    &'static str,
+    &'static str,
+    fn(&crate::cluster::Cluster, &crate::cluster::RunRecord) -> Option<f64>,
+);
+
+/// A per-member counter: name, help, and its value from the worker's record and its latest
+/// metrics report in its run.
+type MemberSeries = (
+    &'static str,
+    &'static str,
+    fn(&crate::cluster::WorkerRecord, Option<&crate::cluster::Metrics>) -> Option<f64>,
+);
 
 /// A label value with `\`, `"` and line breaks escaped (Prometheus' text format).
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
+
+/// A figure over the current members' latest metrics reports: `f` of the values `get` finds
+/// (`None` when no member reported one).
+fn over_members(
+    c: &crate::cluster::Cluster,
+    r: &crate::cluster::RunRecord,
+    get: impl Fn(&crate::cluster::Metrics) -> Option<f64>,
+    f: impl Fn(&[f64]) -> f64,
+) -> Option<f64> {
+    let vs: Vec<f64> = r
+        .members
+        .iter()
+        .filter_map(|m| c.latest_metrics(m.worker))
+        .filter(|m| m.run == r.id)
+        .filter_map(get)
+        .filter(|v| v.is_finite())
+        .collect();
+    (!vs.is_empty()).then(|| f(&vs))
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+/// The per-run series. The training figures carry the names torchtitan logs (`/` is not
+/// allowed in a Prometheus name: `loss_metrics/global_avg_loss` is
+/// `loss_metrics_global_avg_loss`), over the members' latest reports; `mfu` is not exported,
+/// since the peak FLOPs of a stranger's device are not known.
+const RUN_SERIES: [Series; 12] = [
+    (
+        "loss_metrics_global_avg_loss",
+        "Mean over the current members of the loss each last reported (torchtitan's loss_metrics/global_avg_loss).",
+        |c, r| over_members(c, r, |m| m.loss, mean),
+    ),
+    (
+        "loss_metrics_global_max_loss",
+        "Largest loss a current member last reported (torchtitan's loss_metrics/global_max_loss).",
+        |c, r| over_members(c, r, |m| m.loss, max),
+    ),
+    (
+        "grad_norm",
+        "Mean over the current members of the norm of the contribution each last reported.",
+        |c, r| over_members(c, r, |m| Some(m.grad_norm), mean),
+    ),
+    (
+        "tps",
+        "Tokens per second per member (torchtitan's tps, per device), mean over the current members.",
+        |c, r| over_members(c, r, |m| Some(m.tokens_per_sec), mean),
+    ),
+    ("longhaul_run_epoch", "Current epoch of each active run.", |_, r| Some(r.epoch.0 as f64)),
+    ("longhaul_run_committed_step", "Committed step of each active run.", |_, r| {
+        Some(r.committed_step as f64)
+    }),
+    ("longhaul_run_total_steps", "Steps each active run trains for.", |_, r| {
+        Some(r.total_steps as f64)
+    }),
+    ("longhaul_run_accuracy_ratio", "Last reported accuracy of each active run.", |_, r| {
+        r.accuracy.filter(|a| a.is_finite())
+    }),
+    ("longhaul_run_tokens_per_second", "Throughput of each active run, all members.", |_, r| {
+        Some(r.tokens_per_sec).filter(|t| t.is_finite())
+    }),
+    ("longhaul_run_workers", "Members of the current epoch of each active run.", |_, r| {
+        Some(r.members.len() as f64)
+    }),
+    (
+        "longhaul_run_compute_utilisation_ratio",
+        "Mean compute / (compute + comm + idle) time of the current members.",
+        |c, r| Some(c.compute_utilisation(r.id)),
+    ),
+    ("longhaul_run_ring_bytes", "Bytes the current members sent on the ring, summed.", |c, r| {
+        Some(c.bytes_moved(r.id) as f64)
+    }),
+];
+
+/// The per-member series, labelled by run and worker: only for the members of running runs,
+/// so that the number of series stays bounded by what is live, never by every worker ever seen.
+const MEMBER_SERIES: [MemberSeries; 5] = [
+    (
+        "longhaul_worker_ring_bytes_total",
+        "Bytes each member reported moving on the ring.",
+        |w, _| Some(w.ledger.bytes as f64),
+    ),
+    (
+        "longhaul_worker_samples_total",
+        "Samples of recorded steps each member trained on.",
+        |w, _| Some(w.ledger.samples as f64),
+    ),
+    (
+        "longhaul_worker_compute_seconds_total",
+        "Time each member spent computing in its run.",
+        |_, m| m.map(|m| m.compute_ms / 1e3),
+    ),
+    (
+        "longhaul_worker_comm_seconds_total",
+        "Time each member spent in ring operations in its run.",
+        |_, m| m.map(|m| m.comm_ms / 1e3),
+    ),
+    (
+        "longhaul_worker_idle_seconds_total",
+        "Time each member spent waiting (data, epochs, peers) in its run.",
+        |_, m| m.map(|m| m.idle_ms / 1e3),
+    ),
+];
 
 /// Renders the exposition text.
 pub(crate) fn render(shared: &Shared) -> String {
@@ -96,75 +215,29 @@ pub(crate) fn render(shared: &Shared) -> String {
             let n = c.workers().filter(|w| c.liveness(w.id) == Some(l)).count();
             let _ = writeln!(out, "longhaul_workers{{liveness=\"{l}\"}} {n}");
         }
-        let series: [Series; 8] = [
-            ("longhaul_run_epoch", "Current epoch of each active run.", |_, r| r.epoch.0 as f64),
-            ("longhaul_run_committed_step", "Committed step of each active run.", |_, r| {
-                r.committed_step as f64
-            }),
-            ("longhaul_run_loss", "Last reported loss of each active run.", |_, r| {
-                r.loss.unwrap_or(f64::NAN)
-            }),
-            ("longhaul_run_accuracy", "Last reported accuracy of each active run.", |_, r| {
-                r.accuracy.unwrap_or(f64::NAN)
-            }),
-            ("longhaul_run_tokens_per_second", "Throughput of each active run.", |_, r| {
-                r.tokens_per_sec
-            }),
-            ("longhaul_run_workers", "Members of the current epoch of each active run.", |_, r| {
-                r.members.len() as f64
-            }),
-            (
-                "longhaul_run_compute_utilisation",
-                "Mean compute / (compute + comm + idle) time of the current members.",
-                |c, r| c.compute_utilisation(r.id),
-            ),
-            (
-                "longhaul_run_ring_bytes",
-                "Bytes the current members sent on the ring, summed.",
-                |c, r| c.bytes_moved(r.id) as f64,
-            ),
-        ];
-        for (name, help, f) in series {
+        for (name, help, f) in RUN_SERIES {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             for r in c.runs().filter(|r| !r.state.is_terminal()) {
-                let _ = writeln!(
-                    out,
-                    "{name}{{run=\"{}\",name=\"{}\"}} {}",
-                    r.id,
-                    label(&r.name),
-                    f(c, r)
-                );
+                if let Some(v) = f(c, r) {
+                    let _ =
+                        writeln!(out, "{name}{{run=\"{}\",name=\"{}\"}} {v}", r.id, label(&r.name));
+                }
             }
         }
-        // Per-worker series only for the members of running runs: the number of series stays
-        // bounded by what is live, never by every worker ever seen.
-        let members: Vec<&crate::cluster::WorkerRecord> = c
+        let members: Vec<(proto::RunId, &crate::cluster::WorkerRecord)> = c
             .runs()
             .filter(|r| r.state == RunState::Running)
-            .flat_map(|r| r.members.iter())
-            .filter_map(|m| c.worker(m.worker))
+            .flat_map(|r| r.members.iter().map(move |m| (r.id, m.worker)))
+            .filter_map(|(run, w)| Some((run, c.worker(w)?)))
             .collect();
-        let _ = writeln!(
-            out,
-            "# HELP longhaul_worker_bytes_total Bytes each member reported moving.\n# TYPE longhaul_worker_bytes_total counter"
-        );
-        for w in &members {
-            let _ = writeln!(
-                out,
-                "longhaul_worker_bytes_total{{worker=\"{}\"}} {}",
-                w.id, w.ledger.bytes
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP longhaul_worker_samples_total Samples of recorded steps each member trained on.\n# TYPE longhaul_worker_samples_total counter"
-        );
-        for w in &members {
-            let _ = writeln!(
-                out,
-                "longhaul_worker_samples_total{{worker=\"{}\"}} {}",
-                w.id, w.ledger.samples
-            );
+        for (name, help, f) in MEMBER_SERIES {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (run, w) in &members {
+                let latest = c.latest_metrics(w.id).filter(|m| m.run == *run);
+                if let Some(v) = f(w, latest) {
+                    let _ = writeln!(out, "{name}{{run=\"{run}\",worker=\"{}\"}} {v}", w.id);
+                }
+            }
         }
     }
     let map = shared.telemetry.rpcs.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -212,4 +285,54 @@ pub(crate) async fn serve(
             )
             .route("/healthz", get(|| async { "ok\n" }));
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every series the Grafana dashboard in `docs/` reads is one this exposition has: a
+    /// renamed series fails here, not silently in someone's Grafana.
+    #[test]
+    fn the_grafana_dashboard_reads_only_exported_series() {
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/grafana-dashboard.json")).unwrap();
+        let mut known: Vec<&str> = RUN_SERIES.iter().map(|s| s.0).collect();
+        known.extend(MEMBER_SERIES.iter().map(|s| s.0));
+        known.extend(["longhaul_runs", "longhaul_workers", "longhaul_rpc_duration_seconds_bucket"]);
+        let mut read = 0;
+        for panel in doc["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                // Metric names: identifiers followed by a selector, a range or the end, or any
+                // identifier of ours (label names, functions and keywords are neither).
+                let bytes = expr.as_bytes();
+                let mut i = 0;
+                while i < bytes.len() {
+                    if bytes[i].is_ascii_alphabetic() || bytes[i] == b'_' {
+                        let start = i;
+                        while i < bytes.len()
+                            && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_')
+                        {
+                            i += 1;
+                        }
+                        let word = &expr[start..i];
+                        let next = bytes.get(i).copied();
+                        let in_braces =
+                            expr[..start].matches('{').count() > expr[..start].matches('}').count();
+                        let metric = !in_braces
+                            && (word.starts_with("longhaul_")
+                                || matches!(next, Some(b'{') | Some(b'[') | None));
+                        if metric {
+                            assert!(known.contains(&word), "{word} in {expr:?} is not exported");
+                            read += 1;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+        }
+        assert!(read >= 15, "only {read} series read: the scan is broken");
+    }
 }

@@ -519,7 +519,7 @@ async fn metrics_and_health() {
     let m = get("/metrics").await;
     assert!(m.contains("longhaul_runs{state=\"running\"} 0"), "{m}");
     assert!(m.contains("longhaul_workers{liveness=\"alive\"} 0"), "{m}");
-    assert!(m.contains("# TYPE longhaul_run_compute_utilisation gauge"), "{m}");
+    assert!(m.contains("# TYPE longhaul_run_compute_utilisation_ratio gauge"), "{m}");
     stop.send(()).unwrap();
     tokio::time::timeout(T, task).await.unwrap().unwrap().unwrap();
 }

@@ -11,6 +11,8 @@
 //!   the event log streams;
 //! - a run stopped meanwhile shows as stopped through the live event stream (no reload), with
 //!   the step, hash and state `longhaul status --output json` prints;
+//! - `/metrics` of the same live run carries torchtitan's names and per-member series for the
+//!   live members only, and `promtool check metrics` (Debian's `prometheus`) finds no problem;
 //! - and it saves a screenshot (`target/dashboard.png`, a CI artefact).
 
 use std::io::{Read, Write};
@@ -73,6 +75,28 @@ fn http(
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
+}
+
+/// `promtool check metrics` (Debian's `prometheus` package) on an exposition: it fails the
+/// test on any problem promtool names (naming rules, units, types, duplicates).
+fn promtool_check(exposition: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("promtool: {e} (run scripts/setup-system.sh: Debian's `prometheus`)")
+        });
+    child.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {said}\n{exposition}"
+    );
 }
 
 /// A headless Chromium and one page of it, over the DevTools protocol.
@@ -316,6 +340,24 @@ async fn the_dashboard_shows_a_live_run_in_a_real_browser() {
     ring.sort_unstable();
     members.sort_unstable();
     assert_eq!(ring, members, "the ring drawn is not the run's members");
+    // The Prometheus exposition of the same live run: torchtitan's names, per-member series
+    // for the live members only, and what promtool accepts.
+    let (status, exposition) = http(&c.metrics, "GET", "/metrics", &[], "");
+    assert_eq!(status, 200, "{exposition}");
+    for name in
+        ["loss_metrics_global_avg_loss{", "grad_norm{", "tps{", "longhaul_run_tokens_per_second{"]
+    {
+        assert!(
+            exposition.contains(&format!("\n{name}run=\"{run}\"")),
+            "no {name} in {exposition}"
+        );
+    }
+    let per_member = exposition
+        .lines()
+        .filter(|l| l.starts_with("longhaul_worker_compute_seconds_total{"))
+        .count();
+    assert_eq!(per_member, 3, "{exposition}");
+    promtool_check(&exposition);
     // The fragment with the token is gone from the address.
     let href = b.eval("location.href").await;
     assert!(

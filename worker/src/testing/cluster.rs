@@ -21,6 +21,8 @@ pub struct Coordinator {
     pub control: Control,
     /// The web dashboard's base URL (`http://127.0.0.1:<port>`, plain HTTP on loopback).
     pub dashboard: String,
+    /// The Prometheus endpoint's base URL (`http://127.0.0.1:<port>`; `/metrics`, `/healthz`).
+    pub metrics: String,
     backend: Backend,
 }
 
@@ -52,6 +54,8 @@ impl Coordinator {
         let url =
             format!("https://127.0.0.1:{}", listener.local_addr().expect("test cluster").port());
         let dash = format!("http://{}", dashboard.local_addr().expect("test cluster"));
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("test cluster");
+        let prom = format!("http://{}", metrics.local_addr().expect("test cluster"));
         let mut config = ServerConfig::new(dir.to_owned());
         config.cluster = fast_cluster();
         config.tick = Duration::from_millis(50);
@@ -60,7 +64,7 @@ impl Coordinator {
             server::run(
                 Listeners {
                     api: listener,
-                    metrics: None,
+                    metrics: Some(metrics),
                     shards: Some(shards),
                     dashboard: Some(dashboard),
                 },
@@ -72,7 +76,7 @@ impl Coordinator {
             .await
             .expect("coordinator failed");
         });
-        Self::connect(dir, url, dash, Backend::InProcess { stop: Some(stop), task }).await
+        Self::connect(dir, url, dash, prom, Backend::InProcess { stop: Some(stop), task }).await
     }
 
     /// Starts `bin` (`longhaul`) as `longhaul serve` with its home in `dir` and fast failure
@@ -103,10 +107,17 @@ impl Coordinator {
         let mut backend = Backend::Process { bin: bin.to_owned(), args, child: None, log };
         backend.start_process(dir);
         let dash = format!("http://127.0.0.1:{dashboard}");
-        Self::connect(dir, format!("https://127.0.0.1:{grpc}"), dash, backend).await
+        let prom = format!("http://127.0.0.1:{metrics}");
+        Self::connect(dir, format!("https://127.0.0.1:{grpc}"), dash, prom, backend).await
     }
 
-    async fn connect(dir: &Path, url: String, dashboard: String, backend: Backend) -> Self {
+    async fn connect(
+        dir: &Path,
+        url: String,
+        dashboard: String,
+        metrics: String,
+        backend: Backend,
+    ) -> Self {
         let mut cfg = None;
         for _ in 0..400 {
             if let Ok(c) = connect_config(&url, dir)
@@ -120,7 +131,7 @@ impl Coordinator {
         let cfg = cfg.expect("the coordinator wrote its CA");
         let admin = coordinator::testing::admin_token(dir).expect("test cluster");
         let control = control(&cfg, &admin).expect("test cluster");
-        let mut c = Self { dir: dir.to_owned(), url, cfg, control, dashboard, backend };
+        let mut c = Self { dir: dir.to_owned(), url, cfg, control, dashboard, metrics, backend };
         // Answers once it serves.
         for _ in 0..400 {
             if c.control.list_runs(pb::ListRunsRequest::default()).await.is_ok() {
