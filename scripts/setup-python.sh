@@ -2,8 +2,8 @@
 # Creates (once) the Python environment that longhaul needs: torch==2.11.0, which provides
 # libtorch for the `tch` crate and PyTorch's gloo for the peer baseline, plus the test suite's
 # kubernetes-validate (the Kubernetes manifests' schema check in examples/tests/containers.rs).
-# Idempotent: a ready environment is detected by a stamp file and left alone, except that a
-# missing or different kubernetes-validate is (re)installed into it. `--check` prints its path
+# Idempotent: a ready environment is detected by a stamp file and left alone, except that with
+# `--test-tools` a missing or different kubernetes-validate is (re)installed into it. `--check` prints its path
 # and exits 0 if torch is ready, and exits 1 if not, installing nothing either way.
 # Only the environment's path goes to stdout; progress goes to stderr.
 set -euo pipefail
@@ -22,8 +22,12 @@ k8s_validate() {
   fi
 }
 
+# `--test-tools` (scripts/test): also the tools only the test suite uses, so that the quickstart
+# does not download them.
+TEST_TOOLS=0
+[[ "${1:-}" == "--test-tools" ]] && TEST_TOOLS=1
 if [[ -f "$STAMP" ]]; then
-  if [[ "${1:-}" != "--check" ]]; then
+  if [[ $TEST_TOOLS == 1 ]]; then
     k8s_validate
   fi
   echo "$VENV"
@@ -38,6 +42,8 @@ python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
 "$VENV/bin/python" -m pip install --quiet "torch==$TORCH_VERSION" numpy >&2
 "$VENV/bin/python" -c "import torch, torch.distributed as d; assert d.is_gloo_available(); print('torch', torch.__version__)" >&2
-k8s_validate
+if [[ $TEST_TOOLS == 1 ]]; then
+  k8s_validate
+fi
 touch "$STAMP"
 echo "$VENV"

@@ -122,6 +122,14 @@ enum Command {
     Status { run: RunId },
     /// List workers and their contribution.
     Workers,
+    /// A live terminal view of runs, the selected run's ring, workers and event log (q quits).
+    Top {
+        /// The run to select first (default: the newest).
+        run: Option<RunId>,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        every: u64,
+    },
     /// Print a run's events; -f to follow until it ends.
     Logs {
         run: RunId,
@@ -600,6 +608,17 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                 }
             }
             Ok(exit_for(last))
+        }
+        Command::Top { run, every } => {
+            let c = connect(conn, home)?;
+            crate::top::run(
+                c,
+                conn.at.coordinator.clone(),
+                Duration::from_secs(every),
+                run.map(|r| r.0),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Stop { run, reason } => {
             let mut c = connect(conn, home)?;

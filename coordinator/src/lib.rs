@@ -18,4 +18,5 @@ pub mod shards;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod top;
 pub mod views;

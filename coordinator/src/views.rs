@@ -27,6 +27,7 @@ pub fn run_json(r: &pb::RunInfo) -> Value {
         "data_epoch": r.data_epoch, "accuracy": r.accuracy,
         "compute_utilisation": r.compute_utilisation, "bytes_moved": r.bytes_moved,
         "committed_hash": r.committed_hash, "latest_checkpoint": r.latest_checkpoint,
+        "ring": r.ring,
     })
 }
 

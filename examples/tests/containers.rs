@@ -220,7 +220,7 @@ fn require_validator() -> PathBuf {
         });
     assert!(
         out.status.success(),
-        "kubernetes-validate is missing from {}: run scripts/setup-python.sh, which installs it\n{}",
+        "kubernetes-validate is missing from {}: run scripts/setup-python.sh --test-tools (scripts/test does), which installs it\n{}",
         py.display(),
         String::from_utf8_lossy(&out.stderr)
     );

@@ -328,6 +328,7 @@ pub(crate) fn run_info(c: &Cluster, r: &cluster::RunRecord) -> pb::RunInfo {
         bytes_moved: c.bytes_moved(r.id),
         committed_hash: hash_text(r.committed_hash),
         latest_checkpoint: r.latest_checkpoint.clone(),
+        ring: r.members.iter().map(|m| m.worker.0).collect(),
     }
 }
 
