@@ -17,14 +17,12 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-use futures::{SinkExt, StreamExt};
 use proto::pb;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
+use worker::testing::browser::Browser;
 use worker::testing::cluster::{Coordinator, Worker, dump, run_file};
 
 fn worker_bin() -> &'static Path {
@@ -33,23 +31,6 @@ fn worker_bin() -> &'static Path {
 
 fn coordinator_bin() -> PathBuf {
     worker_bin().with_file_name("longhaul")
-}
-
-/// Chromium: `$LONGHAUL_CHROMIUM`, else `chromium` or `chromium-browser` on PATH. Missing, the
-/// test fails saying how to install it (it is never skipped).
-fn chromium() -> PathBuf {
-    if let Some(p) = std::env::var_os("LONGHAUL_CHROMIUM") {
-        return p.into();
-    }
-    for name in ["chromium", "chromium-browser", "google-chrome"] {
-        for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
-            let p = dir.join(name);
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    panic!("no chromium on PATH: run scripts/setup-system.sh (Debian's `chromium` package)");
 }
 
 /// A plain HTTP/1.1 request to the dashboard: (status, body).
@@ -97,111 +78,6 @@ fn promtool_check(exposition: &str) {
         out.status.success() && said.trim().is_empty(),
         "promtool check metrics: {said}\n{exposition}"
     );
-}
-
-/// A headless Chromium and one page of it, over the DevTools protocol.
-struct Browser {
-    child: Child,
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-    session: String,
-    next: u64,
-    _profile: tempfile::TempDir,
-}
-
-impl Browser {
-    async fn launch() -> Self {
-        let profile = tempfile::tempdir().unwrap();
-        let mut child = Command::new(chromium())
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                "--no-default-browser-check",
-                "--remote-debugging-port=0",
-                "--window-size=1400,1400",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg("about:blank")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", chromium().display()));
-        // "DevTools listening on ws://127.0.0.1:<port>/devtools/browser/<id>"
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            let mut tx = Some(tx);
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(url) = line.split("DevTools listening on ").nth(1)
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(url.trim().to_owned());
-                }
-            }
-        });
-        let url = rx.recv_timeout(Duration::from_secs(60)).expect("chromium's DevTools address");
-        let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
-        let mut b = Self { child, ws, session: String::new(), next: 0, _profile: profile };
-        let target = b.call("Target.createTarget", json!({ "url": "about:blank" })).await;
-        let target = target["targetId"].as_str().unwrap().to_owned();
-        let attached =
-            b.call("Target.attachToTarget", json!({ "targetId": target, "flatten": true })).await;
-        b.session = attached["sessionId"].as_str().unwrap().to_owned();
-        b
-    }
-
-    /// Sends one command (to the page once attached) and returns its result.
-    async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next += 1;
-        let id = self.next;
-        let mut msg = json!({ "id": id, "method": method, "params": params });
-        if !self.session.is_empty() {
-            msg["sessionId"] = json!(self.session);
-        }
-        self.ws.send(Message::text(msg.to_string())).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let m = tokio::time::timeout(left, self.ws.next())
-                .await
-                .unwrap_or_else(|_| panic!("{method}: no answer from chromium"))
-                .expect("chromium closed the DevTools connection")
-                .unwrap();
-            let Message::Text(text) = m else { continue };
-            let v: Value = serde_json::from_str(&text).unwrap();
-            if v["id"] == json!(id) {
-                assert!(v.get("error").is_none(), "{method}: {v}");
-                return v["result"].clone();
-            }
-        }
-    }
-
-    /// Evaluates `expr` in the page; its value.
-    async fn eval(&mut self, expr: &str) -> Value {
-        let r = self
-            .call("Runtime.evaluate", json!({ "expression": expr, "returnByValue": true }))
-            .await;
-        r["result"]["value"].clone()
-    }
-
-    async fn screenshot(&mut self, to: &Path) {
-        let r = self.call("Page.captureScreenshot", json!({ "format": "png" })).await;
-        let png =
-            base64::engine::general_purpose::STANDARD.decode(r["data"].as_str().unwrap()).unwrap();
-        std::fs::write(to, png).unwrap();
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What the page shows, read from the DOM.

@@ -1,6 +1,7 @@
 //! Small specs and loopback rings for tests, benches and examples, and a whole cluster of
 //! processes ([`cluster`]).
 
+pub mod browser;
 pub mod cluster;
 
 use std::sync::{Arc, Condvar, Mutex};
