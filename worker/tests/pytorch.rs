@@ -147,3 +147,91 @@ fn checkpoints_load_into_pytorch_and_give_the_workers_loss() {
     let scripted = ModelSource::TorchScript(module.clone());
     goes_home("torchscript", scripted, &mut tokens, Some(&module));
 }
+
+/// The files named `name` under `dir`, at any depth.
+fn find(dir: &Path, name: &str, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            find(&p, name, out);
+        } else if p.file_name().is_some_and(|n| n == name) {
+            out.push(p);
+        }
+    }
+}
+
+/// The end to end case: real `longhaul-worker` processes train a run against a coordinator,
+/// and the final checkpoint one of them wrote loads into PyTorch's reference model, which
+/// computes on the held-out sums the loss that worker logged for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_of_real_workers_evaluates_in_pytorch_to_their_held_out_loss() {
+    use worker::testing::cluster::{Coordinator, Worker, dump, run_file};
+    let bin = Path::new(env!("CARGO_BIN_EXE_longhaul-worker"));
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::start(&tmp.path().join("coordinator")).await;
+    let token = c.token().await;
+    let ws: Vec<Worker> = (1..=2)
+        .map(|i| Worker::spawn(bin, tmp.path(), &format!("w{i}"), &c, &token, &[]))
+        .collect();
+    c.wait_workers(2, std::time::Duration::from_secs(120)).await;
+    let run = c.submit(&run_file(2, 2, 150, "mode = \"ddp\"\ncompression = \"none\"")).await;
+    let done = c
+        .wait_run(run, std::time::Duration::from_secs(300), "the run to end", |r| {
+            r.state != proto::pb::RunState::Running as i32
+                && r.state != proto::pb::RunState::Pending as i32
+        })
+        .await;
+    let all: Vec<&Worker> = ws.iter().collect();
+    if done.state != proto::pb::RunState::Completed as i32 {
+        dump(&all);
+        panic!("the run ended {}: {}", done.state, done.message);
+    }
+    let w = &ws[0];
+    assert!(w.wait_final_hash(std::time::Duration::from_secs(30)).is_some(), "w1 did not finish");
+    // `held-out evaluation run=1 loss=0.0123… accuracy=…` (the f64 as tracing prints it:
+    // every digit needed to read it back exactly).
+    let text = w.log_text();
+    let line =
+        text.lines().rev().find(|l| l.contains("held-out evaluation")).unwrap_or_else(|| {
+            dump(&all);
+            panic!("w1 logged no held-out evaluation")
+        });
+    let logged: f64 = line
+        .split("loss=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no loss in {line:?}"));
+    // Its newest checkpoint of the run: `latest` names the step directory.
+    let mut latest = Vec::new();
+    find(&w.state, "latest", &mut latest);
+    let latest = latest
+        .into_iter()
+        .find(|p| p.parent().is_some_and(|d| d.ends_with(format!("run-{run}"))))
+        .unwrap_or_else(|| panic!("no checkpoint of run {run} under {}", w.state.display()));
+    let step_dir = latest.parent().unwrap().join(std::fs::read_to_string(&latest).unwrap().trim());
+    assert!(step_dir.ends_with("step-00000150"), "the last checkpoint is {}", step_dir.display());
+    // The same held-out sums the worker evaluated (the run file's 2 digits, seq_len 10).
+    let format =
+        worker::trainer::plan::ShardFormat::Addition { digits: 2, samples_per_shard: 2048 };
+    let held = worker::trainer::plan::holdout(format, 10, 512).unwrap();
+    let batch_file = tmp.path().join("held-out.safetensors");
+    Tensor::write_safetensors(&[("inputs", &held.inputs), ("targets", &held.targets)], &batch_file)
+        .unwrap();
+    let out = Command::new(python())
+        .arg(examples().join("pytorch/evaluate.py"))
+        .arg(&step_dir)
+        .arg(&batch_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "evaluate.py: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = report["loss"].as_f64().unwrap();
+    println!("held-out loss: worker {logged:.6}, PyTorch on its checkpoint {got:.6}");
+    assert!(
+        (got - logged).abs() <= 1e-4 * logged.abs().max(1.0),
+        "PyTorch computes {got} on the checkpoint of step 150, the worker logged {logged}"
+    );
+    drop(ws);
+    c.stop().await;
+}
