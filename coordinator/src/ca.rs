@@ -251,9 +251,12 @@ impl Pki {
     /// not expired at `now_ms` (the MAC compared in constant time); `None` otherwise.
     pub fn viewer_expiry(&self, token: &str, now_ms: u64) -> Option<u64> {
         let (expires, mac) = token.strip_prefix(VIEWER_PREFIX)?.split_once('_')?;
-        // Digits only: `u64::from_str` would also take a leading '+', a second spelling of the
-        // same expiry.
-        if expires.is_empty() || expires.len() > 20 || !expires.bytes().all(|b| b.is_ascii_digit())
+        // Digits only, no leading zero: `u64::from_str` would also take a leading '+' or '0', a
+        // second spelling of the same expiry.
+        if expires.is_empty()
+            || expires.len() > 20
+            || !expires.bytes().all(|b| b.is_ascii_digit())
+            || (expires.len() > 1 && expires.starts_with('0'))
         {
             return None;
         }

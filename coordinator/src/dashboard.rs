@@ -55,6 +55,17 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request body (a login's credential).
 pub const MAX_BODY: usize = 1024;
+/// How long a client may take to send a request's body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Event streams open at once, at most: fewer than the connections, so that streams held open
+/// never lock the page's other requests out.
+pub const MAX_STREAMS: usize = 32;
+/// How long an answer of `/api/runs/{id}/metrics` is reused for the same run and size (each
+/// open page polls it; one read of the store serves them all).
+const METRICS_CACHE: Duration = Duration::from_secs(2);
+/// How long a session cookie made from the admin credential lasts (the credential itself is
+/// never put in a cookie).
+const ADMIN_SESSION: Duration = Duration::from_secs(12 * 3600);
 /// The session cookie's name.
 pub const COOKIE: &str = "lh_session";
 /// Metric points a response carries by default, and at most.
@@ -71,11 +82,17 @@ const APP_CSS: &str = include_str!("dashboard/app.css");
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
 
+/// Recent metrics answers by (run, max): when each was made, and its body.
+type MetricsCache = std::collections::HashMap<(u64, usize), (std::time::Instant, Bytes)>;
+
 #[derive(Clone)]
 struct Dash {
     shared: Arc<Shared>,
     /// Whether the listener speaks TLS (the cookie is then `Secure`).
     tls: bool,
+    streams: Arc<Semaphore>,
+    /// Recent metrics answers by (run, max): when made, and the body.
+    metrics: Arc<std::sync::Mutex<MetricsCache>>,
 }
 
 /// Serves the dashboard on `listener` until `cancel`: plain HTTP when it is bound to a
@@ -88,7 +105,12 @@ pub(crate) fn serve(
     let addr = listener.local_addr().map_err(|e| ServeError::Other(e.to_string()))?;
     let tls = !addr.ip().is_loopback();
     let handshake_timeout = shared.config().accept_limits().handshake_timeout;
-    let app = router(Dash { shared: shared.clone(), tls });
+    let app = router(Dash {
+        shared: shared.clone(),
+        tls,
+        streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+        metrics: Arc::default(),
+    });
     if tls {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls_config(
             shared.pki(),
@@ -220,6 +242,17 @@ fn credential(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, v)| v)
 }
 
+/// A POST from another origin (a page on another port or site submitting to this one) is
+/// refused: a browser always names the origin of a script's or form's POST. Clients that are not
+/// browsers send no `Origin` and are let through (they need a credential to learn anything).
+fn cross_origin(headers: &HeaderMap) -> Option<Response> {
+    let origin = headers.get(header::ORIGIN)?.to_str().unwrap_or("");
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let origin_host = origin.split_once("://").map_or("", |(_, h)| h);
+    (host.is_empty() || origin_host != host)
+        .then(|| plain(StatusCode::FORBIDDEN, "a request from another origin"))
+}
+
 /// What a credential allows until when: `Some(expiry_ms)` for a valid viewer token, `Some(0)`
 /// for the admin credential (no expiry of its own), `None` for anything else.
 fn check(d: &Dash, token: &str) -> Option<u64> {
@@ -248,21 +281,38 @@ fn unauthorized(msg: &str) -> Response {
     r
 }
 
-async fn login(State(d): State<Dash>, body: Bytes) -> Response {
+async fn login(State(d): State<Dash>, headers: HeaderMap, body: axum::body::Body) -> Response {
+    if let Some(r) = cross_origin(&headers) {
+        return r;
+    }
+    // The body within its time and size: a client that announces one and never sends it
+    // holds nothing for long.
+    let body = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "the credential is too long"),
+        Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, "the credential did not arrive"),
+    };
     let Ok(token) = std::str::from_utf8(&body) else {
         return unauthorized("the credential is not text");
     };
-    let token = token.trim();
-    // A valid credential is `[a-z0-9_]` only, so it is safe in a cookie as it is.
-    let Some(expires) = check(&d, token) else {
+    let Some(expires) = check(&d, token.trim()) else {
         return unauthorized("the credential is wrong or expired");
     };
     let now = d.shared.now_ms();
-    // The admin credential's session lasts 12 hours; a viewer token's, until it expires.
-    let max_age = if expires == 0 { 12 * 3600 } else { expires.saturating_sub(now) / 1000 };
+    // The session is always a viewer token: the admin credential (which also drives the
+    // control API) never goes into a cookie, which a browser would send to every port of this
+    // host. A viewer token is `[a-z0-9_]` only, so it is a cookie value as it is.
+    let (session, expires) = if expires == 0 {
+        let until = now + ADMIN_SESSION.as_millis() as u64;
+        (d.shared.pki().viewer_token(until), until)
+    } else {
+        (token.trim().to_owned(), expires)
+    };
+    let max_age = expires.saturating_sub(now) / 1000;
     let secure = if d.tls { "; Secure" } else { "" };
     let cookie =
-        format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
+        format!("{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
     let Ok(cookie) = HeaderValue::from_str(&cookie) else {
         return plain(StatusCode::BAD_REQUEST, "the credential is not a valid cookie value");
     };
@@ -271,7 +321,10 @@ async fn login(State(d): State<Dash>, body: Bytes) -> Response {
     r
 }
 
-async fn logout(State(d): State<Dash>) -> Response {
+async fn logout(State(d): State<Dash>, headers: HeaderMap) -> Response {
+    if let Some(r) = cross_origin(&headers) {
+        return r;
+    }
     let secure = if d.tls { "; Secure" } else { "" };
     let cookie = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}");
     let mut r = json_response(&json!({ "ok": true }));
@@ -292,16 +345,35 @@ async fn runs(State(d): State<Dash>, headers: HeaderMap) -> Response {
         all.iter()
             .rev()
             .take(MAX_WORKERS)
-            .map(|r| views::run_json(&crate::server::run_info(&c, r)))
+            .map(|r| run_view(&crate::server::run_info(&c, r)))
             .collect()
     };
     json_response(&json!({ "runs": runs }))
 }
 
-/// A worker as the dashboard shows it: the CLI's JSON, plus the time split of its latest
-/// metrics report.
+/// What a viewer is not shown of the CLI's JSON: workers' network addresses (a viewer token
+/// shared widely would otherwise map every ring member for a flood) and the checkpoint URI a
+/// worker reported (a path on its machine).
+const HIDDEN: [&str; 2] = ["ring_addr", "latest_checkpoint"];
+
+fn hide(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        for k in HIDDEN {
+            o.remove(k);
+        }
+    }
+    v
+}
+
+/// A run as the dashboard shows it: the CLI's JSON without [`HIDDEN`] fields.
+fn run_view(info: &pb::RunInfo) -> Value {
+    hide(views::run_json(info))
+}
+
+/// A worker as the dashboard shows it: the CLI's JSON without [`HIDDEN`] fields, plus the time
+/// split of its latest metrics report.
 fn worker_view(c: &crate::cluster::Cluster, w: &crate::cluster::WorkerRecord, now: u64) -> Value {
-    let mut v = views::worker_json(&crate::server::worker_info(c, w, now));
+    let mut v = hide(views::worker_json(&crate::server::worker_info(c, w, now)));
     if let (Some(m), Some(o)) = (c.latest_metrics(w.id), v.as_object_mut()) {
         o.insert("compute_ms".into(), json!(m.compute_ms));
         o.insert("comm_ms".into(), json!(m.comm_ms));
@@ -321,7 +393,7 @@ async fn run(State(d): State<Dash>, headers: HeaderMap, Path(id): Path<u64>) -> 
     let Some(r) = c.run(RunId(id)) else {
         return plain(StatusCode::NOT_FOUND, &format!("no run {id}"));
     };
-    let info = views::run_json(&crate::server::run_info(&c, r));
+    let info = run_view(&crate::server::run_info(&c, r));
     // The ring in its order; each link's round-trip time where a member measured it (workers
     // do not report one yet: null).
     let ring: Vec<Value> = r
@@ -333,7 +405,6 @@ async fn run(State(d): State<Dash>, headers: HeaderMap, Path(id): Path<u64>) -> 
                 "worker_id": m.worker.0,
                 "name": m.worker.member_name(),
                 "host": w.map(|w| w.host.clone()).unwrap_or_default(),
-                "addr": m.addr.to_string(),
                 "liveness": views::liveness_name(
                     pb::Liveness::from(c.liveness(m.worker).unwrap_or(proto::Liveness::Dead)) as i32,
                 ),
@@ -379,15 +450,19 @@ fn max_points(query: Option<&str>) -> Result<usize, String> {
 /// last of each bucket, carrying the newest loss and accuracy the bucket saw, so that a rare
 /// evaluation is never dropped by the thinning.
 pub fn downsample(points: &[MetricPoint], max: usize) -> Vec<MetricPoint> {
+    let max = max.max(2);
     if points.len() <= max {
         return points.to_vec();
     }
-    let max = max.max(2);
+    // `max - 1` buckets of the points after the first, as even as integers allow.
     let rest = &points[1..];
-    let per = rest.len().div_ceil(max - 1);
-    let mut out = vec![points[0].clone()];
-    for bucket in rest.chunks(per) {
-        let mut p = bucket[bucket.len() - 1].clone();
+    let buckets = max - 1;
+    let mut out = Vec::with_capacity(max);
+    out.push(points[0].clone());
+    for b in 0..buckets {
+        let bucket = &rest[b * rest.len() / buckets..(b + 1) * rest.len() / buckets];
+        let Some(last) = bucket.last() else { continue };
+        let mut p = last.clone();
         p.loss = bucket.iter().rev().find_map(|q| q.loss);
         p.accuracy = bucket.iter().rev().find_map(|q| q.accuracy);
         out.push(p);
@@ -411,14 +486,46 @@ async fn metrics(
     if d.shared.lock().run(RunId(id)).is_none() {
         return plain(StatusCode::NOT_FOUND, &format!("no run {id}"));
     }
-    let store = d.shared.store().clone();
-    let points = match tokio::task::spawn_blocking(move || store.metrics(RunId(id))).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => return plain(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-        Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    let fresh = {
+        let cache = d.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(&(id, max)).filter(|(at, _)| at.elapsed() < METRICS_CACHE).map(|(_, b)| b.clone())
     };
-    let total = points.len();
-    let shown: Vec<Value> = downsample(&points, max)
+    let body = match fresh {
+        Some(b) => b,
+        None => {
+            let store = d.shared.store().clone();
+            let points = match tokio::task::spawn_blocking(move || store.metrics(RunId(id))).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    warn!(run = id, error = %e, "dashboard: reading metric points");
+                    return plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the metric points cannot be read now",
+                    );
+                }
+                Err(e) => {
+                    warn!(run = id, error = %e, "dashboard: reading metric points");
+                    return plain(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the metric points cannot be read now",
+                    );
+                }
+            };
+            let body = Bytes::from(
+                serde_json::to_vec(&metrics_json(id, &points, max)).unwrap_or_default(),
+            );
+            let mut cache = d.metrics.lock().unwrap_or_else(|p| p.into_inner());
+            cache.retain(|_, (at, _)| at.elapsed() < METRICS_CACHE);
+            cache.insert((id, max), (std::time::Instant::now(), body.clone()));
+            body
+        }
+    };
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// The JSON of a run's metric points, thinned to `max`.
+fn metrics_json(id: u64, points: &[MetricPoint], max: usize) -> Value {
+    let shown: Vec<Value> = downsample(points, max)
         .iter()
         .map(|p| {
             // A point carries one member's rate; the run's is that times its members.
@@ -430,13 +537,24 @@ async fn metrics(
             })
         })
         .collect();
-    json_response(&json!({ "run_id": id, "total": total, "points": shown }))
+    json!({ "run_id": id, "total": points.len(), "points": shown })
 }
 
 async fn events(State(d): State<Dash>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
     if let Some(r) = refusal(&d, &headers) {
         return r;
     }
+    let Ok(permit) = d.streams.clone().try_acquire_owned() else {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{MAX_STREAMS} event streams are open: try again later"),
+        );
+    };
+    // A stream ends when the credential that opened it expires (the admin credential has no
+    // expiry of its own).
+    let expires = credential(&headers).and_then(|t| check(&d, t)).unwrap_or(0);
+    let left = Duration::from_millis(expires.saturating_sub(d.shared.now_ms()));
+    let until = if expires == 0 { Duration::from_secs(u64::from(u32::MAX)) } else { left };
     // The same stream `longhaul logs -f` reads: the log so far, the state now, every change.
     let svc = crate::server::control_service(d.shared.clone());
     let stream = match svc.watch_run(tonic::Request::new(pb::WatchRunRequest { run_id: id })).await
@@ -445,19 +563,27 @@ async fn events(State(d): State<Dash>, headers: HeaderMap, Path(id): Path<u64>) 
         Err(s) if s.code() == tonic::Code::NotFound => {
             return plain(StatusCode::NOT_FOUND, s.message());
         }
-        Err(s) => return plain(StatusCode::SERVICE_UNAVAILABLE, s.message()),
+        Err(s) => {
+            warn!(run = id, error = %s, "dashboard: opening the event stream");
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "the run's events cannot be read now");
+        }
     };
-    let events = stream.filter_map(|e| async move {
-        let e = e.ok()?;
-        let ev = match e.event? {
-            pb::run_event::Event::Log(line) => Event::default()
-                .event("log")
-                .data(json!({ "unix_ms": e.unix_ms, "line": line }).to_string()),
-            pb::run_event::Event::Status(info) => Event::default()
-                .event("status")
-                .data(json!({ "unix_ms": e.unix_ms, "run": views::run_json(&info) }).to_string()),
-        };
-        Some(Ok::<_, Infallible>(ev))
+    let stream = stream.take_until(tokio::time::sleep(until));
+    let events = stream.filter_map(move |e| {
+        // The permit lives as long as the stream.
+        let _held = &permit;
+        async move {
+            let e = e.ok()?;
+            let ev = match e.event? {
+                pb::run_event::Event::Log(line) => Event::default()
+                    .event("log")
+                    .data(json!({ "unix_ms": e.unix_ms, "line": line }).to_string()),
+                pb::run_event::Event::Status(info) => Event::default()
+                    .event("status")
+                    .data(json!({ "unix_ms": e.unix_ms, "run": run_view(&info) }).to_string()),
+            };
+            Some(Ok::<_, Infallible>(ev))
+        }
     });
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
@@ -494,8 +620,10 @@ mod tests {
         // The last bucket's newest loss is carried to its point.
         assert_eq!(out.last().and_then(|p| p.loss), Some(9_999.0));
         assert!(out.windows(2).all(|w| w[0].step < w[1].step));
-        // Few points: all of them.
+        // Few points: all of them; one too many: exactly the maximum.
         assert_eq!(downsample(&points[..50], 100).len(), 50);
+        assert_eq!(downsample(&points[..1001], 1000).len(), 1000);
+        assert_eq!(downsample(&points, 0).len(), 2);
     }
 
     #[test]
@@ -505,6 +633,19 @@ mod tests {
         assert!(max_points(Some("max=0")).is_err());
         assert!(max_points(Some("max=99999999999999999999999")).is_err());
         assert!(max_points(Some("max=-1")).unwrap_err().contains("max=-1"));
+    }
+
+    #[test]
+    fn a_post_from_another_origin_is_refused() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
+        assert!(cross_origin(&h).is_none(), "no Origin: not a browser");
+        h.insert(header::ORIGIN, HeaderValue::from_static("http://127.0.0.1:8080"));
+        assert!(cross_origin(&h).is_none());
+        for other in ["http://127.0.0.1:3000", "https://evil.example", "null"] {
+            h.insert(header::ORIGIN, HeaderValue::from_static(other));
+            assert!(cross_origin(&h).is_some(), "{other}");
+        }
     }
 
     #[test]

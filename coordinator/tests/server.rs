@@ -911,6 +911,25 @@ async fn the_dashboard_reads_only_with_a_credential_and_a_viewer_token_expires()
         "GET /api/runs HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\nConnection: close\r\n\r\n"
     );
     assert_eq!(http(daddr, with_cookie.clone()).await.0, 200);
+    // The admin credential signs in too, but its session cookie is a viewer token: the
+    // credential itself never goes into a cookie.
+    let login = format!(
+        "POST /api/login HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{}",
+        admin.len(),
+        admin
+    );
+    let (status, text) = http(daddr, login).await;
+    assert_eq!(status, 200, "{text}");
+    let admin_cookie = text.lines().find_map(|l| l.strip_prefix("set-cookie: ")).unwrap();
+    assert!(admin_cookie.starts_with("lh_session=lh_view_"), "{admin_cookie}");
+    assert!(!admin_cookie.contains(&admin), "the admin credential went into a cookie");
+    // A browser's POST from another origin is refused.
+    let cross = format!(
+        "POST /api/login HTTP/1.1\r\nHost: {daddr}\r\nOrigin: http://127.0.0.1:1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{}",
+        viewer.token.len(),
+        viewer.token
+    );
+    assert_eq!(http(daddr, cross).await.0, 403);
     // A body larger than a credential is refused before it is read.
     let big = "a".repeat(64 * 1024);
     let login = format!(

@@ -323,10 +323,12 @@ async function route() {
 async function start() {
   // `#token=…` (as `longhaul token create --viewer` suggests): sign in with it, then drop it
   // from the address bar and the history.
-  const t = location.hash.match(/^#token=([A-Za-z0-9_]+)(.*)$/);
+  const t = location.hash.match(/^#token=([A-Za-z0-9_]+)(?:&(\/[A-Za-z0-9\/]*))?$/);
   if (t) {
-    history.replaceState(null, "", location.pathname + (t[2].replace(/^&/, "#") || ""));
+    history.replaceState(null, "", location.pathname + (t[2] ? "#" + t[2] : ""));
     if (!(await login(t[1]))) return;
+  } else if (location.hash.startsWith("#token=")) {
+    history.replaceState(null, "", location.pathname);
   }
   document.getElementById("login-form").addEventListener("submit", async e => {
     e.preventDefault();
