@@ -1,6 +1,7 @@
 //! Headless Chromium over the DevTools protocol, for the dashboard's browser test and its
 //! benchmark: Debian's `chromium` (installed by `scripts/setup-system.sh`), started with
-//! `--remote-debugging-port=0`, one page attached in flat mode, commands answered by id.
+//! `--remote-debugging-port=0`, one page attached in flat mode (more on demand), commands
+//! answered by id.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -79,21 +80,35 @@ impl Browser {
             .await
             .expect("connecting to chromium's DevTools");
         let mut b = Self { child, ws, session: String::new(), next: 0, _profile: profile };
-        let target = b.call("Target.createTarget", json!({ "url": "about:blank" })).await;
-        let target = target["targetId"].as_str().expect("a target id").to_owned();
-        let attached =
-            b.call("Target.attachToTarget", json!({ "targetId": target, "flatten": true })).await;
-        b.session = attached["sessionId"].as_str().expect("a session id").to_owned();
+        b.session = b.open("about:blank").await;
         b
     }
 
     /// Sends one command (to the page once attached) and returns its result.
     pub async fn call(&mut self, method: &str, params: Value) -> Value {
+        let session = self.session.clone();
+        self.call_on(&session, method, params).await
+    }
+
+    /// Sends one command to the page of `session` (from [`Browser::open`]; `""`: the browser
+    /// itself) and returns its result.
+    pub async fn call_on(&mut self, session: &str, method: &str, params: Value) -> Value {
+        self.try_call_on(session, method, params).await.unwrap_or_else(|e| panic!("{method}: {e}"))
+    }
+
+    /// [`Browser::call_on`], or the error Chromium answered (an evaluation whose page navigated
+    /// away meanwhile, say).
+    pub async fn try_call_on(
+        &mut self,
+        session: &str,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, Value> {
         self.next += 1;
         let id = self.next;
         let mut msg = json!({ "id": id, "method": method, "params": params });
-        if !self.session.is_empty() {
-            msg["sessionId"] = json!(self.session);
+        if !session.is_empty() {
+            msg["sessionId"] = json!(session);
         }
         self.ws.send(Message::text(msg.to_string())).await.expect("sending to chromium");
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -107,10 +122,41 @@ impl Browser {
             let Message::Text(text) = m else { continue };
             let v: Value = serde_json::from_str(&text).expect("chromium sends JSON");
             if v["id"] == json!(id) {
-                assert!(v.get("error").is_none(), "{method}: {v}");
-                return v["result"].clone();
+                return match v.get("error") {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(v["result"].clone()),
+                };
             }
         }
+    }
+
+    /// Opens another page of the same browser at `url` and attaches to it: its session, for
+    /// [`Browser::call_on`].
+    pub async fn open(&mut self, url: &str) -> String {
+        self.open_in(json!({ "url": url })).await
+    }
+
+    /// [`Browser::open`] in a browser context of its own: cookies, cache and connections apart,
+    /// as in another person's browser (Chromium opens at most 6 HTTP/1.1 connections to a host
+    /// per context, and each of the dashboard's event streams holds one).
+    pub async fn open_apart(&mut self, url: &str) -> String {
+        let context = self.call_on("", "Target.createBrowserContext", json!({})).await;
+        let context = context["browserContextId"].clone();
+        self.open_in(json!({ "url": url, "browserContextId": context })).await
+    }
+
+    async fn open_in(&mut self, params: Value) -> String {
+        let target = self.call_on("", "Target.createTarget", params).await;
+        let target = target["targetId"].as_str().expect("a target id").to_owned();
+        let attached = self
+            .call_on("", "Target.attachToTarget", json!({ "targetId": target, "flatten": true }))
+            .await;
+        attached["sessionId"].as_str().expect("a session id").to_owned()
+    }
+
+    /// The browser process's id (its renderers are its descendants).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Evaluates `expr` in the page; its value.

@@ -142,6 +142,14 @@ impl Coordinator {
         c
     }
 
+    /// The process coordinator's process id (`None` in process, or while killed).
+    pub fn pid(&self) -> Option<u32> {
+        match &self.backend {
+            Backend::Process { child: Some(c), .. } => Some(c.id()),
+            _ => None,
+        }
+    }
+
     /// SIGKILLs a process coordinator.
     pub fn kill(&mut self) {
         if let Backend::Process { child: Some(child), .. } = &mut self.backend {
