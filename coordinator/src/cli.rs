@@ -17,7 +17,7 @@ use runspec::{self, RunSpec};
 
 use crate::ca::read_ca_der;
 use crate::server::{self, ServerConfig};
-use crate::views::{self, liveness_name, run_json, state_name};
+use crate::views::{self, liveness_name, run_json, state_name, uptime};
 
 /// longhaul: train one model on GPUs scattered across the internet.
 #[derive(Debug, Parser)]
@@ -366,17 +366,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// A duration for humans: `45s`, `12m03s`, `5h07m`, `3d04h`.
-fn uptime(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
-    }
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
@@ -630,47 +619,46 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
             eprintln!("run {} {}", r.run_id, state_name(r.state));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Token { command: TokenCommand::Create { viewer: true, ttl, .. } } => {
+        Command::Token { command: TokenCommand::Create { viewer, ttl, uses } } => {
             let mut c = connect(conn, home)?;
-            let t = c
-                .create_viewer_token(pb::CreateViewerTokenRequest { ttl_seconds: ttl.as_secs() })
-                .await
-                .map_err(rpc_err)?
-                .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "token": t.token, "expires_unix_ms": t.expires_unix_ms })
-                );
-            } else {
-                println!("{}", t.token);
-                eprintln!(
+            let (token, expires_unix_ms, what) = if viewer {
+                let t = c
+                    .create_viewer_token(pb::CreateViewerTokenRequest {
+                        ttl_seconds: ttl.as_secs(),
+                    })
+                    .await
+                    .map_err(rpc_err)?
+                    .into_inner();
+                let what = format!(
                     "a read-only dashboard token; expires in {}s (open the dashboard at \
                      <its address>/#token=<this token>, or paste it there)",
                     ttl.as_secs()
                 );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Token { command: TokenCommand::Create { ttl, uses, .. } } => {
-            let mut c = connect(conn, home)?;
-            let t = c
-                .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: ttl.as_secs(), uses })
-                .await
-                .map_err(rpc_err)?
-                .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "token": t.token, "expires_unix_ms": t.expires_unix_ms })
-                );
+                (t.token, t.expires_unix_ms, what)
             } else {
-                println!("{}", t.token);
-                eprintln!(
+                let t = c
+                    .create_join_token(pb::CreateJoinTokenRequest {
+                        ttl_seconds: ttl.as_secs(),
+                        uses,
+                    })
+                    .await
+                    .map_err(rpc_err)?
+                    .into_inner();
+                let what = format!(
                     "expires in {}s; {uses} worker{} may join with it",
                     ttl.as_secs(),
                     if uses == 1 { "" } else { "s" }
                 );
+                (t.token, t.expires_unix_ms, what)
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "token": token, "expires_unix_ms": expires_unix_ms })
+                );
+            } else {
+                println!("{token}");
+                eprintln!("{what}");
             }
             Ok(ExitCode::SUCCESS)
         }

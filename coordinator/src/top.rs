@@ -20,7 +20,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Gauge, Paragraph, Row, Table, TableState, Wrap};
 use tokio::sync::mpsc;
 
-use crate::views::{liveness_name, state_name};
+use crate::views::{liveness_name, state_name, uptime};
 use client::Control;
 
 /// Log lines kept for the selected run.
@@ -82,15 +82,6 @@ fn liveness_color(l: i32) -> Color {
         "alive" => Color::Green,
         "suspect" => Color::Yellow,
         _ => Color::Red,
-    }
-}
-
-fn uptime(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
     }
 }
 

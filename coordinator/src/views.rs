@@ -47,3 +47,14 @@ pub fn worker_json(w: &pb::WorkerInfo) -> Value {
         "audits_performed": w.audits_performed, "audits_wrong": w.audits_wrong,
     })
 }
+
+/// A duration for humans: `45s`, `12m03s`, `5h07m`, `3d04h`.
+pub fn uptime(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}

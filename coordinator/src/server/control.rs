@@ -32,6 +32,22 @@ type LedgerStream = Pin<Box<dyn futures::Stream<Item = Result<pb::LedgerChunk, S
 /// The largest chunk of a ledger on the wire.
 const LEDGER_CHUNK: usize = 1 << 20;
 
+impl ControlSvc {
+    /// A token's lifetime: `secs` (0: `default`), at most the configured maximum.
+    fn ttl(&self, secs: u64, default: Duration) -> Result<Duration, Status> {
+        let ttl = if secs == 0 { default } else { Duration::from_secs(secs) };
+        let max = self.0.config.max_token_ttl;
+        if ttl > max {
+            return Err(Status::invalid_argument(format!(
+                "ttl {}s is longer than the maximum {}s",
+                ttl.as_secs(),
+                max.as_secs()
+            )));
+        }
+        Ok(ttl)
+    }
+}
+
 #[tonic::async_trait]
 impl Control for ControlSvc {
     async fn submit_run(
@@ -284,17 +300,7 @@ impl Control for ControlSvc {
         req: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
         let req = req.into_inner();
-        let ttl = match req.ttl_seconds {
-            0 => Duration::from_secs(3600),
-            s => Duration::from_secs(s),
-        };
-        if ttl > self.0.config.max_token_ttl {
-            return Err(Status::invalid_argument(format!(
-                "ttl {}s is longer than the maximum {}s",
-                ttl.as_secs(),
-                self.0.config.max_token_ttl.as_secs()
-            )));
-        }
+        let ttl = self.ttl(req.ttl_seconds, Duration::from_secs(3600))?;
         let uses = req.uses.max(1);
         if uses > MAX_TOKEN_USES {
             return Err(Status::invalid_argument(format!(
@@ -317,17 +323,7 @@ impl Control for ControlSvc {
         &self,
         req: Request<pb::CreateViewerTokenRequest>,
     ) -> Result<Response<pb::CreateViewerTokenResponse>, Status> {
-        let ttl = match req.into_inner().ttl_seconds {
-            0 => Duration::from_secs(24 * 3600),
-            s => Duration::from_secs(s),
-        };
-        if ttl > self.0.config.max_token_ttl {
-            return Err(Status::invalid_argument(format!(
-                "ttl {}s is longer than the maximum {}s",
-                ttl.as_secs(),
-                self.0.config.max_token_ttl.as_secs()
-            )));
-        }
+        let ttl = self.ttl(req.into_inner().ttl_seconds, Duration::from_secs(24 * 3600))?;
         let expires = self.0.now_ms() + ttl.as_millis() as Millis;
         let token = self.0.pki().viewer_token(expires);
         info!(expires_unix_ms = expires, "viewer token created");
