@@ -153,6 +153,11 @@ enum Command {
     },
     /// Print the CA pin workers pass as --ca-hash.
     CaHash,
+    /// Checkpoints: `checkpoint fetch RUN --to DIR` brings a run's model home.
+    Checkpoint {
+        #[command(subcommand)]
+        command: CheckpointCommand,
+    },
     /// Export a run's ledger, signed by the coordinator's CA key (`--output json`, the
     /// default, or `--output csv`); or `ledger verify FILE` to check one offline.
     #[command(args_conflicts_with_subcommands = true)]
@@ -164,6 +169,22 @@ enum Command {
         /// Write the ledger to this file instead of standard output.
         #[arg(long)]
         to: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CheckpointCommand {
+    /// Copy the run's newest verified checkpoint (its model as a majority of the members
+    /// reported it) from a live worker that holds it, through the coordinator, into DIR:
+    /// model.safetensors (loads into PyTorch as it is), meta.json, and the optimizer state.
+    /// DIR must not exist or be empty; it appears only once every file verified.
+    Fetch {
+        run: RunId,
+        /// This step's checkpoint instead of the newest.
+        #[arg(long)]
+        step: Option<u64>,
+        #[arg(long)]
+        to: PathBuf,
     },
 }
 
@@ -413,7 +434,7 @@ fn connect(conn: &Conn, home: &Path) -> Result<Control> {
     Ok(control(&conn.at.config(&pin), &token)?)
 }
 
-fn rpc_err(e: tonic::Status) -> anyhow::Error {
+pub(crate) fn rpc_err(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message()).context(format!("coordinator refused ({:?})", e.code()))
 }
 
@@ -697,6 +718,29 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
                     std::io::stdout().write_all(&doc).context("writing the ledger")?;
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Checkpoint { command: CheckpointCommand::Fetch { run, step, to } } => {
+            let mut c = connect(conn, home)?;
+            let got = crate::fetch::fetch(&mut c, run, step, &to).await?;
+            let files: Vec<String> =
+                got.files.iter().map(|(n, b)| format!("{n} ({})", human_bytes(*b))).collect();
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&got).context("encoding")?);
+            } else {
+                println!("{}", to.display());
+            }
+            eprintln!(
+                "step {} of run {run} from worker-{} into {}: {}; the model is the one {} of {} \
+                 members reported (SHA-256 {}), every other file is the one its meta.json lists",
+                got.step,
+                got.worker,
+                to.display(),
+                files.join(", "),
+                got.agreeing,
+                got.members,
+                got.model_sha256
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Ledger { check: Some(_), .. } => unreachable!("handled without a client"),

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod cluster;
 pub mod dashboard;
+pub mod fetch;
 pub mod floats;
 pub mod ledger;
 pub mod metrics;

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::cluster::audits::AuditRecord;
+use crate::cluster::checkpoints::CheckpointRecord;
 use crate::cluster::commitments::CommitmentRecord;
 use crate::cluster::{Cluster, Counters, Dirty, Millis, Output, Restored, TokenRecord};
 use crate::shards::{ShardBook, ShardRecord};
@@ -53,16 +54,6 @@ pub enum StoreError {
 
 fn dberr<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Db(e.to_string())
-}
-
-/// A checkpoint a worker reported.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointRecord {
-    pub step: u64,
-    pub uri: String,
-    pub sha256: String,
-    pub worker: u64,
-    pub at_ms: Millis,
 }
 
 /// A metric point.
@@ -323,6 +314,16 @@ impl Store {
             out.runs.iter().filter(|r| !r.state.is_terminal()).map(|r| r.id).collect();
         for run in unfinished {
             out.verification.insert(run, (self.commitments(run)?, self.audits(run)?));
+        }
+        // Checkpoints of every run, finished ones too: their models can still be fetched.
+        let ids: Vec<RunId> = out.runs.iter().map(|r| r.id).collect();
+        for run in ids {
+            let mut records = self.checkpoints(run)?;
+            let drop = records.len().saturating_sub(crate::cluster::checkpoints::KEPT_STEPS);
+            records.drain(..drop);
+            if !records.is_empty() {
+                out.checkpoints.insert(run, records);
+            }
         }
         let quarantined = self.quarantine(bad)?;
         Ok((out, quarantined))

@@ -415,7 +415,7 @@ async fn checkpoint_spam_and_foreign_shards_are_refused() {
                 run_id: r,
                 step,
                 uri,
-                sha256: String::new(),
+                ..Default::default()
             }))
             .await
             .unwrap();
@@ -427,7 +427,7 @@ async fn checkpoint_spam_and_foreign_shards_are_refused() {
             run_id: run,
             step: 1,
             uri: format!("\u{1b}]0;pwned\u{7}{}", "A".repeat(2 << 20)),
-            sha256: String::new(),
+            ..Default::default()
         }))
         .await
         .unwrap();

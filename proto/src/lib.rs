@@ -19,3 +19,8 @@ pub mod convert;
 /// message. A worker that read more pieces in one round (many tiny shards) commits the first
 /// ones and counts only their samples.
 pub const MAX_COMMIT_SPANS: usize = 16_384;
+
+/// The files a checkpoint may have, in the order a copy travels (`FetchCheckpoint`,
+/// `UploadCheckpoint`): `meta.json` first, then the files it lists, which are among the rest.
+pub const CHECKPOINT_FILES: [&str; 4] =
+    ["meta.json", "model.safetensors", "optimizer.safetensors", "outer.safetensors"];

@@ -332,6 +332,7 @@ pub async fn run_session(
     let mut seq = 0u64;
     let mut identity = identity;
     let mut last = Resend::default();
+    let uploads = crate::upload::Uploads::default();
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -343,14 +344,17 @@ pub async fn run_session(
             warn!("renewing the certificate: {e:#}");
         }
         let started = tokio::time::Instant::now();
+        let checkpoints = state_dir
+            .as_deref()
+            .map(|d| (crate::trainer::checkpoint::root(d, &identity.ca_pin), uploads.clone()));
         match session_once(
             &cfg,
             &identity,
             &ring_addr,
             &mut side,
-            (&mut pending, &mut last),
-            &mut seq,
+            (&mut pending, &mut last, &mut seq),
             &shutdown,
+            checkpoints,
         )
         .await
         {
@@ -428,9 +432,9 @@ async fn session_once(
     identity: &Identity,
     ring_addr: &str,
     side: &mut AgentSide,
-    (pending, last): (&mut VecDeque<Up>, &mut Resend),
-    seq: &mut u64,
+    (pending, last, seq): (&mut VecDeque<Up>, &mut Resend, &mut u64),
     shutdown: &CancellationToken,
+    checkpoints: Option<(PathBuf, crate::upload::Uploads)>,
 ) -> Result<(), SessionEnd> {
     let mut rpc = identity.client(cfg).map_err(|e| SessionEnd::Fatal(format!("{e:#}")))?;
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(256);
@@ -479,11 +483,25 @@ async fn session_once(
                 }
             }
             m = down.message() => match m {
-                Ok(Some(m)) => {
-                    if let Some(msg) = m.msg {
-                        on_command(side, msg);
+                Ok(Some(m)) => match m.msg {
+                    // Uploads are this side's business (a file read and an RPC), not the
+                    // trainer's.
+                    Some(DownMsg::Upload(req)) => {
+                        let (root, uploads) = match &checkpoints {
+                            Some((r, u)) => (Some(r.clone()), u.clone()),
+                            None => (None, crate::upload::Uploads::default()),
+                        };
+                        tokio::spawn(crate::upload::serve(
+                            cfg.clone(),
+                            identity.clone(),
+                            root,
+                            uploads,
+                            req,
+                        ));
                     }
-                }
+                    Some(msg) => on_command(side, msg),
+                    None => {}
+                },
                 Ok(None) => return Err(lost("the coordinator ended the session")),
                 Err(s) => return Err(classify(&s)),
             },
@@ -535,7 +553,7 @@ fn on_command(side: &AgentSide, msg: DownMsg) {
         }
     };
     match msg {
-        DownMsg::HeartbeatAck(_) => {}
+        DownMsg::HeartbeatAck(_) | DownMsg::Upload(_) => {}
         DownMsg::Epoch(e) => {
             let (run, epoch) = (e.run_id, e.epoch);
             cancel(run, &|a| a.epoch < epoch, format!("epoch {epoch} announced"));

@@ -287,9 +287,7 @@ impl Driver {
     }
 
     fn checkpoint_dir(&self) -> PathBuf {
-        // One namespace per coordinator (its CA), so run ids of another coordinator never mix.
-        let pin = self.identity.ca_pin.trim_start_matches("sha256:");
-        self.cfg.state_dir.join("checkpoints").join(&pin[..pin.len().min(16)])
+        checkpoint::root(&self.cfg.state_dir, &self.identity.ca_pin)
     }
 
     /// Runs until the link closes or something fatal happens. What to do next is the
@@ -1119,16 +1117,17 @@ impl Driver {
             meta,
             keep,
         ) {
-            Ok((path, sha)) => {
+            Ok(w) => {
                 ctx.checkpoint_wanted = false;
                 ctx.last_checkpoint = Some(ctx.trainer.sync_step());
-                info!(run = ctx.run, step = ctx.trainer.sync_step(), path = %path.display(),
+                info!(run = ctx.run, step = ctx.trainer.sync_step(), path = %w.dir.display(),
                     took = ?t.elapsed(), "checkpoint written");
                 self.send(Up::CheckpointDone(pb::CheckpointDone {
                     run_id: ctx.run,
                     step: ctx.trainer.sync_step(),
-                    uri: format!("file://{}", path.display()),
-                    sha256: sha,
+                    uri: format!("file://{}", w.dir.display()),
+                    sha256: w.meta_sha256,
+                    model_sha256: w.model_sha256,
                 }));
             }
             Err(err) => error!(run = ctx.run, "checkpoint failed: {err}"),
@@ -1200,6 +1199,7 @@ impl Driver {
                         step: u64::MAX,
                         uri: format!("\u{1b}]0;pwned\u{7}{}", "A".repeat(2_000)),
                         sha256: "zz".into(),
+                        model_sha256: "zz".into(),
                     }));
                 }
             }

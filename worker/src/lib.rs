@@ -1,6 +1,6 @@
 //! The worker: `longhaul-worker`'s agent ([`agent`]: the coordinator session, shard leases),
 //! the trainer thread's loop ([`driver`]), the trainer (libtorch, [`trainer`]) and its view of
-//! the QUIC ring ([`comm`]).
+//! the QUIC ring ([`comm`]), and checkpoint copies sent for a user's fetch ([`upload`]).
 //!
 //! Only [`trainer`] names `tch`.
 
@@ -14,3 +14,4 @@ pub mod schedule;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod trainer;
+pub mod upload;

@@ -55,7 +55,7 @@ fn goes_home(
         tr.ddp_sync(&mut Solo, &mut SoloPlan).unwrap();
     }
     let meta = tr.checkpoint_meta(1, None);
-    let (step_dir, _) = checkpoint::write(dir.path(), &tr.checkpoint_tensors(), meta, 2).unwrap();
+    let step_dir = checkpoint::write(dir.path(), &tr.checkpoint_tensors(), meta, 2).unwrap().dir;
     let held = batch();
     let want = tr.evaluate(&held).unwrap().loss;
     let batch_file = dir.path().join("batch.safetensors");
@@ -148,21 +148,10 @@ fn checkpoints_load_into_pytorch_and_give_the_workers_loss() {
     goes_home("torchscript", scripted, &mut tokens, Some(&module));
 }
 
-/// The files named `name` under `dir`, at any depth.
-fn find(dir: &Path, name: &str, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            find(&p, name, out);
-        } else if p.file_name().is_some_and(|n| n == name) {
-            out.push(p);
-        }
-    }
-}
-
 /// The end to end case: real `longhaul-worker` processes train a run against a coordinator,
-/// and the final checkpoint one of them wrote loads into PyTorch's reference model, which
-/// computes on the held-out sums the loss that worker logged for them.
+/// `longhaul checkpoint fetch` brings the final checkpoint home through the coordinator (a
+/// damaged copy is refused, the other taken), and it loads into PyTorch's reference model,
+/// which computes on the held-out sums the loss the worker logged for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_of_real_workers_evaluates_in_pytorch_to_their_held_out_loss() {
     use worker::testing::cluster::{Coordinator, Worker, dump, run_file};
@@ -202,15 +191,73 @@ async fn a_checkpoint_of_real_workers_evaluates_in_pytorch_to_their_held_out_los
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no loss in {line:?}"));
-    // Its newest checkpoint of the run: `latest` names the step directory.
-    let mut latest = Vec::new();
-    find(&w.state, "latest", &mut latest);
-    let latest = latest
-        .into_iter()
-        .find(|p| p.parent().is_some_and(|d| d.ends_with(format!("run-{run}"))))
-        .unwrap_or_else(|| panic!("no checkpoint of run {run} under {}", w.state.display()));
-    let step_dir = latest.parent().unwrap().join(std::fs::read_to_string(&latest).unwrap().trim());
-    assert!(step_dir.ends_with("step-00000150"), "the last checkpoint is {}", step_dir.display());
+    // The model goes home through the coordinator: `longhaul checkpoint fetch` copies the
+    // newest checkpoint both members reported alike from one of them, checked byte by byte.
+    let home = tmp.path().join("coordinator");
+    // (The coordinator serves from this runtime: the CLI's wait must not hold a thread of it.)
+    let fetch = |to: &Path| {
+        tokio::task::block_in_place(|| {
+            Command::new(bin.with_file_name("longhaul"))
+                .args(["checkpoint", "fetch", &run.to_string(), "--output", "json", "--to"])
+                .arg(to)
+                .env("LONGHAUL_HOME", &home)
+                .env("LONGHAUL_COORDINATOR", &c.url)
+                .output()
+                .unwrap()
+        })
+    };
+    let step_dir = tmp.path().join("home/model");
+    let out = fetch(&step_dir);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "checkpoint fetch: {stderr}");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["step"], 150, "{got}");
+    assert_eq!((got["agreeing"].as_u64(), got["members"].as_u64()), (Some(2), Some(2)), "{got}");
+    let model = std::fs::read(step_dir.join("model.safetensors")).unwrap();
+    // What the workers hold: both replicas wrote the same bytes, and those came home.
+    let copies: Vec<PathBuf> = ws
+        .iter()
+        .map(|w| checkpoint::step_dir(&checkpoint::root(&w.state, &c.cfg.ca_pin), run, 150))
+        .collect();
+    for dir in &copies {
+        assert!(
+            std::fs::read(dir.join("model.safetensors")).unwrap() == model,
+            "{}",
+            dir.display()
+        );
+    }
+    for f in ["meta.json", "optimizer.safetensors"] {
+        assert!(step_dir.join(f).is_file(), "{f} did not come home");
+    }
+    // A second fetch does not overwrite what is there.
+    let again = fetch(&step_dir);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not an empty directory"));
+    // A holder whose copy is damaged (or lies) is refused and the other's is taken; with every
+    // copy damaged, the fetch fails and leaves nothing behind.
+    let damage = |dir: &Path| {
+        let p = dir.join("model.safetensors");
+        let mut bytes = std::fs::read(&p).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        std::fs::write(&p, bytes).unwrap();
+    };
+    damage(&copies[0]);
+    let second = tmp.path().join("home/second");
+    let out = fetch(&second);
+    assert!(
+        out.status.success(),
+        "fetch with one damaged copy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(second.join("model.safetensors")).unwrap() == model);
+    damage(&copies[1]);
+    let third = tmp.path().join("home/third");
+    let out = fetch(&third);
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && why.contains("no holder sent a good copy"), "{why}");
+    assert!(why.contains("majority"), "the reason names the digest that failed: {why}");
+    assert!(!third.exists() && std::fs::read_dir(tmp.path().join("home")).unwrap().count() == 2);
     // The same held-out sums the worker evaluated (the run file's 2 digits, seq_len 10).
     let format =
         worker::trainer::plan::ShardFormat::Addition { digits: 2, samples_per_shard: 2048 };

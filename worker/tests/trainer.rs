@@ -176,7 +176,7 @@ fn checkpoints_round_trip_bitwise_and_resume_continues_the_loss_curve() {
 
         // A newer checkpoint whose file is damaged, and a half-written one, are both skipped.
         let meta = a.checkpoint_meta(42, None);
-        let (newest, _) = checkpoint::write(dir.path(), &a.checkpoint_tensors(), meta, 5).unwrap();
+        let newest = checkpoint::write(dir.path(), &a.checkpoint_tensors(), meta, 5).unwrap().dir;
         std::fs::write(newest.join("model.safetensors"), b"torn").unwrap();
         let run_dir = dir.path().join("run-42");
         std::fs::create_dir(run_dir.join("step-00000099.tmp-1")).unwrap();

@@ -439,7 +439,7 @@ impl Net {
                 // The harness's agents do not audit: an audit they are given expires unanswered,
                 // blaming nobody (the audit book has its own tests; real workers audit in the
                 // adversary suite).
-                Command::Checkpoint { .. } | Command::Audit(_) => {}
+                Command::Checkpoint { .. } | Command::Audit(_) | Command::Upload { .. } => {}
             }
         }
     }
@@ -1284,11 +1284,21 @@ fn checkpoints_count_only_from_members_for_reached_steps() {
     net.run_for(2_000);
     let outsider = net.join();
     let step = net.step(run);
-    net.cluster.checkpoint_done(net.now, outsider, run, step, "file:///x", "").unwrap();
+    let sha = |c: char| c.to_string().repeat(64);
+    let (a, b) = (sha('a'), sha('b'));
+    net.cluster.checkpoint_done(net.now, outsider, run, step, ("file:///x", &a, &b)).unwrap();
     assert_eq!(net.cluster.run(run).unwrap().latest_checkpoint_step, 0);
-    assert!(net.cluster.checkpoint_done(net.now, w[0], run, u64::MAX, "file:///x", "").is_err());
-    net.cluster.checkpoint_done(net.now, w[0], run, step, "file:///ok", "").unwrap();
+    let bad = net.cluster.checkpoint_done(net.now, w[0], run, u64::MAX, ("file:///x", &a, &b));
+    assert!(bad.is_err());
+    // One of two members is no majority: the model is not verified, nothing to fetch.
+    net.cluster.checkpoint_done(net.now, w[0], run, step, ("file:///ok", &a, &b)).unwrap();
+    assert_eq!(net.cluster.run(run).unwrap().latest_checkpoint_step, 0);
+    assert!(net.cluster.checkpoint_source(run, None).is_err());
+    net.cluster.checkpoint_done(net.now, w[1], run, step, ("file:///ok", &a, &b)).unwrap();
     assert_eq!(net.cluster.run(run).unwrap().latest_checkpoint_step, step);
+    let (src, hash) = net.cluster.checkpoint_source(run, None).unwrap();
+    assert_eq!((src.step, src.model_sha256.as_str(), src.copies.len()), (step, b.as_str(), 2));
+    assert_eq!(hash, net.cluster.run(run).unwrap().committed_hash);
 }
 
 #[test]

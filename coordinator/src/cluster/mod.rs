@@ -41,6 +41,7 @@
 
 pub mod aggregate;
 pub mod audits;
+pub mod checkpoints;
 pub mod commitments;
 mod disputes;
 mod progress;
@@ -57,7 +58,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::shards::{Lease, LeaseError, Manifest, ShardBook};
-use crate::store::{CheckpointRecord, MetricPoint};
+use crate::store::MetricPoint;
+use checkpoints::CheckpointRecord;
 use runspec::{RunSpec, SyncMode};
 
 pub use progress::{AgreementInfo, Fault, FaultKind, PendingSync, PlanInfo};
@@ -187,6 +189,8 @@ pub enum Command {
     Plan(PlanInfo),
     /// Recompute another member's contribution (an audit).
     Audit(audits::AuditInfo),
+    /// Send the checkpoint of `step` to the coordinator as transfer `transfer`.
+    Upload { run: RunId, step: u64, transfer: u64 },
 }
 
 /// One epoch of a run, as announced to its members.
@@ -566,6 +570,8 @@ pub struct Cluster {
     formed: BTreeMap<RunId, Millis>,
     /// The latest metrics report of each worker in its current run (volatile).
     latest: BTreeMap<WorkerId, Metrics>,
+    /// Each run's recent checkpoints and their verified models (rebuilt from the store).
+    checkpoints: BTreeMap<RunId, checkpoints::Book>,
     dirty: BTreeSet<Dirty>,
     outbox: VecDeque<Output>,
 }
@@ -597,6 +603,7 @@ impl Cluster {
             died_in: BTreeSet::new(),
             formed: BTreeMap::new(),
             latest: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
             dirty: BTreeSet::new(),
             outbox: VecDeque::new(),
         }
@@ -618,6 +625,11 @@ impl Cluster {
         }
         c.tokens = state.tokens;
         c.shards = state.shards;
+        c.checkpoints = state
+            .checkpoints
+            .into_iter()
+            .map(|(run, rs)| (run, checkpoints::Book::restore(rs)))
+            .collect();
         for mut r in state.runs {
             match RunSpec::parse(&r.spec_toml) {
                 Ok(spec) => {
@@ -925,17 +937,18 @@ impl Cluster {
         Ok(())
     }
 
-    /// A member wrote a checkpoint of `run` at `step` (at `uri`, on its own machine). Only a
-    /// current member of that running run, for a step the run reached; `uri` and `sha256` were
-    /// checked by the shell (bounded, printable).
+    /// A member wrote a checkpoint of `run` at `step` (at `uri`, on its own machine; `sha256` of
+    /// its meta.json, `model_sha256` of its model). Only a current member of that running run,
+    /// for a step the run reached; the strings were checked by the shell (bounded, printable,
+    /// digests). The step's model is verified once a majority of the members reported one
+    /// digest (see [`checkpoints`]).
     pub fn checkpoint_done(
         &mut self,
         now: Millis,
         worker: WorkerId,
         run: RunId,
         step: u64,
-        uri: &str,
-        sha256: &str,
+        copy: (&str, &str, &str),
     ) -> Result<(), ReportError> {
         let Some(r) = self.runs.get(&run) else { return Ok(()) };
         if r.state != RunState::Running || !r.members.iter().any(|m| m.worker == worker) {
@@ -948,21 +961,71 @@ impl Cluster {
                 r.committed_step
             )));
         }
-        let r = self.runs.get_mut(&run).expect("run looked up above");
-        if step >= r.latest_checkpoint_step {
-            r.latest_checkpoint = format!("{worker} step {step} {uri}");
-            r.latest_checkpoint_step = step;
-            self.dirty.insert(Dirty::Run(run));
+        let members = r.members.len();
+        let (outcome, record) =
+            self.checkpoints.entry(run).or_default().report(now, worker, step, copy, members);
+        match outcome {
+            checkpoints::Reported::Full => return Ok(()),
+            checkpoints::Reported::Verified => {
+                let r = self.runs.get_mut(&run).expect("run looked up above");
+                if step >= r.latest_checkpoint_step {
+                    r.latest_checkpoint = format!(
+                        "step {step} model {} ({} of {} members)",
+                        &record.model_sha256[..record.model_sha256.len().min(16)],
+                        record.agreeing,
+                        record.members
+                    );
+                    r.latest_checkpoint_step = step;
+                    self.dirty.insert(Dirty::Run(run));
+                }
+            }
+            checkpoints::Reported::Differs { verified } => {
+                let line = format!(
+                    "{worker}'s checkpoint of step {step} has another model than the one the \
+                     majority reported ({}); it is not a source for fetches",
+                    &verified[..verified.len().min(16)]
+                );
+                self.log(run, line);
+            }
+            checkpoints::Reported::Recorded => {}
         }
-        let record = CheckpointRecord {
-            step,
-            uri: uri.to_owned(),
-            sha256: sha256.to_owned(),
-            worker: worker.0,
-            at_ms: now,
-        };
         self.outbox.push_back(Output::Checkpoint { run, record });
         Ok(())
+    }
+
+    /// The checkpoint of `run` a fetch can take (of `step`, or the newest verified one), with
+    /// the workers not dead holding a copy of its verified model and the hash the run recorded
+    /// with that step (if it still knows it). `Err` says why there is none.
+    pub fn checkpoint_source(
+        &self,
+        run: RunId,
+        step: Option<u64>,
+    ) -> Result<(checkpoints::Source, Option<ParamHash>), String> {
+        let r = self.runs.get(&run).ok_or_else(|| format!("no run {run}"))?;
+        let book = self.checkpoints.get(&run).ok_or("no member reported a checkpoint yet")?;
+        let mut source = book.source(step)?;
+        let holders: Vec<String> = source.copies.iter().map(|(w, _)| w.to_string()).collect();
+        // Alive holders first, then suspect ones (a heartbeat late is no reason to skip a copy).
+        source.copies.retain(|(w, _)| self.liveness(*w).is_some_and(|l| l != Liveness::Dead));
+        source.copies.sort_by_key(|(w, _)| self.liveness(*w) != Some(Liveness::Alive));
+        if source.copies.is_empty() {
+            return Err(format!(
+                "no live worker holds a copy of step {} (held by {})",
+                source.step,
+                holders.join(", ")
+            ));
+        }
+        let hash = if source.step == r.committed_step {
+            r.committed_hash
+        } else {
+            r.history.iter().find(|(s, _)| *s == source.step).map(|(_, h)| *h)
+        };
+        Ok((source, hash))
+    }
+
+    /// Asks `worker` to send its checkpoint of `step` of `run` as transfer `transfer`.
+    pub fn request_upload(&mut self, worker: WorkerId, run: RunId, step: u64, transfer: u64) {
+        self.outbox.push_back(Output::ToWorker(worker, Command::Upload { run, step, transfer }));
     }
 
     /// Leases the next shard of the worker's run (at most `max_leases_per_worker` tracked at
@@ -1669,6 +1732,8 @@ pub struct Restored {
     /// verification remembered is rebuilt from them).
     pub verification:
         BTreeMap<RunId, (Vec<commitments::CommitmentRecord>, Vec<audits::AuditRecord>)>,
+    /// Per run, its checkpoint records (the newest are kept).
+    pub checkpoints: BTreeMap<RunId, Vec<CheckpointRecord>>,
 }
 
 /// The step of the next synchronisation after `committed`: every step in ddp; the next multiple

@@ -30,6 +30,8 @@ use crate::shards::LeaseError;
 /// Segment norms one commitment may carry (one per ring member).
 const MAX_RING: usize = 4096;
 const MAX_SPANS: usize = proto::MAX_COMMIT_SPANS;
+/// How long an upload's first part (which names its transfer) may take.
+const UPLOAD_FIRST_PART: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub(super) struct AgentSvc(pub(super) Arc<Shared>);
@@ -114,6 +116,26 @@ impl Agent for AgentSvc {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         info!(worker_id = %id, "certificate renewed");
         Ok(Response::new(pb::RenewResponse { cert_pem, ca_pem: self.0.pki.ca_pem().to_owned() }))
+    }
+
+    type UploadCheckpointStream =
+        Pin<Box<dyn futures::Stream<Item = Result<pb::UploadVerdict, Status>> + Send>>;
+
+    async fn upload_checkpoint(
+        &self,
+        req: Request<Streaming<pb::CheckpointPart>>,
+    ) -> Result<Response<Self::UploadCheckpointStream>, Status> {
+        let id = worker_identity(&req)?;
+        let mut parts = req.into_inner();
+        let first = match tokio::time::timeout(UPLOAD_FIRST_PART, parts.message()).await {
+            Err(_) => return Err(Status::deadline_exceeded("no first part")),
+            Ok(r) => r?.ok_or_else(|| Status::invalid_argument("an upload with no parts"))?,
+        };
+        let (verdict, rx) = mpsc::channel(1);
+        let upload = super::fetch::Upload { first, parts: Box::pin(parts), verdict };
+        let transfer = upload.first.transfer_id;
+        self.0.transfers.answer(transfer, id, upload)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     type SessionStream = SessionStream;
@@ -464,17 +486,10 @@ impl Session {
                 }
                 let run = convert::run_id(cp.run_id)?;
                 limits::printable("checkpoint_done.uri", &cp.uri, 1024)?;
-                if !(cp.sha256.is_empty()
-                    || (cp.sha256.len() == 64 && cp.sha256.bytes().all(|b| b.is_ascii_hexdigit())))
-                {
-                    return Err(WireError::new(
-                        "checkpoint_done.sha256",
-                        "expected 64 hex digits or nothing",
-                    )
-                    .into());
-                }
+                let sha = limits::digest("checkpoint_done.sha256", &cp.sha256)?;
+                let model = limits::digest("checkpoint_done.model_sha256", &cp.model_sha256)?;
                 refused(shared.with(Admit::IfStoreKeepsUp, |c, now| {
-                    c.checkpoint_done(now, id, run, cp.step, &cp.uri, &cp.sha256)
+                    c.checkpoint_done(now, id, run, cp.step, (&cp.uri, &sha, &model))
                         .map_err(status_of_report)
                 }))
             }

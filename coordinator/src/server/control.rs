@@ -28,6 +28,8 @@ pub(crate) struct ControlSvc(pub(super) Arc<Shared>);
 
 type EventStream = Pin<Box<dyn futures::Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
 type LedgerStream = Pin<Box<dyn futures::Stream<Item = Result<pb::LedgerChunk, Status>> + Send>>;
+type CheckpointStream =
+    Pin<Box<dyn futures::Stream<Item = Result<pb::CheckpointChunk, Status>> + Send>>;
 
 /// The largest chunk of a ledger on the wire.
 const LEDGER_CHUNK: usize = 1 << 20;
@@ -209,6 +211,34 @@ impl Control for ControlSvc {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    type FetchCheckpointStream = CheckpointStream;
+
+    async fn fetch_checkpoint(
+        &self,
+        req: Request<pb::FetchCheckpointRequest>,
+    ) -> Result<Response<Self::FetchCheckpointStream>, Status> {
+        let _t = self.0.telemetry.time("FetchCheckpoint");
+        let req = req.into_inner();
+        let run = convert::run_id(req.run_id)?;
+        let step = (req.step != 0).then_some(req.step);
+        let permit = self.0.transfers.admit().ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "{} checkpoint fetches are under way; retry when one ended",
+                self.0.config.max_fetches
+            ))
+        })?;
+        let (source, hash) = {
+            let c = self.0.lock();
+            if c.run(run).is_none() {
+                return Err(Status::not_found(format!("no run {run}")));
+            }
+            c.checkpoint_source(run, step).map_err(Status::failed_precondition)?
+        };
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(super::fetch::relay(self.0.clone(), run, source, hash, tx, permit));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     type ExportLedgerStream = LedgerStream;

@@ -72,6 +72,15 @@ pub(crate) fn printable(field: &'static str, s: &str, max: usize) -> Result<(), 
     Ok(())
 }
 
+/// A SHA-256 in hex (64 digits, either case) or nothing; returned in lower case.
+pub(crate) fn digest(field: &'static str, s: &str) -> Result<String, WireError> {
+    if s.is_empty() || (s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(WireError::new(field, "expected 64 hex digits or nothing"))
+    }
+}
+
 /// At most `max` characters of `s`, with anything not printable ASCII replaced by `?` (for
 /// free text that is only logged).
 pub(crate) fn sanitize(s: &str, max: usize) -> String {

@@ -19,6 +19,7 @@
 pub(crate) mod accept;
 mod agent;
 mod control;
+mod fetch;
 mod limits;
 mod writer;
 
@@ -69,6 +70,10 @@ pub struct ServerConfig {
     /// The base URL (`https://host:port`) workers fetch shard bytes from, when the coordinator
     /// serves them; set by [`run`] from the shard listener unless given.
     pub shards_url: Option<String>,
+    /// The most bytes one checkpoint copy may have when relayed (`FetchCheckpoint`).
+    pub max_checkpoint_bytes: u64,
+    /// Checkpoint fetches relayed at once.
+    pub max_fetches: usize,
     pub clock: Clock,
 }
 
@@ -86,6 +91,8 @@ impl ServerConfig {
             max_streams_per_connection: 256,
             max_token_ttl: Duration::from_secs(30 * 24 * 3600),
             shards_url: None,
+            max_checkpoint_bytes: 64 << 30,
+            max_fetches: 4,
             clock: Clock::System,
         }
     }
@@ -165,6 +172,8 @@ pub(crate) struct Shared {
     events: broadcast::Sender<(RunId, pb::RunEvent)>,
     config: ServerConfig,
     pub(crate) telemetry: Telemetry,
+    /// Checkpoint transfers asked of workers, and the fetches under way.
+    transfers: fetch::Transfers,
     shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -362,6 +371,9 @@ fn command_to_wire(c: &Cluster, cmd: Command, shards_url: Option<&str>) -> pb::C
         }
         Command::Checkpoint { run, step } => {
             Msg::Checkpoint(pb::Checkpoint { run_id: run.0, step })
+        }
+        Command::Upload { run, step, transfer } => {
+            Msg::Upload(pb::UploadRequest { transfer_id: transfer, run_id: run.0, step })
         }
         Command::Stop { run, state, reason } => {
             Msg::Stop(pb::Stop { run_id: run.0, state: pb::RunState::from(state) as i32, reason })
@@ -572,6 +584,7 @@ pub(crate) fn open(config: ServerConfig) -> Result<Arc<Shared>, ServeError> {
     // What restoring changed (runs failed for a damaged record) is first in the writer's queue,
     // so it is durable before anything a request changes; no caller waits on it.
     drop(writer.submit(collect(&mut cluster, now, config.shards_url.as_deref())));
+    let transfers = fetch::Transfers::new(config.max_fetches.max(1));
     Ok(Arc::new(Shared {
         cluster: Mutex::new(cluster),
         store,
@@ -581,6 +594,7 @@ pub(crate) fn open(config: ServerConfig) -> Result<Arc<Shared>, ServeError> {
         events,
         config,
         telemetry: Telemetry::default(),
+        transfers,
         shutdown: tokio_util::sync::CancellationToken::new(),
     }))
 }

@@ -120,15 +120,36 @@ fn fsync(path: &Path) -> Result<(), CheckpointError> {
     fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
 }
 
-/// Writes a checkpoint of `step` under `dir/run-<run>/`, keeping the newest `keep`. Returns
-/// the checkpoint's directory and the SHA-256 of its `meta.json`.
+/// Where a worker keeps the checkpoints of one coordinator's runs: `state_dir/checkpoints/`
+/// and the first 16 digits of the coordinator's CA pin, so run ids of another coordinator
+/// never mix.
+pub fn root(state_dir: &Path, ca_pin: &str) -> PathBuf {
+    let pin = ca_pin.trim_start_matches("sha256:");
+    state_dir.join("checkpoints").join(&pin[..pin.len().min(16)])
+}
+
+/// The directory of the checkpoint of `step` of `run` under `root`.
+pub fn step_dir(root: &Path, run: u64, step: u64) -> PathBuf {
+    root.join(format!("run-{run}")).join(format!("step-{step:08}"))
+}
+
+/// A checkpoint written: its directory, the SHA-256 of its `meta.json` and of its model.
+#[derive(Clone, Debug)]
+pub struct Written {
+    pub dir: PathBuf,
+    pub meta_sha256: String,
+    pub model_sha256: String,
+}
+
+/// Writes a checkpoint of `step` under `dir/run-<run>/`, keeping the newest `keep`.
 pub fn write(
     dir: &Path,
     tensors: &Tensors,
     mut meta: Meta,
     keep: usize,
-) -> Result<(PathBuf, String), CheckpointError> {
-    let run_dir = dir.join(format!("run-{}", meta.run));
+) -> Result<Written, CheckpointError> {
+    let dst = step_dir(dir, meta.run, meta.step);
+    let run_dir = dst.parent().expect("a step directory is in a run directory").to_owned();
     fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
     let name = format!("step-{:08}", meta.step);
     let tmp = run_dir.join(format!("{name}.tmp-{}", std::process::id()));
@@ -153,7 +174,6 @@ pub fn write(
     write_synced(&meta_path, &json)?;
     fsync(&tmp)?;
 
-    let dst = run_dir.join(&name);
     if dst.exists() {
         fs::remove_dir_all(&dst).map_err(io(&dst))?;
     }
@@ -164,8 +184,11 @@ pub fn write(
     fs::rename(&latest_tmp, run_dir.join("latest")).map_err(io(&run_dir))?;
     fsync(&run_dir)?;
     prune(&run_dir, keep.max(1));
-    let meta_sha = hex(&Sha256::digest(&json));
-    Ok((dst, meta_sha))
+    Ok(Written {
+        meta_sha256: hex(&Sha256::digest(&json)),
+        model_sha256: meta.files.get("model.safetensors").cloned().unwrap_or_default(),
+        dir: dst,
+    })
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {

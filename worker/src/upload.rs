@@ -1,0 +1,137 @@
+//! Sends a checkpoint to the coordinator when it asks (`UploadRequest`), for a user's
+//! `longhaul checkpoint fetch`: `meta.json`, then each file it lists, in its order, in parts of
+//! at most [`PART`] bytes, on `Agent.UploadCheckpoint`. The coordinator checks every byte; this
+//! side only reads its own files. The request's numbers name the directory (no path from the
+//! wire is ever used), every file is opened before the first byte goes (a checkpoint pruned
+//! meanwhile stays readable), and at most [`MAX_UPLOADS`] run at once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use client::ConnectConfig;
+use proto::pb;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
+
+use crate::agent::Identity;
+use crate::trainer::checkpoint;
+
+/// The largest part on the wire.
+pub const PART: usize = 1 << 20;
+/// Uploads at once.
+pub const MAX_UPLOADS: usize = 2;
+/// The largest `meta.json` read.
+const MAX_META: u64 = 64 << 10;
+
+/// Uploads under way in this process.
+#[derive(Clone, Debug)]
+pub struct Uploads(Arc<Semaphore>);
+
+impl Default for Uploads {
+    fn default() -> Self {
+        Self(Arc::new(Semaphore::new(MAX_UPLOADS)))
+    }
+}
+
+/// The files of the checkpoint of `step` of `run` under `root`, open, in the order they go.
+async fn open(root: &Path, run: u64, step: u64) -> Result<Vec<(String, tokio::fs::File)>> {
+    let dir = checkpoint::step_dir(root, run, step);
+    let meta_path = dir.join("meta.json");
+    let mut meta_file = tokio::fs::File::open(&meta_path)
+        .await
+        .with_context(|| format!("no checkpoint of run {run} step {step} here"))?;
+    let mut bytes = Vec::new();
+    (&mut meta_file).take(MAX_META + 1).read_to_end(&mut bytes).await?;
+    anyhow::ensure!(bytes.len() as u64 <= MAX_META, "{} is too long", meta_path.display());
+    let meta: checkpoint::Meta = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} does not parse", meta_path.display()))?;
+    let mut files = vec![("meta.json".to_owned(), tokio::fs::File::open(&meta_path).await?)];
+    for name in meta.files.keys() {
+        anyhow::ensure!(
+            proto::CHECKPOINT_FILES[1..].contains(&name.as_str()),
+            "meta.json lists {name:?}"
+        );
+        let f = tokio::fs::File::open(dir.join(name))
+            .await
+            .with_context(|| format!("opening {name} of run {run} step {step}"))?;
+        files.push((name.clone(), f));
+    }
+    Ok(files)
+}
+
+/// Answers one `UploadRequest`: streams the copy (or, on the first part, why it cannot) and
+/// logs the coordinator's verdict.
+pub async fn serve(
+    cfg: ConnectConfig,
+    identity: Identity,
+    root: Option<PathBuf>,
+    uploads: Uploads,
+    req: pb::UploadRequest,
+) {
+    let (run, step, transfer) = (req.run_id, req.step, req.transfer_id);
+    let (tx, rx) = mpsc::channel::<pb::CheckpointPart>(2);
+    let permit = uploads.0.try_acquire_owned();
+    let files = match (&root, &permit) {
+        (_, Err(_)) => Err(anyhow::anyhow!("{MAX_UPLOADS} uploads are under way")),
+        (None, _) => Err(anyhow::anyhow!("this worker keeps no checkpoints")),
+        (Some(root), Ok(_)) => open(root, run, step).await,
+    };
+    let producer = tokio::spawn(async move {
+        let files = match files {
+            Ok(f) => f,
+            Err(e) => {
+                let error = format!("{e:#}");
+                let _ = tx
+                    .send(pb::CheckpointPart { transfer_id: transfer, error, ..Default::default() })
+                    .await;
+                return;
+            }
+        };
+        let mut buf = vec![0u8; PART];
+        for (name, mut f) in files {
+            loop {
+                let n = match f.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        warn!(run, step, "reading {name} to upload: {e}");
+                        return; // the copy ends short: the coordinator refuses it
+                    }
+                };
+                let part = pb::CheckpointPart {
+                    transfer_id: transfer,
+                    file: name.clone(),
+                    data: buf[..n].to_vec(),
+                    error: String::new(),
+                };
+                if tx.send(part).await.is_err() {
+                    return; // the coordinator ended the upload
+                }
+            }
+        }
+    });
+    let verdict = async {
+        let mut rpc = identity.client(&cfg)?;
+        let mut verdicts = rpc
+            .upload_checkpoint(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        let v = verdicts
+            .message()
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+            .context("the coordinator ended the upload without a verdict")?;
+        anyhow::Ok(v.error)
+    };
+    match verdict.await {
+        Ok(e) if e.is_empty() => info!(run, step, "checkpoint sent to the coordinator"),
+        Ok(e) => warn!(run, step, "the coordinator refused the checkpoint copy: {e}"),
+        Err(e) => warn!(run, step, "sending the checkpoint: {e:#}"),
+    }
+    producer.abort();
+    drop(permit);
+}
