@@ -576,3 +576,153 @@ async fn leases_are_capped_and_certificates_renew_only_for_the_same_key() {
     assert_eq!(st.code(), Code::PermissionDenied);
     s.stop().await;
 }
+
+/// A checkpoint copy as an honest member would send it: meta.json and model.safetensors.
+fn copy_of(run: u64, step: u64, hash: &str, model: &[u8]) -> (Vec<u8>, String, String) {
+    use sha2::{Digest, Sha256};
+    let hex = |b: &[u8]| client::pki::hex(&Sha256::digest(b));
+    let meta = serde_json::json!({
+        "format": 1, "run": run, "step": step, "param_hash": hash, "sync": "ddp",
+        "files": { "model.safetensors": hex(model) },
+    });
+    let meta = serde_json::to_vec(&meta).unwrap();
+    let (meta_sha, model_sha) = (hex(&meta), hex(model));
+    (meta, meta_sha, model_sha)
+}
+
+/// Answers an upload request with `parts` ((file, bytes), in order); returns the verdict.
+async fn upload(
+    a: &ScriptedAgent,
+    transfer: u64,
+    parts: Vec<(&str, Vec<u8>)>,
+) -> Result<String, tonic::Status> {
+    let parts: Vec<pb::CheckpointPart> = parts
+        .into_iter()
+        .map(|(f, d)| pb::CheckpointPart {
+            transfer_id: transfer,
+            file: f.into(),
+            data: d,
+            error: String::new(),
+        })
+        .collect();
+    let mut rpc = a.rpc.clone();
+    let mut verdicts = rpc.upload_checkpoint(tokio_stream::iter(parts)).await?.into_inner();
+    Ok(verdicts.message().await?.map(|v| v.error).unwrap_or_else(|| "no verdict".into()))
+}
+
+async fn upload_request(a: &mut ScriptedAgent) -> pb::UploadRequest {
+    a.expect(T, |m| match m {
+        Down::Upload(u) => Some(u.clone()),
+        _ => None,
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_fetch_takes_no_single_members_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Running::start(dir.path()).await;
+    let (run, mut agents) = members(&mut s, 3, 1_000).await;
+    let hash = "000000000000abcd";
+    {
+        let mut refs: Vec<&mut ScriptedAgent> = agents.iter_mut().collect();
+        testing::sync(&mut refs, run, 1, 50, hash, T).await.unwrap();
+    }
+    s.run_when(run, |r| r.committed_step == 50).await;
+    let model = b"the replicas' model".to_vec();
+    let (meta, meta_sha, model_sha) = copy_of(run, 50, hash, &model);
+    let (evil_meta, evil_meta_sha, evil_sha) = copy_of(run, 50, hash, b"a poisoned model");
+    let done = |meta_sha: &str, model_sha: &str| {
+        Up::CheckpointDone(pb::CheckpointDone {
+            run_id: run,
+            step: 50,
+            uri: "file:///ckpt".into(),
+            sha256: meta_sha.into(),
+            model_sha256: model_sha.into(),
+        })
+    };
+    let fetch = |c: &mut client::Control| {
+        let mut c = c.clone();
+        async move { c.fetch_checkpoint(pb::FetchCheckpointRequest { run_id: run, step: 0 }).await }
+    };
+    println!(
+        "scenario: one member of three reports a poisoned model; fetches before and after a majority"
+    );
+    agents[0].send(done(&evil_meta_sha, &evil_sha)).await.unwrap();
+    agents[1].send(done(&meta_sha, &model_sha)).await.unwrap();
+    // One honest and one lying report: no majority, nothing to fetch.
+    let st = loop {
+        match fetch(&mut s.control).await {
+            Err(st) if st.message().contains("no member reported") => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(st) => break st,
+            Ok(_) => panic!("a model one of three members reported was fetched"),
+        }
+    };
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st}");
+    agents[2].send(done(&meta_sha, &model_sha)).await.unwrap();
+    let r = s.run_when(run, |r| !r.latest_checkpoint.is_empty()).await;
+    assert!(r.latest_checkpoint.contains("(2 of 3 members)"), "{}", r.latest_checkpoint);
+    assert!(r.latest_checkpoint.contains(&model_sha[..16]), "{}", r.latest_checkpoint);
+
+    println!(
+        "scenario: the first holder sends a tampered model; a non-holder answers another's transfer"
+    );
+    let mut stream = fetch(&mut s.control).await.unwrap().into_inner();
+    let client = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(c) = stream.message().await.transpose() {
+            got.push(c);
+        }
+        got
+    });
+    // The holders are asked in turn; the liar (not a holder of the majority's model) never is.
+    let first = upload_request(&mut agents[1]).await;
+    assert_eq!((first.run_id, first.step), (run, 50));
+    let tampered =
+        vec![("meta.json", meta.clone()), ("model.safetensors", b"the replicas' modeL".to_vec())];
+    let verdict = upload(&agents[1], first.transfer_id, tampered).await.unwrap();
+    assert!(verdict.contains("majority"), "{verdict}");
+    let second = upload_request(&mut agents[2]).await;
+    let stolen = vec![("meta.json", evil_meta.clone()), ("model.safetensors", b"x".to_vec())];
+    let st = upload(&agents[0], second.transfer_id, stolen).await.unwrap_err();
+    assert_eq!(st.code(), Code::NotFound, "{st}");
+    let honest = vec![
+        ("meta.json", meta[..7].to_vec()),
+        ("meta.json", meta[7..].to_vec()),
+        ("model.safetensors", model.clone()),
+    ];
+    assert_eq!(upload(&agents[2], second.transfer_id, honest).await.unwrap(), "");
+    // A transfer answers once.
+    let again = upload(&agents[2], second.transfer_id, vec![("meta.json", meta.clone())]).await;
+    assert_eq!(again.unwrap_err().code(), Code::NotFound);
+    let got = tokio::time::timeout(T, client).await.unwrap().unwrap();
+    use pb::checkpoint_chunk::Part;
+    let parts: Vec<Part> = got.into_iter().map(|c| c.unwrap().part.unwrap()).collect();
+    let sources: Vec<&pb::FetchSource> =
+        parts.iter().filter_map(|p| if let Part::Source(s) = p { Some(s) } else { None }).collect();
+    assert_eq!(sources.len(), 2, "{parts:?}");
+    assert_eq!((sources[0].worker_id, sources[1].worker_id), (agents[1].id, agents[2].id));
+    assert!(sources[1].previous_error.contains("majority"), "{}", sources[1].previous_error);
+    assert_eq!((sources[0].agreeing, sources[0].members), (2, 3));
+    let Some(Part::Done(d)) = parts.last() else { panic!("no done: {parts:?}") };
+    assert_eq!(d.sha256["model.safetensors"], model_sha);
+    assert_eq!(d.sha256["meta.json"], meta_sha);
+    // After the second source, exactly the honest bytes.
+    let after: Vec<u8> = parts
+        .iter()
+        .skip_while(|p| !matches!(p, Part::Source(s) if s.worker_id == agents[2].id))
+        .filter_map(|p| {
+            if let Part::Data(d) = p {
+                (d.file == "model.safetensors").then_some(d.data.clone())
+            } else {
+                None
+            }
+        })
+        .flatten()
+        .collect();
+    assert_eq!(after, model);
+    s.stop().await;
+}
