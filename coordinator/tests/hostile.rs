@@ -612,7 +612,7 @@ async fn upload(
 
 async fn upload_request(a: &mut ScriptedAgent) -> pb::UploadRequest {
     a.expect(T, |m| match m {
-        Down::Upload(u) => Some(u.clone()),
+        Down::Upload(u) => Some(*u),
         _ => None,
     })
     .await
