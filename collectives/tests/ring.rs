@@ -321,16 +321,24 @@ fn transatlantic_emulation() {
         let elapsed = started.elapsed();
         g.all_reduce(&mut b, ReduceOp::Average, Compression::Int8).await.unwrap();
         g.barrier().await.unwrap();
+        let rtts = g.neighbour_rtts();
         g.close().await;
-        (a, b, elapsed)
+        (a, b, elapsed, rank, rtts)
     }));
     let want_a = reference(&inputs(world, len, 1), ReduceOp::Sum);
     let want_b = reference(&inputs(world, len, 2), ReduceOp::Average);
-    for (a, b, elapsed) in &results {
+    for (a, b, elapsed, rank, rtts) in &results {
         assert_eq!(a, &results[0].0);
         assert_eq!(b, &results[0].1);
         // 2(N-1) = 6 one-way hops of 50 ms at the very least: the emulation is in the path.
         assert!(*elapsed >= Duration::from_millis(300), "{elapsed:?}");
+        // QUIC measured the links to both neighbours, and no faster than the emulated 100 ms.
+        let ranks: Vec<usize> = rtts.iter().map(|(r, _)| *r).collect();
+        assert_eq!(ranks, [(rank + 1) % world, (rank + world - 1) % world], "{rtts:?}");
+        for (_, rtt) in rtts {
+            assert!(*rtt >= Duration::from_millis(95), "rank {rank}: {rtts:?}");
+        }
+        println!("rank {rank}: neighbour RTTs {rtts:?}");
     }
     assert!(rel_rms(&results[0].0, &want_a) < 1e-6);
     assert!(rel_rms(&results[0].1, &want_b) < 2e-2);

@@ -272,6 +272,7 @@ pub struct AgentSide {
     pub down: mpsc::UnboundedSender<Down>,
     pub up: mpsc::UnboundedReceiver<Up>,
     pub attempt: Arc<Mutex<Option<Attempt>>>,
+    pub rtts: LinkRtts,
 }
 
 /// The trainer's ends.
@@ -280,6 +281,32 @@ pub struct TrainerSide {
     pub down: mpsc::UnboundedReceiver<Down>,
     pub up: mpsc::UnboundedSender<Up>,
     pub attempt: Arc<Mutex<Option<Attempt>>>,
+    pub rtts: LinkRtts,
+}
+
+/// The newest round-trip time measured to each ring peer (worker id → µs): the trainer writes
+/// what its ring's QUIC connections measured, every heartbeat carries it to the coordinator,
+/// which orders rings by it. Kept across epochs; at most [`LinkRtts::MAX`] peers.
+#[derive(Clone, Debug, Default)]
+pub struct LinkRtts(Arc<Mutex<std::collections::BTreeMap<u64, u32>>>);
+
+impl LinkRtts {
+    pub const MAX: usize = 256;
+
+    pub fn record(&self, measured: &[(u64, Duration)]) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (peer, rtt) in measured {
+            if m.len() >= Self::MAX && !m.contains_key(peer) {
+                m.clear(); // a worker that met this many peers keeps the newest
+            }
+            m.insert(*peer, u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX).max(1));
+        }
+    }
+
+    pub fn to_wire(&self) -> Vec<pb::PeerRtt> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(&worker_id, &rtt_us)| pb::PeerRtt { worker_id, rtt_us }).collect()
+    }
 }
 
 /// A pair of linked ends.
@@ -287,9 +314,10 @@ pub fn link() -> (AgentSide, TrainerSide) {
     let (down_tx, down_rx) = mpsc::unbounded_channel();
     let (up_tx, up_rx) = mpsc::unbounded_channel();
     let attempt = Arc::new(Mutex::new(None));
+    let rtts = LinkRtts::default();
     (
-        AgentSide { down: down_tx, up: up_rx, attempt: attempt.clone() },
-        TrainerSide { down: down_rx, up: up_tx, attempt },
+        AgentSide { down: down_tx, up: up_rx, attempt: attempt.clone(), rtts: rtts.clone() },
+        TrainerSide { down: down_rx, up: up_tx, attempt, rtts },
     )
 }
 
@@ -467,7 +495,7 @@ async fn session_once(
             _ = shutdown.cancelled() => return Ok(()),
             _ = beat.tick() => {
                 *seq += 1;
-                let hb = Up::Heartbeat(pb::Heartbeat { seq: *seq, rtts: vec![] });
+                let hb = Up::Heartbeat(pb::Heartbeat { seq: *seq, rtts: side.rtts.to_wire() });
                 if tx.send(pb::AgentMessage { msg: Some(hb) }).await.is_err() {
                     return Err(lost("session closed"));
                 }

@@ -57,6 +57,20 @@ impl RingComm {
         Self { group, rt, traffic: Traffic::default() }
     }
 
+    /// QUIC's measured round-trip time to each ring neighbour, by worker id (members whose
+    /// name is not a worker's are left out).
+    pub fn neighbour_rtts(&self) -> Vec<(u64, std::time::Duration)> {
+        let names = self.group.members();
+        self.group
+            .neighbour_rtts()
+            .into_iter()
+            .filter_map(|(rank, rtt)| {
+                let id = proto::WorkerId::from_member_name(names.get(rank)?)?;
+                Some((id.0, rtt))
+            })
+            .collect()
+    }
+
     /// Closes the group gracefully (flushes what was sent).
     pub fn close(self) {
         let Self { group, rt, .. } = self;

@@ -1141,6 +1141,9 @@ impl Driver {
         eval_accuracy: Option<f64>,
         last: bool,
     ) {
+        if let Some(comm) = comm {
+            self.link.rtts.record(&comm.neighbour_rtts());
+        }
         let elapsed = ctx.last_report.elapsed().as_secs_f64().max(1e-9);
         let wall = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
         let compute = ctx.trainer.compute();

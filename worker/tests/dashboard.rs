@@ -216,6 +216,26 @@ async fn the_dashboard_shows_a_live_run_in_a_real_browser() {
     ring.sort_unstable();
     members.sort_unstable();
     assert_eq!(ring, members, "the ring drawn is not the run's members");
+    // Every link of the ring has the round-trip time its members' QUIC connections measured
+    // (reported with heartbeats), loopback-small.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let links = loop {
+        let (status, body) =
+            http(&base, "GET", &format!("/api/runs/{run}"), &[("Authorization", &bearer)], "");
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let rtts: Vec<Option<f64>> =
+            v["ring"].as_array().unwrap().iter().map(|m| m["rtt_ms_to_next"].as_f64()).collect();
+        if rtts.iter().all(Option::is_some) || std::time::Instant::now() > deadline {
+            break rtts;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("ring link RTTs (ms): {links:?}");
+    assert_eq!(links.len(), 3);
+    for rtt in &links {
+        assert!(rtt.is_some_and(|ms| ms > 0.0 && ms < 10_000.0), "{links:?}");
+    }
     // The Prometheus exposition of the same live run: torchtitan's names, per-member series
     // for the live members only, and what promtool accepts.
     let (status, exposition) = http(&c.metrics, "GET", "/metrics", &[], "");

@@ -193,7 +193,10 @@ pub struct Group {
     names: Vec<String>,
     net: NetConfig,
     endpoint: Endpoint,
+    /// The connections to the next rank, then those from the previous one (`dialed` of them
+    /// first).
     connections: Vec<Connection>,
+    dialed: usize,
     /// One writer per connection to the next rank. Unbounded, because only this rank's engine
     /// fills them, with at most what one operation sends (a peer cannot add to them); a
     /// bounded queue here could close a cycle of waits around the ring.
@@ -321,6 +324,7 @@ impl Group {
             names,
             endpoint,
             connections: Vec::new(),
+            dialed: 0,
             senders: Vec::new(),
             inbox,
             engine,
@@ -439,7 +443,31 @@ impl Group {
             },
             net,
         );
+        self.dialed = dialed.len();
         self.connections = dialed.into_iter().chain(accepted).collect();
+    }
+
+    /// QUIC's smoothed round-trip time to each neighbour, the lowest over the connections to
+    /// it: `(rank, rtt)` for the next rank and the previous one (one entry when they are the
+    /// same rank, none for a group of one).
+    pub fn neighbour_rtts(&self) -> Vec<(usize, Duration)> {
+        let n = self.names.len();
+        if n < 2 {
+            return Vec::new();
+        }
+        let best = |cs: &[Connection]| cs.iter().map(Connection::rtt).min();
+        let (to_next, from_prev) =
+            self.connections.split_at(self.dialed.min(self.connections.len()));
+        let (next, prev) = ((self.rank + 1) % n, (self.rank + n - 1) % n);
+        let mut out: Vec<(usize, Duration)> = Vec::new();
+        for (rank, rtt) in [(next, best(to_next)), (prev, best(from_prev))] {
+            let Some(rtt) = rtt else { continue };
+            match out.iter_mut().find(|(r, _)| *r == rank) {
+                Some(e) => e.1 = e.1.min(rtt),
+                None => out.push((rank, rtt)),
+            }
+        }
+        out
     }
 
     /// All-reduces `buf` across the group. On success every rank holds bitwise-identical

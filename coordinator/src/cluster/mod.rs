@@ -1424,12 +1424,18 @@ impl Cluster {
 
     /// The symmetric RTT estimate between two workers (µs); unknown pairs count as 1 s.
     fn rtt(&self, a: WorkerId, b: WorkerId) -> u64 {
+        self.link_rtt(a, b).unwrap_or(1_000_000)
+    }
+
+    /// The round-trip time between two workers as they measured it (µs, the mean of both
+    /// sides' figures where both reported one), if either did.
+    pub fn link_rtt(&self, a: WorkerId, b: WorkerId) -> Option<u64> {
         let ab = self.live.get(&a).and_then(|l| l.rtts.get(&b)).copied();
         let ba = self.live.get(&b).and_then(|l| l.rtts.get(&a)).copied();
         match (ab, ba) {
-            (Some(x), Some(y)) => (u64::from(x) + u64::from(y)) / 2,
-            (Some(x), None) | (None, Some(x)) => u64::from(x),
-            (None, None) => 1_000_000,
+            (Some(x), Some(y)) => Some((u64::from(x) + u64::from(y)) / 2),
+            (Some(x), None) | (None, Some(x)) => Some(u64::from(x)),
+            (None, None) => None,
         }
     }
 
