@@ -394,18 +394,14 @@ async fn run(State(d): State<Dash>, headers: HeaderMap, Path(id): Path<u64>) -> 
         return plain(StatusCode::NOT_FOUND, &format!("no run {id}"));
     };
     let info = run_view(&crate::server::run_info(&c, r));
-    // The ring in its order; each link's round-trip time where a member measured it (QUIC's
+    // The ring in its order; each link's round-trip time where its members measured it (QUIC's
     // estimate on the ring's connections, reported with heartbeats; null before any).
+    let rtts = c.ring_rtts(r.id);
     let ring: Vec<Value> = r
         .members
         .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let next = r.members[(i + 1) % r.members.len()].worker;
-            let rtt_ms = (next != m.worker)
-                .then(|| c.link_rtt(m.worker, next))
-                .flatten()
-                .map(|us| us as f64 / 1000.0);
+        .zip(rtts)
+        .map(|(m, rtt)| {
             let w = c.worker(m.worker);
             json!({
                 "worker_id": m.worker.0,
@@ -414,7 +410,7 @@ async fn run(State(d): State<Dash>, headers: HeaderMap, Path(id): Path<u64>) -> 
                 "liveness": views::liveness_name(
                     pb::Liveness::from(c.liveness(m.worker).unwrap_or(proto::Liveness::Dead)) as i32,
                 ),
-                "rtt_ms_to_next": rtt_ms,
+                "rtt_ms_to_next": rtt.map(|us| us as f64 / 1000.0),
             })
         })
         .collect();

@@ -212,13 +212,16 @@ fn draw_ring(f: &mut Frame<'_>, area: Rect, r: &pb::RunInfo, s: &Snapshot) {
         let w = s.workers.iter().find(|w| w.worker_id == *id);
         let color = w.map_or(Color::Red, |w| liveness_color(w.liveness));
         let host = w.map(|w| w.host.as_str()).unwrap_or("?");
-        if i > 0 {
-            spans.push(Span::raw(" → "));
-        }
         spans.push(Span::styled(format!("worker-{id} ({host})"), Style::new().fg(color).bold()));
+        if r.ring.len() > 1 {
+            spans.push(Span::raw(match r.ring_rtt_us.get(i).copied().unwrap_or(0) {
+                0 => " →(rtt ?) ".to_owned(),
+                us => format!(" →({:.1} ms) ", us as f64 / 1000.0),
+            }));
+        }
     }
     if r.ring.len() > 1 {
-        spans.push(Span::raw(" ↺"));
+        spans.push(Span::raw("↺"));
     }
     if r.ring.is_empty() {
         spans.push(Span::styled("no ring now", Style::new().dim()));
@@ -465,6 +468,12 @@ mod tests {
             tokens_per_sec: 15000.0,
             compute_utilisation: 0.61,
             message: "epoch 3 with 3 workers".into(),
+            // The first link measured, the others not yet.
+            ring_rtt_us: ring
+                .iter()
+                .enumerate()
+                .map(|(i, _)| if i == 0 { 1_250 } else { 0 })
+                .collect(),
             ring,
             ..Default::default()
         }
@@ -526,6 +535,7 @@ mod tests {
             ring.find("worker-6").unwrap(),
         );
         assert!(a < b && b < c, "{ring}");
+        assert!(ring.contains("(1.2 ms)") && ring.contains("(rtt ?)"), "{ring}");
         assert!(text.contains("suspect") && !text.contains("elsewhere"), "{text}");
         assert!(text.contains("epoch 3 formed"), "{text}");
         // Selecting the other run shows its (empty) ring.

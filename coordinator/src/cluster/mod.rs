@@ -1427,6 +1427,18 @@ impl Cluster {
         self.link_rtt(a, b).unwrap_or(1_000_000)
     }
 
+    /// Per member of the run's ring, in order, the measured RTT of its link to the next (µs).
+    pub fn ring_rtts(&self, run: RunId) -> Vec<Option<u64>> {
+        let Some(r) = self.runs.get(&run) else { return Vec::new() };
+        let n = r.members.len();
+        (0..n)
+            .map(|i| {
+                let (a, b) = (r.members[i].worker, r.members[(i + 1) % n].worker);
+                if a == b { None } else { self.link_rtt(a, b) }
+            })
+            .collect()
+    }
+
     /// The round-trip time between two workers as they measured it (µs, the mean of both
     /// sides' figures where both reported one), if either did.
     pub fn link_rtt(&self, a: WorkerId, b: WorkerId) -> Option<u64> {

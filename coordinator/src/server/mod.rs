@@ -338,6 +338,7 @@ pub(crate) fn run_info(c: &Cluster, r: &cluster::RunRecord) -> pb::RunInfo {
         committed_hash: hash_text(r.committed_hash),
         latest_checkpoint: r.latest_checkpoint.clone(),
         ring: r.members.iter().map(|m| m.worker.0).collect(),
+        ring_rtt_us: c.ring_rtts(r.id).into_iter().map(|us| us.unwrap_or(0)).collect(),
     }
 }
 
