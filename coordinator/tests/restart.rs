@@ -13,6 +13,11 @@ use proto::pb;
 const BIN: &str = env!("CARGO_BIN_EXE_longhaul");
 const T: Duration = Duration::from_secs(15);
 
+fn sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    client::pki::hex(&sha2::Sha256::digest(b))
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -116,6 +121,24 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
     const HASH: &str = "0123456789abcdef";
     testing::agree(&mut [&mut a, &mut b], run, e1.epoch, 0, "000000000000abcd", T).await.unwrap();
     testing::sync(&mut [&mut a, &mut b], run, e1.epoch, 50, HASH, T).await.unwrap();
+    // Both members checkpoint step 50 with the same model: verified, and durable.
+    let model = b"model of step 50".to_vec();
+    let meta = serde_json::to_vec(&serde_json::json!({
+        "format": 1, "run": run, "step": 50, "param_hash": HASH,
+        "files": { "model.safetensors": sha256(&model) },
+    }))
+    .unwrap();
+    for x in [&a, &b] {
+        x.send(pb::agent_message::Msg::CheckpointDone(pb::CheckpointDone {
+            run_id: run,
+            step: 50,
+            uri: "file:///ckpt".into(),
+            sha256: sha256(&meta),
+            model_sha256: sha256(&model),
+        }))
+        .await
+        .unwrap();
+    }
     let held = match a
         .rpc
         .lease_shard(pb::LeaseShardRequest {})
@@ -155,8 +178,48 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
     assert_eq!(v["epoch"], again.epoch);
     assert_eq!(v["committed_step"], 50);
     assert_eq!(v["committed_hash"], HASH);
+    assert!(v["latest_checkpoint"].as_str().unwrap().contains("(2 of 2 members)"), "{v}");
     b.expect_epoch(again.epoch, T).await.unwrap();
     testing::agree(&mut [&mut a, &mut b], run, again.epoch, 50, HASH, T).await.unwrap();
+
+    // The checkpoint index survived the restart: `checkpoint fetch` asks a holder, which
+    // answers, and the copy lands in the directory only once it verified.
+    let to = home.path().join("fetched");
+    let fetch = {
+        let (home, url, to) = (home.path().to_owned(), url.clone(), to.clone());
+        tokio::task::spawn_blocking(move || {
+            cli(
+                &home,
+                &url,
+                &["checkpoint", "fetch", &run.to_string(), "--to", to.to_str().unwrap()],
+            )
+        })
+    };
+    let wanted = |m: &pb::coordinator_message::Msg| match m {
+        pb::coordinator_message::Msg::Upload(u) => Some(*u),
+        _ => None,
+    };
+    let (asked, req) = tokio::select! {
+        r = a.expect(T, wanted) => (&a, r.unwrap()),
+        r = b.expect(T, wanted) => (&b, r.unwrap()),
+    };
+    assert_eq!((req.run_id, req.step), (run, 50));
+    let parts =
+        [("meta.json", meta.clone()), ("model.safetensors", model.clone())].map(|(f, d)| {
+            pb::CheckpointPart {
+                transfer_id: req.transfer_id,
+                file: f.into(),
+                data: d,
+                error: String::new(),
+            }
+        });
+    let mut rpc = asked.rpc.clone();
+    let mut verdict = rpc.upload_checkpoint(tokio_stream::iter(parts)).await.unwrap().into_inner();
+    assert_eq!(verdict.message().await.unwrap().unwrap().error, "");
+    let out = fetch.await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(to.join("model.safetensors")).unwrap(), model);
+    assert_eq!(std::fs::read(to.join("meta.json")).unwrap(), meta);
 
     // The lease survived: the held shard is not handed out again, and it can be completed.
     let next = match b
