@@ -77,5 +77,10 @@ fn the_quickstart_trains_its_run_to_completion() {
         text.lines().any(|l| l.contains("ledger:") && l.contains("signature valid")),
         "no verified ledger:\n{text}"
     );
+    // The model came home: fetched through the coordinator, verified by the members' majority.
+    assert!(
+        text.lines().any(|l| l.contains("model:") && l.contains("of 3 members reported")),
+        "no fetched model:\n{text}"
+    );
     println!("{text}");
 }

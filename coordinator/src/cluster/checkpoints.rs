@@ -31,8 +31,8 @@ pub struct CheckpointRecord {
     /// One per worker (its latest report), in the order they first reported.
     #[serde(default)]
     pub copies: Vec<CheckpointCopy>,
-    /// The SHA-256 of `model.safetensors` a majority reported ("" until then), and how many of
-    /// how many members reported it when it became the majority's.
+    /// The SHA-256 of `model.safetensors` a majority reported ("" until then), how many members
+    /// reported it, and of how many (the most the run had at one of those reports).
     #[serde(default)]
     pub model_sha256: String,
     #[serde(default)]
@@ -131,6 +131,10 @@ impl Book {
         }
         let outcome = if !r.model_sha256.is_empty() {
             if model_sha256 == r.model_sha256 {
+                // One more copy of the verified model: the count shown grows with it.
+                r.agreeing =
+                    r.copies.iter().filter(|c| c.model_sha256 == model_sha256).count() as u32;
+                r.members = r.members.max(members as u32).max(r.agreeing);
                 Reported::Recorded
             } else {
                 Reported::Differs { verified: r.model_sha256.clone() }
@@ -220,6 +224,10 @@ mod tests {
         assert_eq!((s.step, s.model_sha256.as_str(), s.agreeing, s.members), (10, "good", 2, 3));
         // Only the copies with the verified digest are sources.
         assert_eq!(s.copies, vec![(WorkerId(2), "meta2".into()), (WorkerId(3), "meta3".into())]);
+        // A fourth member (the run grew) confirming it counts.
+        assert_eq!(report(&mut b, 4, 10, "good", 4), Reported::Recorded);
+        let s = b.source(None).unwrap();
+        assert_eq!((s.agreeing, s.members, s.copies.len()), (3, 4, 3));
         // The liar repeating itself changes nothing; it is told its copy differs.
         assert_eq!(report(&mut b, 1, 10, "evil", 3), Reported::Differs { verified: "good".into() });
         assert_eq!(b.source(Some(10)).unwrap().model_sha256, "good");

@@ -966,19 +966,6 @@ impl Cluster {
             self.checkpoints.entry(run).or_default().report(now, worker, step, copy, members);
         match outcome {
             checkpoints::Reported::Full => return Ok(()),
-            checkpoints::Reported::Verified => {
-                let r = self.runs.get_mut(&run).expect("run looked up above");
-                if step >= r.latest_checkpoint_step {
-                    r.latest_checkpoint = format!(
-                        "step {step} model {} ({} of {} members)",
-                        &record.model_sha256[..record.model_sha256.len().min(16)],
-                        record.agreeing,
-                        record.members
-                    );
-                    r.latest_checkpoint_step = step;
-                    self.dirty.insert(Dirty::Run(run));
-                }
-            }
             checkpoints::Reported::Differs { verified } => {
                 let line = format!(
                     "{worker}'s checkpoint of step {step} has another model than the one the \
@@ -987,7 +974,21 @@ impl Cluster {
                 );
                 self.log(run, line);
             }
-            checkpoints::Reported::Recorded => {}
+            checkpoints::Reported::Verified | checkpoints::Reported::Recorded => {}
+        }
+        let r = self.runs.get_mut(&run).expect("run looked up above");
+        if !record.model_sha256.is_empty() && step >= r.latest_checkpoint_step {
+            let text = format!(
+                "step {step} model {} ({} of {} members)",
+                &record.model_sha256[..record.model_sha256.len().min(16)],
+                record.agreeing,
+                record.members
+            );
+            if text != r.latest_checkpoint {
+                r.latest_checkpoint = text;
+                r.latest_checkpoint_step = step;
+                self.dirty.insert(Dirty::Run(run));
+            }
         }
         self.outbox.push_back(Output::Checkpoint { run, record });
         Ok(())
