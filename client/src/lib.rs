@@ -5,10 +5,12 @@
 //!   call carries (the admin token, the worker id beside the worker's certificate);
 //! - [`pki`]: what a client needs of X.509 (a key and CSR, a certificate's validity, the CA
 //!   pin, hex);
-//! - [`ConnectArgs`]: the `--coordinator` and `--ca-hash` arguments, shared by both binaries.
+//! - [`ConnectArgs`]: the `--coordinator` and `--ca-hash` arguments, shared by both binaries;
+//! - [`checkpoint`]: the digests a worker reports of its checkpoints and the coordinator checks.
 //!
 //! The coordinator's own side of the PKI (its CA, signing, tokens) stays in the coordinator.
 
+pub mod checkpoint;
 pub mod connect;
 pub mod pki;
 

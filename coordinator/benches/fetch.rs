@@ -95,6 +95,7 @@ async fn bench(mib: usize) -> Result<()> {
         uri: "file:///bench".into(),
         sha256: client::pki::hex(&Sha256::digest(&meta)),
         model_sha256: model_sha,
+        ..Default::default()
     }))
     .await?;
     loop {

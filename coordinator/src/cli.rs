@@ -732,7 +732,8 @@ async fn client_command(command: Command, conn: &Conn, home: &Path) -> Result<Ex
             }
             eprintln!(
                 "step {} of run {run} from worker-{} into {}: {}; the model is the one {} of {} \
-                 members reported (SHA-256 {}), every other file is the one its meta.json lists",
+                 members reported (SHA-256 {}), and so is every other file and the model's \
+                 description",
                 got.step,
                 got.worker,
                 to.display(),

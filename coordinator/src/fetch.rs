@@ -117,10 +117,16 @@ pub async fn fetch(c: &mut Control, run: RunId, step: Option<u64>, to: &Path) ->
             return Err(e);
         }
     };
-    if to.exists() {
-        fs::remove_dir(to).with_context(|| format!("replacing the empty {}", to.display()))?;
+    let placed = (|| {
+        if to.exists() {
+            fs::remove_dir(to).with_context(|| format!("replacing the empty {}", to.display()))?;
+        }
+        fs::rename(&tmp, to).with_context(|| format!("moving the copy to {}", to.display()))
+    })();
+    if let Err(e) = placed {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, to).with_context(|| format!("moving the copy to {}", to.display()))?;
     let _ = fs::File::open(&parent).and_then(|d| d.sync_all());
     fetched.dir = to.to_owned();
     Ok(fetched)
@@ -156,6 +162,13 @@ async fn receive(
             Some(Part::Done(done)) => {
                 let s = source.context("the coordinator said done before naming its source")?;
                 let files = partial.seal(&done.sha256)?;
+                if !done.withheld.is_empty() {
+                    eprintln!(
+                        "not copied (no majority of the members holds the same bytes: each \
+                         member's own state): {}",
+                        done.withheld.join(", ")
+                    );
+                }
                 return Ok(Fetched {
                     run: run.0,
                     step: s.step,

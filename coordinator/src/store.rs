@@ -318,9 +318,8 @@ impl Store {
         // Checkpoints of every run, finished ones too: their models can still be fetched.
         let ids: Vec<RunId> = out.runs.iter().map(|r| r.id).collect();
         for run in ids {
-            let mut records = self.checkpoints(run)?;
-            let drop = records.len().saturating_sub(crate::cluster::checkpoints::KEPT_STEPS);
-            records.drain(..drop);
+            let records =
+                self.newest_checkpoints(run, 2 * crate::cluster::checkpoints::KEPT_STEPS)?;
             if !records.is_empty() {
                 out.checkpoints.insert(run, records);
             }
@@ -469,6 +468,29 @@ impl Store {
 
     pub fn checkpoints(&self, run: RunId) -> Result<Vec<CheckpointRecord>, StoreError> {
         self.range(CHECKPOINTS, run, "checkpoints")
+    }
+
+    /// The newest `n` checkpoint records of `run`, oldest first (a run's index can be long; a
+    /// restart reads only its end).
+    fn newest_checkpoints(
+        &self,
+        run: RunId,
+        n: usize,
+    ) -> Result<Vec<CheckpointRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(dberr)?;
+        let t = tx.open_table(CHECKPOINTS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in t.range((run.0, 0)..=(run.0, u64::MAX)).map_err(dberr)?.rev().take(n) {
+            let (k, v) = row.map_err(dberr)?;
+            match parse(&format!("checkpoints/{:?}", k.value()), v.value()) {
+                Ok(x) => out.push(x),
+                Err(q) => {
+                    tracing::warn!(key = %q.key, reason = %q.reason, "skipping an unreadable record")
+                }
+            }
+        }
+        out.reverse();
+        Ok(out)
     }
 
     /// The run's log, oldest first.

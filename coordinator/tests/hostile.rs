@@ -640,6 +640,7 @@ async fn a_checkpoint_fetch_takes_no_single_members_word() {
             uri: "file:///ckpt".into(),
             sha256: meta_sha.into(),
             model_sha256: model_sha.into(),
+            ..Default::default()
         })
     };
     let fetch = |c: &mut client::Control| {

@@ -135,6 +135,7 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
             uri: "file:///ckpt".into(),
             sha256: sha256(&meta),
             model_sha256: sha256(&model),
+            ..Default::default()
         }))
         .await
         .unwrap();

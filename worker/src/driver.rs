@@ -1127,7 +1127,9 @@ impl Driver {
                     step: ctx.trainer.sync_step(),
                     uri: format!("file://{}", w.dir.display()),
                     sha256: w.meta_sha256,
-                    model_sha256: w.model_sha256,
+                    model_sha256: w.files.get("model.safetensors").cloned().unwrap_or_default(),
+                    files: w.files.into_iter().collect(),
+                    description_sha256: w.description_sha256,
                 }));
             }
             Err(err) => error!(run = ctx.run, "checkpoint failed: {err}"),
@@ -1203,6 +1205,7 @@ impl Driver {
                         uri: format!("\u{1b}]0;pwned\u{7}{}", "A".repeat(2_000)),
                         sha256: "zz".into(),
                         model_sha256: "zz".into(),
+                        ..Default::default()
                     }));
                 }
             }

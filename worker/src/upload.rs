@@ -1,5 +1,5 @@
 //! Sends a checkpoint to the coordinator when it asks (`UploadRequest`), for a user's
-//! `longhaul checkpoint fetch`: `meta.json`, then each file it lists, in its order, in parts of
+//! `longhaul checkpoint fetch`: `meta.json`, then each file it lists, in name order, in parts of
 //! at most [`PART`] bytes, on `Agent.UploadCheckpoint`. The coordinator checks every byte; this
 //! side only reads its own files. The request's numbers name the directory (no path from the
 //! wire is ever used), every file is opened before the first byte goes (a checkpoint pruned
@@ -25,6 +25,8 @@ pub const PART: usize = 1 << 20;
 pub const MAX_UPLOADS: usize = 2;
 /// The largest `meta.json` read.
 const MAX_META: u64 = 64 << 10;
+/// How long the coordinator has to give its verdict once everything was sent.
+const VERDICT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Uploads under way in this process.
 #[derive(Clone, Debug)]
@@ -79,7 +81,9 @@ pub async fn serve(
         (None, _) => Err(anyhow::anyhow!("this worker keeps no checkpoints")),
         (Some(root), Ok(_)) => open(root, run, step).await,
     };
+    let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<()>();
     let producer = tokio::spawn(async move {
+        let _sent = sent_tx; // dropped when this ends, however it ends
         let files = match files {
             Ok(f) => f,
             Err(e) => {
@@ -120,9 +124,15 @@ pub async fn serve(
             .await
             .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
             .into_inner();
-        let v = verdicts
-            .message()
-            .await
+        let deadline = async {
+            let _ = sent_rx.await;
+            tokio::time::sleep(VERDICT_TIMEOUT).await;
+        };
+        let v = tokio::select! {
+            v = verdicts.message() => v,
+            () = deadline => anyhow::bail!("no verdict {VERDICT_TIMEOUT:?} after the last part"),
+        };
+        let v = v
             .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
             .context("the coordinator ended the upload without a verdict")?;
         anyhow::Ok(v.error)

@@ -1,11 +1,15 @@
 //! Which checkpoint copies a user can take home.
 //!
 //! Every member writes a checkpoint of the same synchronised state, and replicas are bitwise
-//! identical, so their `model.safetensors` files are the same bytes. Each member reports the
-//! SHA-256 of its own; a model is *verified* once a majority of the run's members (counted when
-//! the report arrives) reported the same digest. One member's word is never enough where there
-//! are two or more: a liar can report any digest, but not make the others report it. The
-//! relay (`server::fetch`) then accepts a copy only if its bytes have the verified digest.
+//! identical, so their `model.safetensors` files are the same bytes (and so are the replicated
+//! state files, and the model's description). Each member reports the SHA-256 of each of its
+//! files; a model is *verified* once a strict majority of the run's current members reported
+//! the same digest for it, and a file or a description is vouched for when a majority of the
+//! members (the count the model was verified against) reported the same digest for it. One
+//! member's word is never enough where there are two or more: a liar can report any digest, but
+//! not make the others report it, and a member's report stops counting when it leaves. The
+//! relay (`server::fetch`) accepts a copy's bytes only against these digests and withholds files
+//! no majority vouched for.
 //!
 //! Sans-IO: the book is fed reports and asked for sources; the cluster persists the records it
 //! returns.
@@ -17,8 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use super::Millis;
 
-/// Steps kept in memory per run (workers keep a few checkpoints; older records stay in the
-/// store, where `longhaul checkpoint fetch --step` no longer finds a copy anyway).
+/// Steps kept in memory per run, verified and unverified each (workers keep a few
+/// checkpoints; older records stay in the store). Reports of unverified steps never push a
+/// verified one out.
 pub const KEPT_STEPS: usize = 16;
 
 /// Reports kept per step: one per member, and a run has at most this many members over a step.
@@ -31,8 +36,8 @@ pub struct CheckpointRecord {
     /// One per worker (its latest report), in the order they first reported.
     #[serde(default)]
     pub copies: Vec<CheckpointCopy>,
-    /// The SHA-256 of `model.safetensors` a majority reported ("" until then), how many members
-    /// reported it, and of how many (the most the run had at one of those reports).
+    /// The SHA-256 of `model.safetensors` a majority reported ("" until then), how many of the
+    /// members then reported it, and of how many (the most at one of its reports).
     #[serde(default)]
     pub model_sha256: String,
     #[serde(default)]
@@ -42,7 +47,7 @@ pub struct CheckpointRecord {
 }
 
 /// One member's report.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointCopy {
     pub worker: u64,
     /// Where it is on the member's machine (informational).
@@ -52,7 +57,16 @@ pub struct CheckpointCopy {
     /// SHA-256 of its `model.safetensors` ("" from earlier workers).
     #[serde(default)]
     pub model_sha256: String,
+    /// SHA-256 of each file its `meta.json` lists.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// SHA-256 of its model description ([`client::checkpoint::description_sha256`]).
+    #[serde(default)]
+    pub description_sha256: String,
     pub at_ms: Millis,
+    /// Its model was found to differ from the verified one (and the run was told).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flagged: bool,
 }
 
 /// What a report changed.
@@ -62,9 +76,11 @@ pub enum Reported {
     Recorded,
     /// This report made a majority: the step's model is verified.
     Verified,
-    /// The step's verified model has another digest than this member's copy.
+    /// The step's verified model has another digest than this member's copy (said once per
+    /// member and step).
     Differs { verified: String },
-    /// Not recorded: the step already has [`MAX_COPIES`] reports.
+    /// Not recorded: the step already has [`MAX_COPIES`] reports, or is older than every step
+    /// the book keeps while it is full.
     Full,
 }
 
@@ -74,19 +90,24 @@ pub struct Book {
     steps: BTreeMap<u64, CheckpointRecord>,
 }
 
-/// A verified checkpoint and the live members holding a good copy, for a fetch.
+/// A verified checkpoint and the members holding a good copy, for a fetch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Source {
     pub step: u64,
     pub model_sha256: String,
     pub agreeing: u32,
     pub members: u32,
-    /// Members whose report carried the verified digest: (worker, SHA-256 of its meta.json).
+    /// Members whose report carried the verified model: (worker, SHA-256 of its meta.json).
     pub copies: Vec<(WorkerId, String)>,
+    /// The files besides the model a majority vouched for (name → digest); the rest are
+    /// withheld.
+    pub files: BTreeMap<String, String>,
+    /// The model description a majority vouched for, if one did.
+    pub description_sha256: Option<String>,
 }
 
 impl Book {
-    /// From stored records (any order); keeps the newest [`KEPT_STEPS`].
+    /// From stored records (any order); keeps the newest.
     pub fn restore(records: impl IntoIterator<Item = CheckpointRecord>) -> Self {
         let mut book = Self::default();
         for r in records {
@@ -96,57 +117,82 @@ impl Book {
         book
     }
 
+    /// Drops the oldest unverified records beyond [`KEPT_STEPS`], then the oldest verified.
     fn trim(&mut self) {
-        while self.steps.len() > KEPT_STEPS {
-            self.steps.pop_first();
+        for verified in [false, true] {
+            let of_kind: Vec<u64> = self
+                .steps
+                .values()
+                .filter(|r| r.model_sha256.is_empty() != verified)
+                .map(|r| r.step)
+                .collect();
+            for step in of_kind.iter().take(of_kind.len().saturating_sub(KEPT_STEPS)) {
+                self.steps.remove(step);
+            }
         }
     }
 
-    /// A member's report of its checkpoint of `step`; `members` is the run's member count now.
+    /// A member's report of its checkpoint of `step`; `members` are the run's members now.
     /// Returns what changed and the step's record (to persist).
     pub fn report(
         &mut self,
         now: Millis,
         worker: WorkerId,
         step: u64,
-        copy: (&str, &str, &str),
-        members: usize,
+        mut copy: CheckpointCopy,
+        members: &[WorkerId],
     ) -> (Reported, CheckpointRecord) {
-        let (uri, sha256, model_sha256) = copy;
+        let full = self.steps.len() >= 2 * KEPT_STEPS;
+        if !self.steps.contains_key(&step)
+            && full
+            && self.steps.keys().next().is_some_and(|&o| step < o)
+        {
+            return (Reported::Full, CheckpointRecord { step, ..Default::default() });
+        }
+        copy.worker = worker.0;
+        copy.at_ms = now;
+        let model = copy.model_sha256.clone();
         let r = self
             .steps
             .entry(step)
             .or_insert_with(|| CheckpointRecord { step, ..Default::default() });
-        let new = CheckpointCopy {
-            worker: worker.0,
-            uri: uri.to_owned(),
-            sha256: sha256.to_owned(),
-            model_sha256: model_sha256.to_owned(),
-            at_ms: now,
-        };
-        match r.copies.iter().position(|c| c.worker == worker.0) {
-            Some(i) => r.copies[i] = new,
+        let i = match r.copies.iter().position(|c| c.worker == worker.0) {
+            Some(i) => {
+                copy.flagged = r.copies[i].flagged && r.copies[i].model_sha256 == model;
+                r.copies[i] = copy;
+                i
+            }
             None if r.copies.len() >= MAX_COPIES => return (Reported::Full, r.clone()),
-            None => r.copies.push(new),
-        }
+            None => {
+                r.copies.push(copy);
+                r.copies.len() - 1
+            }
+        };
+        let member = |c: &CheckpointCopy| members.contains(&WorkerId(c.worker));
+        let agreeing = || {
+            r.copies
+                .iter()
+                .filter(|c| member(c) && !model.is_empty() && c.model_sha256 == model)
+                .count()
+        };
         let outcome = if !r.model_sha256.is_empty() {
-            if model_sha256 == r.model_sha256 {
+            if model == r.model_sha256 {
                 // One more copy of the verified model: the count shown grows with it.
-                r.agreeing =
-                    r.copies.iter().filter(|c| c.model_sha256 == model_sha256).count() as u32;
-                r.members = r.members.max(members as u32).max(r.agreeing);
+                r.agreeing = r.agreeing.max(agreeing() as u32);
+                r.members = r.members.max(members.len() as u32).max(r.agreeing);
                 Reported::Recorded
+            } else if r.copies[i].flagged {
+                Reported::Recorded // said already
             } else {
+                r.copies[i].flagged = true;
                 Reported::Differs { verified: r.model_sha256.clone() }
             }
-        } else if model_sha256.is_empty() {
-            Reported::Recorded
         } else {
-            let agreeing = r.copies.iter().filter(|c| c.model_sha256 == model_sha256).count();
-            if 2 * agreeing > members {
-                r.model_sha256 = model_sha256.to_owned();
-                r.agreeing = agreeing as u32;
-                r.members = members as u32;
+            let n = agreeing();
+            if n > 0 && 2 * n > members.len() {
+                r.model_sha256 = model;
+                r.agreeing = n as u32;
+                r.members = members.len() as u32;
                 Reported::Verified
             } else {
                 Reported::Recorded
@@ -158,7 +204,8 @@ impl Book {
     }
 
     /// The checkpoint of `step` (or the newest) whose model is verified, with the members whose
-    /// copies carry the verified digest; `Err` says what there is instead.
+    /// copies carry the verified model and what else a majority vouched for; `Err` says what
+    /// there is instead.
     pub fn source(&self, step: Option<u64>) -> Result<Source, String> {
         let record = match step {
             Some(s) => self.steps.get(&s).ok_or_else(|| match self.steps.keys().next_back() {
@@ -189,17 +236,37 @@ impl Book {
                 record.copies.len()
             ));
         }
+        let good: Vec<&CheckpointCopy> =
+            record.copies.iter().filter(|c| c.model_sha256 == record.model_sha256).collect();
+        let majority = |digests: Vec<&str>| -> Option<String> {
+            let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
+            for d in digests.into_iter().filter(|d| !d.is_empty()) {
+                *counts.entry(d).or_default() += 1;
+            }
+            counts.into_iter().find(|(_, n)| 2 * n > record.members).map(|(d, _)| d.to_owned())
+        };
+        let names: std::collections::BTreeSet<&String> =
+            good.iter().flat_map(|c| c.files.keys()).collect();
+        let files = names
+            .into_iter()
+            .filter(|n| n.as_str() != "model.safetensors")
+            .filter_map(|n| {
+                let d = majority(
+                    good.iter().filter_map(|c| c.files.get(n).map(String::as_str)).collect(),
+                )?;
+                Some((n.clone(), d))
+            })
+            .collect();
         Ok(Source {
             step: record.step,
             model_sha256: record.model_sha256.clone(),
             agreeing: record.agreeing,
             members: record.members,
-            copies: record
-                .copies
-                .iter()
-                .filter(|c| c.model_sha256 == record.model_sha256)
-                .map(|c| (WorkerId(c.worker), c.sha256.clone()))
-                .collect(),
+            copies: good.iter().map(|c| (WorkerId(c.worker), c.sha256.clone())).collect(),
+            files,
+            description_sha256: majority(
+                good.iter().map(|c| c.description_sha256.as_str()).collect(),
+            ),
         })
     }
 }
@@ -208,8 +275,22 @@ impl Book {
 mod tests {
     use super::*;
 
-    fn report(b: &mut Book, w: u64, step: u64, model: &str, members: usize) -> Reported {
-        b.report(0, WorkerId(w), step, ("file:///x", &format!("meta{w}"), model), members).0
+    fn copy(w: u64, model: &str) -> CheckpointCopy {
+        CheckpointCopy {
+            uri: "file:///x".into(),
+            sha256: format!("meta{w}"),
+            model_sha256: model.into(),
+            ..Default::default()
+        }
+    }
+
+    fn ids(n: u64) -> Vec<WorkerId> {
+        (1..=n).map(WorkerId).collect()
+    }
+
+    /// Worker `w` reports `model` for `step` in a run whose members are workers 1..=members.
+    fn report(b: &mut Book, w: u64, step: u64, model: &str, members: u64) -> Reported {
+        b.report(0, WorkerId(w), step, copy(w, model), &ids(members)).0
     }
 
     #[test]
@@ -228,8 +309,9 @@ mod tests {
         assert_eq!(report(&mut b, 4, 10, "good", 4), Reported::Recorded);
         let s = b.source(None).unwrap();
         assert_eq!((s.agreeing, s.members, s.copies.len()), (3, 4, 3));
-        // The liar repeating itself changes nothing; it is told its copy differs.
+        // The liar repeating itself changes nothing; the run is told its copy differs, once.
         assert_eq!(report(&mut b, 1, 10, "evil", 3), Reported::Differs { verified: "good".into() });
+        assert_eq!(report(&mut b, 1, 10, "evil", 3), Reported::Recorded);
         assert_eq!(b.source(Some(10)).unwrap().model_sha256, "good");
     }
 
@@ -267,11 +349,64 @@ mod tests {
     #[test]
     fn copies_per_step_are_bounded() {
         let mut b = Book::default();
-        for w in 0..MAX_COPIES as u64 {
-            report(&mut b, w, 1, "z", 10_000);
+        for w in 1..=MAX_COPIES as u64 {
+            report(&mut b, w, 1, "z", 1_000);
         }
-        assert_eq!(report(&mut b, 99_999, 1, "z", 10_000), Reported::Full);
+        assert_eq!(report(&mut b, 999, 1, "z", 1_000), Reported::Full);
         // A member already counted may still update its own report.
-        assert_eq!(report(&mut b, 0, 1, "z", 10_000), Reported::Recorded);
+        assert_eq!(report(&mut b, 1, 1, "z", 1_000), Reported::Recorded);
+    }
+
+    #[test]
+    fn a_report_counts_only_while_its_member_is_in_the_run() {
+        let mut b = Book::default();
+        assert_eq!(report(&mut b, 1, 10, "m", 3), Reported::Recorded);
+        // Worker 1 left; 4 joined: one vote of the members {2, 3, 4} is no majority.
+        let now = [WorkerId(2), WorkerId(3), WorkerId(4)];
+        assert_eq!(b.report(0, WorkerId(4), 10, copy(4, "m"), &now).0, Reported::Recorded);
+        assert!(b.source(Some(10)).is_err());
+        assert_eq!(b.report(0, WorkerId(2), 10, copy(2, "m"), &now).0, Reported::Verified);
+    }
+
+    #[test]
+    fn unverified_reports_never_push_a_verified_checkpoint_out() {
+        let mut b = Book::default();
+        report(&mut b, 1, 10, "a", 1);
+        // A liar in a 3-member run reports 40 later steps nobody else confirms.
+        for s in 11..51 {
+            assert_eq!(report(&mut b, 3, s, "x", 3), Reported::Recorded);
+        }
+        assert_eq!(b.source(None).unwrap().step, 10);
+        // Full of both kinds: a step older than all kept is refused (not recorded blank over
+        // the stored one).
+        for s in 0..KEPT_STEPS as u64 {
+            report(&mut b, 1, 100 + s, "a", 1);
+        }
+        assert_eq!(report(&mut b, 1, 5, "a", 1), Reported::Full);
+    }
+
+    #[test]
+    fn files_and_descriptions_count_only_where_a_majority_reported_them() {
+        let mut b = Book::default();
+        let with = |w: u64, opt: &str, desc: &str| CheckpointCopy {
+            files: [
+                ("model.safetensors".to_owned(), "m".to_owned()),
+                ("optimizer.safetensors".to_owned(), opt.to_owned()),
+            ]
+            .into(),
+            description_sha256: desc.into(),
+            ..copy(w, "m")
+        };
+        let members = ids(3);
+        b.report(0, WorkerId(1), 7, with(1, "o1", "d"), &members);
+        b.report(0, WorkerId(2), 7, with(2, "o2", "d"), &members);
+        let s = b.source(None).unwrap();
+        // Each member's own optimizer state (diloco): withheld; the description: vouched for.
+        assert!(s.files.is_empty(), "{s:?}");
+        assert_eq!(s.description_sha256.as_deref(), Some("d"));
+        b.report(0, WorkerId(3), 7, with(3, "o2", "e"), &members);
+        let s = b.source(None).unwrap();
+        assert_eq!(s.files.get("optimizer.safetensors").map(String::as_str), Some("o2"));
+        assert_eq!(s.description_sha256.as_deref(), Some("d"));
     }
 }

@@ -1286,15 +1286,21 @@ fn checkpoints_count_only_from_members_for_reached_steps() {
     let step = net.step(run);
     let sha = |c: char| c.to_string().repeat(64);
     let (a, b) = (sha('a'), sha('b'));
-    net.cluster.checkpoint_done(net.now, outsider, run, step, ("file:///x", &a, &b)).unwrap();
+    let copy = |uri: &str| super::checkpoints::CheckpointCopy {
+        uri: uri.into(),
+        sha256: a.clone(),
+        model_sha256: b.clone(),
+        ..Default::default()
+    };
+    net.cluster.checkpoint_done(net.now, outsider, run, step, copy("file:///x")).unwrap();
     assert_eq!(net.cluster.run(run).unwrap().latest_checkpoint_step, 0);
-    let bad = net.cluster.checkpoint_done(net.now, w[0], run, u64::MAX, ("file:///x", &a, &b));
+    let bad = net.cluster.checkpoint_done(net.now, w[0], run, u64::MAX, copy("file:///x"));
     assert!(bad.is_err());
     // One of two members is no majority: the model is not verified, nothing to fetch.
-    net.cluster.checkpoint_done(net.now, w[0], run, step, ("file:///ok", &a, &b)).unwrap();
+    net.cluster.checkpoint_done(net.now, w[0], run, step, copy("file:///ok")).unwrap();
     assert_eq!(net.cluster.run(run).unwrap().latest_checkpoint_step, 0);
     assert!(net.cluster.checkpoint_source(run, None).is_err());
-    net.cluster.checkpoint_done(net.now, w[1], run, step, ("file:///ok", &a, &b)).unwrap();
+    net.cluster.checkpoint_done(net.now, w[1], run, step, copy("file:///ok")).unwrap();
     assert_eq!(net.cluster.run(run).unwrap().latest_checkpoint_step, step);
     let (src, hash) = net.cluster.checkpoint_source(run, None).unwrap();
     assert_eq!((src.step, src.model_sha256.as_str(), src.copies.len()), (step, b.as_str(), 2));

@@ -937,18 +937,18 @@ impl Cluster {
         Ok(())
     }
 
-    /// A member wrote a checkpoint of `run` at `step` (at `uri`, on its own machine; `sha256` of
-    /// its meta.json, `model_sha256` of its model). Only a current member of that running run,
-    /// for a step the run reached; the strings were checked by the shell (bounded, printable,
-    /// digests). The step's model is verified once a majority of the members reported one
-    /// digest (see [`checkpoints`]).
+    /// A member wrote a checkpoint of `run` at `step` (`copy`: where, on its own machine, and
+    /// the digests of its files). Only a current member of that running run, for a step the run
+    /// reached; the strings were checked by the shell (bounded, printable, digests). The step's
+    /// model is verified once a majority of the members reported one digest (see
+    /// [`checkpoints`]).
     pub fn checkpoint_done(
         &mut self,
         now: Millis,
         worker: WorkerId,
         run: RunId,
         step: u64,
-        copy: (&str, &str, &str),
+        copy: checkpoints::CheckpointCopy,
     ) -> Result<(), ReportError> {
         let Some(r) = self.runs.get(&run) else { return Ok(()) };
         if r.state != RunState::Running || !r.members.iter().any(|m| m.worker == worker) {
@@ -961,9 +961,9 @@ impl Cluster {
                 r.committed_step
             )));
         }
-        let members = r.members.len();
+        let members: Vec<WorkerId> = r.members.iter().map(|m| m.worker).collect();
         let (outcome, record) =
-            self.checkpoints.entry(run).or_default().report(now, worker, step, copy, members);
+            self.checkpoints.entry(run).or_default().report(now, worker, step, copy, &members);
         match outcome {
             checkpoints::Reported::Full => return Ok(()),
             checkpoints::Reported::Differs { verified } => {

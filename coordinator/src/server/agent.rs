@@ -486,11 +486,33 @@ impl Session {
                 }
                 let run = convert::run_id(cp.run_id)?;
                 limits::printable("checkpoint_done.uri", &cp.uri, 1024)?;
-                let sha = limits::digest("checkpoint_done.sha256", &cp.sha256)?;
-                let model = limits::digest("checkpoint_done.model_sha256", &cp.model_sha256)?;
+                if cp.files.len() > proto::CHECKPOINT_FILES.len() {
+                    return Err(WireError::new("checkpoint_done.files", "more than 4 files").into());
+                }
+                let mut files = std::collections::BTreeMap::new();
+                for (name, digest) in &cp.files {
+                    if !proto::CHECKPOINT_FILES[1..].contains(&name.as_str()) {
+                        return Err(WireError::new(
+                            "checkpoint_done.files",
+                            "not a checkpoint file",
+                        )
+                        .into());
+                    }
+                    files.insert(name.clone(), limits::digest("checkpoint_done.files", digest)?);
+                }
+                let copy = crate::cluster::checkpoints::CheckpointCopy {
+                    uri: cp.uri,
+                    sha256: limits::digest("checkpoint_done.sha256", &cp.sha256)?,
+                    model_sha256: limits::digest("checkpoint_done.model_sha256", &cp.model_sha256)?,
+                    files,
+                    description_sha256: limits::digest(
+                        "checkpoint_done.description_sha256",
+                        &cp.description_sha256,
+                    )?,
+                    ..Default::default()
+                };
                 refused(shared.with(Admit::IfStoreKeepsUp, |c, now| {
-                    c.checkpoint_done(now, id, run, cp.step, (&cp.uri, &sha, &model))
-                        .map_err(status_of_report)
+                    c.checkpoint_done(now, id, run, cp.step, copy).map_err(status_of_report)
                 }))
             }
         }

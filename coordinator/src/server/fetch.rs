@@ -37,6 +37,11 @@ use crate::cluster::checkpoints::Source;
 /// How long a holder has to start sending once asked, and between two parts.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const PART_TIMEOUT: Duration = Duration::from_secs(30);
+/// The slowest a copy may come on average (bytes per second), after the first `RATE_GRACE`.
+const MIN_RATE: u64 = 64 << 10;
+const RATE_GRACE: Duration = Duration::from_secs(30);
+/// Workers whose copies failed remembered (to ask them last).
+const MAX_FAILURES_KEPT: usize = 4096;
 /// The largest `meta.json` accepted.
 const MAX_META: usize = 64 << 10;
 /// The checkpoint format this coordinator reads.
@@ -52,6 +57,8 @@ type ToClient = mpsc::Sender<Result<pb::CheckpointChunk, Status>>;
 pub(crate) struct Transfers {
     slots: Mutex<HashMap<u64, Slot>>,
     fetches: Arc<Semaphore>,
+    /// Per worker, how many of its copies failed (bounded; volatile).
+    failures: Mutex<HashMap<WorkerId, u32>>,
 }
 
 #[derive(Debug)]
@@ -75,7 +82,25 @@ impl std::fmt::Debug for Upload {
 
 impl Transfers {
     pub(crate) fn new(max_fetches: usize) -> Self {
-        Self { slots: Mutex::new(HashMap::new()), fetches: Arc::new(Semaphore::new(max_fetches)) }
+        Self {
+            slots: Mutex::new(HashMap::new()),
+            fetches: Arc::new(Semaphore::new(max_fetches)),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How many copies of `worker` failed (holders are asked in this order).
+    fn failures(&self, worker: WorkerId) -> u32 {
+        let f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        f.get(&worker).copied().unwrap_or(0)
+    }
+
+    fn failed(&self, worker: WorkerId) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if f.len() >= MAX_FAILURES_KEPT && !f.contains_key(&worker) {
+            f.clear();
+        }
+        *f.entry(worker).or_default() += 1;
     }
 
     /// A permit for one more fetch, if fewer than the maximum are under way.
@@ -133,15 +158,18 @@ impl Drop for SlotGuard<'_> {
 }
 
 /// What a copy must match.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Expect {
     pub run: u64,
     pub step: u64,
-    /// SHA-256 of the holder's `meta.json` as it reported it ("" from earlier workers: then
-    /// only the model's digest binds).
+    /// SHA-256 of the holder's `meta.json` as it reported it ("" from earlier workers).
     pub meta_sha256: String,
     /// The majority's SHA-256 of `model.safetensors`.
     pub model_sha256: String,
+    /// The other files a majority vouched for (name → digest): the only others sent.
+    pub files: BTreeMap<String, String>,
+    /// The model description a majority vouched for.
+    pub description_sha256: Option<String>,
     /// The state hash the run recorded with the step, if it still knows it.
     pub param_hash: Option<ParamHash>,
     pub max_bytes: u64,
@@ -155,21 +183,39 @@ struct MetaView {
     step: u64,
     param_hash: String,
     files: BTreeMap<String, String>,
+    #[serde(default)]
+    model: Option<serde_json::Value>,
 }
 
-/// Checks a copy's parts as they come (sans-IO): files in order (`meta.json`, then the files
-/// it lists, in its order), each file's SHA-256 against what binds it, a bound on bytes.
+/// The file coming now: its name, the digest it must have (`None`: withheld, not sent), and
+/// its digest so far.
+#[derive(Debug)]
+struct Current {
+    name: String,
+    want: Option<String>,
+    hasher: Sha256,
+}
+
+/// Checks a copy's parts as they come (sans-IO) and says what to send on: `meta.json` first
+/// (held until it is whole and checked, then sent whole), then the files it lists in name
+/// order, each against the digest that binds it (the majority's, or what the majority vouched
+/// for); files no majority vouched for are withheld. Parts are non-empty, at most
+/// [`MAX_PART`] bytes, and the copy at most `max_bytes`.
 #[derive(Debug)]
 pub(crate) struct Verifier {
     expect: Expect,
-    /// After `meta.json`: the files still to come, in order, with the digests they must have.
-    pending: Option<Vec<(String, String)>>,
-    /// The file coming now, the digest it must have ("": unchecked), and its digest so far.
-    current: Option<(String, String, Sha256)>,
+    /// After `meta.json`: the files still to come, in order, with the digest each must have
+    /// (`None`: withheld).
+    pending: Option<Vec<(String, Option<String>)>>,
+    current: Option<Current>,
     meta: Vec<u8>,
     bytes: u64,
-    done: BTreeMap<String, String>,
+    sent: BTreeMap<String, String>,
+    withheld: Vec<String>,
 }
+
+/// The largest part a holder may send (the proto's 1 MiB).
+pub(crate) const MAX_PART: usize = 1 << 20;
 
 impl Verifier {
     pub(crate) fn new(expect: Expect) -> Self {
@@ -179,20 +225,25 @@ impl Verifier {
             current: None,
             meta: Vec::new(),
             bytes: 0,
-            done: BTreeMap::new(),
+            sent: BTreeMap::new(),
+            withheld: Vec::new(),
         }
     }
 
-    /// One part: `data` of `file`.
-    pub(crate) fn part(&mut self, file: &str, data: &[u8]) -> Result<(), String> {
+    /// One part: `data` of `file`. Returns what to send on now.
+    pub(crate) fn part(&mut self, file: &str, data: Vec<u8>) -> Result<Vec<pb::FileData>, String> {
+        if data.is_empty() || data.len() > MAX_PART {
+            return Err(format!("a part of {} bytes (1 to {MAX_PART} allowed)", data.len()));
+        }
         self.bytes += data.len() as u64;
         if self.bytes > self.expect.max_bytes {
             return Err(format!("more than {} bytes", self.expect.max_bytes));
         }
+        let mut out = Vec::new();
         match &self.current {
             None if self.pending.is_none() && file == "meta.json" => {
-                let want = self.expect.meta_sha256.clone();
-                self.current = Some((file.to_owned(), want, Sha256::new()));
+                let want = Some(self.expect.meta_sha256.clone());
+                self.current = Some(Current { name: file.to_owned(), want, hasher: Sha256::new() });
             }
             None if self.pending.is_none() => {
                 return Err(format!(
@@ -200,9 +251,9 @@ impl Verifier {
                     limits::sanitize(file, 64)
                 ));
             }
-            Some((name, ..)) if name == file => {}
+            Some(c) if c.name == file => {}
             _ => {
-                self.close()?;
+                out.extend(self.close()?);
                 let pending = self.pending.as_mut().expect("meta.json was read by close");
                 if pending.is_empty() {
                     return Err(format!(
@@ -214,42 +265,50 @@ impl Verifier {
                 if name != file {
                     return Err(format!("expected {name}, got {:?}", limits::sanitize(file, 64)));
                 }
-                self.current = Some((name, want, Sha256::new()));
+                self.current = Some(Current { name, want, hasher: Sha256::new() });
             }
         }
-        let (name, _, hasher) = self.current.as_mut().expect("set above");
-        hasher.update(data);
-        if name == "meta.json" {
+        let c = self.current.as_mut().expect("set above");
+        if c.name == "meta.json" {
             if self.meta.len() + data.len() > MAX_META {
                 return Err(format!("meta.json is longer than {MAX_META} bytes"));
             }
-            self.meta.extend_from_slice(data);
+            c.hasher.update(&data);
+            self.meta.extend_from_slice(&data);
+        } else if c.want.is_some() {
+            c.hasher.update(&data);
+            out.push(pb::FileData { file: c.name.clone(), data });
         }
-        Ok(())
+        Ok(out)
     }
 
-    /// Ends the current file: its digest must match; after `meta.json`, reads it.
-    fn close(&mut self) -> Result<(), String> {
-        let Some((name, want, hasher)) = self.current.take() else { return Ok(()) };
+    /// Ends the current file: its digest must match; `meta.json` is read, then sent on.
+    fn close(&mut self) -> Result<Vec<pb::FileData>, String> {
+        let Some(Current { name, want, hasher }) = self.current.take() else { return Ok(vec![]) };
+        let Some(want) = want else {
+            self.withheld.push(name);
+            return Ok(vec![]);
+        };
         let got = client::pki::hex(&hasher.finalize());
         if !want.is_empty() && got != want {
             let whose = match name.as_str() {
                 "meta.json" => "the worker reported",
-                "model.safetensors" => "a majority of the members reported",
-                _ => "meta.json lists",
+                _ => "a majority of the members reported",
             };
             return Err(format!("{name} has SHA-256 {got}; {whose} {want}"));
         }
+        self.sent.insert(name.clone(), got);
         if name == "meta.json" {
             self.pending = Some(self.read_meta()?);
+            return Ok(vec![pb::FileData { file: name, data: std::mem::take(&mut self.meta) }]);
         }
-        self.done.insert(name, got);
-        Ok(())
+        Ok(vec![])
     }
 
-    fn read_meta(&mut self) -> Result<Vec<(String, String)>, String> {
-        let m: MetaView = serde_json::from_slice(&self.meta)
-            .map_err(|e| format!("meta.json does not parse: {e}"))?;
+    fn read_meta(&mut self) -> Result<Vec<(String, Option<String>)>, String> {
+        let m: MetaView = serde_json::from_slice(&self.meta).map_err(|e| {
+            format!("meta.json does not parse: {}", limits::sanitize(&e.to_string(), 200))
+        })?;
         let e = &self.expect;
         if m.format != FORMAT {
             return Err(format!(
@@ -272,6 +331,14 @@ impl Verifier {
                 e.step
             ));
         }
+        if let Some(want) = &e.description_sha256 {
+            let got = m.model.as_ref().map(client::checkpoint::description_sha256);
+            if got.as_ref() != Some(want) {
+                return Err(
+                    "meta.json describes another model than a majority of the members did".into()
+                );
+            }
+        }
         for (name, digest) in &m.files {
             if !proto::CHECKPOINT_FILES[1..].contains(&name.as_str()) {
                 return Err(format!(
@@ -286,25 +353,38 @@ impl Verifier {
                 ));
             }
         }
-        match m.files.get("model.safetensors") {
-            Some(d) if *d == e.model_sha256 => {}
-            Some(d) => {
-                return Err(format!(
-                    "meta.json gives model.safetensors the SHA-256 {d}; a majority reported {}",
-                    e.model_sha256
-                ));
+        let mut vouched = e.files.clone();
+        vouched.insert("model.safetensors".into(), e.model_sha256.clone());
+        for (name, want) in &vouched {
+            match m.files.get(name) {
+                Some(d) if d == want => {}
+                Some(d) => {
+                    return Err(format!(
+                        "meta.json gives {name} the SHA-256 {d}; a majority reported {want}"
+                    ));
+                }
+                None => return Err(format!("meta.json lists no {name}, which a majority has")),
             }
-            None => return Err("meta.json lists no model.safetensors".into()),
         }
-        Ok(m.files.into_iter().collect())
+        Ok(m.files
+            .into_keys()
+            .map(|n| {
+                let want = vouched.get(&n).cloned();
+                (n, want)
+            })
+            .collect())
     }
 
-    /// The stream ended: every listed file must have come whole. Returns each file's SHA-256.
-    pub(crate) fn finish(mut self) -> Result<BTreeMap<String, String>, String> {
-        self.close()?;
+    /// The stream ended: every listed file must have come whole. Returns what to send on and
+    /// the `done` message.
+    pub(crate) fn finish(mut self) -> Result<(Vec<pb::FileData>, pb::FetchDone), String> {
+        let out = self.close()?;
         match self.pending.as_deref() {
             None => Err("the copy ended before meta.json was complete".into()),
-            Some([]) => Ok(self.done),
+            Some([]) => Ok((
+                out,
+                pb::FetchDone { sha256: self.sent.into_iter().collect(), withheld: self.withheld },
+            )),
             Some(rest) => Err(format!("the copy ended before {}", rest[0].0)),
         }
     }
@@ -321,16 +401,18 @@ enum Copied {
     ClientGone,
 }
 
-/// Relays the checkpoint `source` names to the CLI at `tx`: each holder in turn until one's
-/// copy verifies. Runs as its own task; `_permit` counts it among the fetches under way.
+/// Relays the checkpoint `source` names to the CLI at `tx`: each holder in turn (those whose
+/// copies failed before last) until one's copy verifies. Runs as its own task; `_permit` counts
+/// it among the fetches under way.
 pub(super) async fn relay(
     shared: Arc<Shared>,
     run: RunId,
-    source: Source,
+    mut source: Source,
     param_hash: Option<ParamHash>,
     tx: ToClient,
     _permit: OwnedSemaphorePermit,
 ) {
+    source.copies.sort_by_key(|(w, _)| shared.transfers.failures(*w));
     let mut previous = String::new();
     for (worker, meta_sha256) in &source.copies {
         let head = pb::FetchSource {
@@ -349,6 +431,8 @@ pub(super) async fn relay(
             step: source.step,
             meta_sha256: meta_sha256.clone(),
             model_sha256: source.model_sha256.clone(),
+            files: source.files.clone(),
+            description_sha256: source.description_sha256.clone(),
             param_hash,
             max_bytes: shared.config.max_checkpoint_bytes,
         };
@@ -359,7 +443,9 @@ pub(super) async fn relay(
             }
             Ok(Copied::ClientGone) => return,
             Err(why) => {
+                let why = limits::sanitize(&why, 300);
                 warn!(%run, step = source.step, %worker, "checkpoint copy refused: {why}");
+                shared.transfers.failed(*worker);
                 previous = format!("{worker}: {why}");
             }
         }
@@ -394,18 +480,25 @@ async fn copy_from(
         Err(_) => return Err(format!("it did not start sending within {START_TIMEOUT:?}")),
     };
     let Upload { first, mut parts, verdict } = upload;
-    let result = relay_parts(first, &mut parts, Verifier::new(expect), tx).await;
-    let error = result.as_ref().err().cloned().unwrap_or_default();
+    let result = relay_parts(transfer, first, &mut parts, Verifier::new(expect), tx).await;
+    let error = match &result {
+        Ok(Copied::Done) => String::new(),
+        Ok(Copied::ClientGone) => "the user's fetch ended first".into(),
+        Err(e) => limits::sanitize(e, 300),
+    };
     let _ = verdict.send(Ok(pb::UploadVerdict { error })).await;
     result
 }
 
 async fn relay_parts(
+    transfer: u64,
     first: pb::CheckpointPart,
     parts: &mut Parts,
     mut verifier: Verifier,
     tx: &ToClient,
 ) -> Result<Copied, String> {
+    let started = tokio::time::Instant::now();
+    let mut bytes = 0u64;
     let mut next = Some(first);
     loop {
         let part = match next.take() {
@@ -425,18 +518,31 @@ async fn relay_parts(
         if !part.error.is_empty() {
             return Err(format!("it cannot send it: {}", limits::sanitize(&part.error, 200)));
         }
-        verifier.part(&part.file, &part.data)?;
-        let data = pb::FileData { file: part.file, data: part.data };
+        if part.transfer_id != transfer {
+            return Err("a part of another transfer".into());
+        }
+        bytes += part.data.len() as u64;
+        let elapsed = started.elapsed();
+        if elapsed > RATE_GRACE && bytes < MIN_RATE * elapsed.as_secs() {
+            return Err(format!(
+                "it sent {bytes} bytes in {:.0?}, under {} KiB/s",
+                elapsed,
+                MIN_RATE >> 10
+            ));
+        }
+        for data in verifier.part(&part.file, part.data)? {
+            if tx.send(chunk(Part::Data(data))).await.is_err() {
+                return Ok(Copied::ClientGone);
+            }
+        }
+    }
+    let (last, done) = verifier.finish()?;
+    for data in last {
         if tx.send(chunk(Part::Data(data))).await.is_err() {
             return Ok(Copied::ClientGone);
         }
     }
-    let sha256 = verifier.finish()?;
-    if tx
-        .send(chunk(Part::Done(pb::FetchDone { sha256: sha256.into_iter().collect() })))
-        .await
-        .is_err()
-    {
+    if tx.send(chunk(Part::Done(done))).await.is_err() {
         return Ok(Copied::ClientGone);
     }
     Ok(Copied::Done)
@@ -456,43 +562,58 @@ mod tests {
         optimizer: Vec<u8>,
     }
 
-    fn copy(step: u64, hash: &str) -> Copy {
-        let model = b"model bytes".to_vec();
-        let optimizer = b"optimizer bytes".to_vec();
-        let meta = serde_json::json!({
-            "format": 1, "run": 3, "step": step, "param_hash": hash, "sync": "ddp",
-            "files": { "model.safetensors": sha(&model), "optimizer.safetensors": sha(&optimizer) },
-            "created_unix_ms": 0,
-        });
-        Copy { meta: serde_json::to_vec(&meta).unwrap(), model, optimizer }
+    fn description() -> serde_json::Value {
+        serde_json::json!({ "arch": "gpt", "layers": 2, "width": 64, "heads": 4 })
     }
 
+    fn copy_with(step: u64, hash: &str, optimizer: &[u8], model_desc: serde_json::Value) -> Copy {
+        let model = b"model bytes".to_vec();
+        let meta = serde_json::json!({
+            "format": 1, "run": 3, "step": step, "param_hash": hash, "sync": "ddp",
+            "files": { "model.safetensors": sha(&model), "optimizer.safetensors": sha(optimizer) },
+            "created_unix_ms": 0, "model": model_desc,
+        });
+        Copy { meta: serde_json::to_vec(&meta).unwrap(), model, optimizer: optimizer.to_vec() }
+    }
+
+    fn copy(step: u64, hash: &str) -> Copy {
+        copy_with(step, hash, b"optimizer bytes", description())
+    }
+
+    /// What the majority vouched for: the model, the optimizer state, the description.
     fn expect(c: &Copy) -> Expect {
         Expect {
             run: 3,
             step: 7,
             meta_sha256: sha(&c.meta),
             model_sha256: sha(&c.model),
+            files: [("optimizer.safetensors".to_owned(), sha(&c.optimizer))].into(),
+            description_sha256: Some(client::checkpoint::description_sha256(&description())),
             param_hash: Some(ParamHash(0xabc)),
             max_bytes: 1 << 20,
         }
     }
 
-    fn feed(e: Expect, parts: &[(&str, &[u8])]) -> Result<BTreeMap<String, String>, String> {
+    type Sent = (Vec<pb::FileData>, pb::FetchDone);
+
+    fn feed(e: Expect, parts: &[(&str, &[u8])]) -> Result<Sent, String> {
         let mut v = Verifier::new(e);
+        let mut sent = Vec::new();
         for (f, d) in parts {
-            v.part(f, d)?;
+            sent.extend(v.part(f, d.to_vec())?);
         }
-        v.finish()
+        let (last, done) = v.finish()?;
+        sent.extend(last);
+        Ok((sent, done))
     }
 
     const HASH: &str = "0000000000000abc";
 
     #[test]
-    fn an_honest_copy_in_parts_verifies() {
+    fn an_honest_copy_in_parts_verifies_and_goes_on_whole() {
         let c = copy(7, HASH);
         let (m1, m2) = c.model.split_at(4);
-        let got = feed(
+        let (sent, done) = feed(
             expect(&c),
             &[
                 ("meta.json", &c.meta[..10]),
@@ -503,8 +624,17 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(got["model.safetensors"], sha(&c.model));
-        assert_eq!(got.len(), 3);
+        assert_eq!(done.sha256["model.safetensors"], sha(&c.model));
+        assert_eq!(done.sha256.len(), 3);
+        assert!(done.withheld.is_empty());
+        // meta.json went on once, whole, before anything else.
+        assert_eq!((sent[0].file.as_str(), &sent[0].data), ("meta.json", &c.meta));
+        let model: Vec<u8> = sent
+            .iter()
+            .filter(|d| d.file == "model.safetensors")
+            .flat_map(|d| d.data.clone())
+            .collect();
+        assert_eq!(model, c.model);
     }
 
     #[test]
@@ -521,36 +651,84 @@ mod tests {
             feed(expect(&c), &p).unwrap_err()
         };
         assert!(lie(1, "model.safetensors", b"poisoned").contains("majority"));
-        assert!(lie(2, "optimizer.safetensors", b"x").contains("meta.json lists"));
+        assert!(lie(2, "optimizer.safetensors", b"x").contains("majority"));
         assert!(lie(0, "meta.json", b"{}").contains("the worker reported"));
         assert!(lie(2, "../../etc/passwd", b"x").contains("expected optimizer"));
         assert!(lie(0, "model.safetensors", &c.model).contains("first file"));
+        assert!(lie(1, "model.safetensors", b"").contains("a part of 0 bytes"));
         // Truncated, reordered, repeated.
         assert!(feed(expect(&c), &honest[..2]).unwrap_err().contains("ended before"));
         assert!(feed(expect(&c), &[]).unwrap_err().contains("meta.json"));
         let mut p = honest.to_vec();
         p.push(("model.safetensors", &c.model));
         assert!(feed(expect(&c), &p).unwrap_err().contains("came twice"));
-        // Too many bytes.
+        // Too many bytes; a part over 1 MiB.
         let e = Expect { max_bytes: 20, ..expect(&c) };
         assert!(feed(e, &honest).unwrap_err().contains("more than"));
+        let big = vec![0u8; MAX_PART + 1];
+        let e = Expect { max_bytes: 1 << 30, ..expect(&c) };
+        assert!(feed(e, &[("meta.json", &c.meta), ("model.safetensors", &big)]).is_err());
     }
 
     #[test]
-    fn a_meta_json_of_another_state_or_list_is_refused_even_with_the_reported_digest() {
-        // A holder that reported the digest of a lying meta.json: the meta's own content fails.
-        let cases =
-            [(copy(8, HASH), "not run 3 step 7"), (copy(7, "0000000000000bad"), "state hash")];
+    fn a_meta_json_that_lies_consistently_with_its_own_report_is_refused() {
+        // The holder reported the digest of the meta.json it sends: the meta's content decides.
+        let ours = copy(7, HASH);
+        let cases = [
+            (copy(8, HASH), "not run 3 step 7"),
+            (copy(7, "0000000000000bad"), "state hash"),
+            // Poisoned optimizer state listed under its own digest.
+            (copy_with(7, HASH, b"poisoned optimizer", description()), "a majority reported"),
+            // Another model description (a different head count that loads the same shapes).
+            (
+                copy_with(
+                    7,
+                    HASH,
+                    b"optimizer bytes",
+                    serde_json::json!({ "arch": "gpt", "layers": 2, "width": 64, "heads": 2 }),
+                ),
+                "another model",
+            ),
+        ];
         for (c, why) in cases {
-            let e = Expect { meta_sha256: sha(&c.meta), ..expect(&copy(7, HASH)) };
+            let e = Expect { meta_sha256: sha(&c.meta), ..expect(&ours) };
             let err = feed(e, &[("meta.json", &c.meta)]).unwrap_err();
             assert!(err.contains(why), "{err}");
         }
         let bad = br#"{"format":1,"run":3,"step":7,"param_hash":"0000000000000abc","files":{"model.safetensors":"x","/etc/shadow":"y"}}"#;
-        let e = Expect { meta_sha256: sha(bad), ..expect(&copy(7, HASH)) };
+        let e = Expect { meta_sha256: sha(bad), description_sha256: None, ..expect(&ours) };
         assert!(feed(e, &[("meta.json", bad)]).unwrap_err().contains("not a checkpoint file"));
         let big = vec![b' '; MAX_META + 1];
-        let e = Expect { meta_sha256: String::new(), ..expect(&copy(7, HASH)) };
-        assert!(feed(e, &[("meta.json", &big)]).unwrap_err().contains("longer than"));
+        let e = Expect { meta_sha256: String::new(), ..expect(&ours) };
+        let parts: Vec<(&str, &[u8])> = big.chunks(MAX_PART).map(|p| ("meta.json", p)).collect();
+        assert!(feed(e, &parts).unwrap_err().contains("longer than"));
+    }
+
+    #[test]
+    fn a_file_no_majority_vouched_for_is_withheld() {
+        // diloco: each member's inner optimizer state is its own.
+        let c = copy(7, HASH);
+        let e = Expect { files: BTreeMap::new(), ..expect(&c) };
+        let (sent, done) = feed(
+            e,
+            &[
+                ("meta.json", &c.meta[..]),
+                ("model.safetensors", &c.model[..]),
+                ("optimizer.safetensors", &c.optimizer[..]),
+            ],
+        )
+        .unwrap();
+        assert_eq!(done.withheld, ["optimizer.safetensors"]);
+        assert!(sent.iter().all(|d| d.file != "optimizer.safetensors"));
+        assert!(!done.sha256.contains_key("optimizer.safetensors"));
+        // A holder leaving out a file the majority has is refused.
+        let e = expect(&c);
+        let no_opt = copy_with(7, HASH, b"optimizer bytes", description());
+        let meta: serde_json::Value = serde_json::from_slice(&no_opt.meta).unwrap();
+        let mut meta = meta;
+        meta["files"].as_object_mut().unwrap().remove("optimizer.safetensors");
+        let meta = serde_json::to_vec(&meta).unwrap();
+        let e = Expect { meta_sha256: sha(&meta), ..e };
+        assert!(feed(e, &[("meta.json", &meta)]).unwrap_err().contains("lists no optimizer"));
     }
 }

@@ -133,12 +133,16 @@ pub fn step_dir(root: &Path, run: u64, step: u64) -> PathBuf {
     root.join(format!("run-{run}")).join(format!("step-{step:08}"))
 }
 
-/// A checkpoint written: its directory, the SHA-256 of its `meta.json` and of its model.
+/// A checkpoint written: its directory and the digests a worker reports of it.
 #[derive(Clone, Debug)]
 pub struct Written {
     pub dir: PathBuf,
+    /// SHA-256 of its `meta.json`.
     pub meta_sha256: String,
-    pub model_sha256: String,
+    /// SHA-256 of every file `meta.json` lists (`model.safetensors` among them).
+    pub files: BTreeMap<String, String>,
+    /// [`client::checkpoint::description_sha256`] of the model description ("" without one).
+    pub description_sha256: String,
 }
 
 /// Writes a checkpoint of `step` under `dir/run-<run>/`, keeping the newest `keep`.
@@ -184,9 +188,13 @@ pub fn write(
     fs::rename(&latest_tmp, run_dir.join("latest")).map_err(io(&run_dir))?;
     fsync(&run_dir)?;
     prune(&run_dir, keep.max(1));
+    let description = meta.model.as_ref().and_then(|m| serde_json::to_value(m).ok());
     Ok(Written {
         meta_sha256: hex(&Sha256::digest(&json)),
-        model_sha256: meta.files.get("model.safetensors").cloned().unwrap_or_default(),
+        description_sha256: description
+            .map(|d| client::checkpoint::description_sha256(&d))
+            .unwrap_or_default(),
+        files: meta.files,
         dir: dst,
     })
 }
