@@ -115,8 +115,11 @@ pub async fn calibrate(lab: &Lab, secs: f64) -> Result<Vec<Check>> {
             ping["rtt_ms_min"].as_f64().unwrap_or(f64::NAN),
             ping["rtt_ms_max"].as_f64().unwrap_or(f64::NAN)
         ),
-        within: (got - asked).abs() <= (asked * 0.02).max(1.0),
-        note: "±2 % or 1 ms".into(),
+        // The emulator's own delay is what the fastest of the 40 samples shows; the median
+        // adds the host's scheduling (a loaded 2-core machine adds a millisecond or more).
+        within: (ping["rtt_ms_min"].as_f64().unwrap_or(f64::NAN) - asked).abs()
+            <= (asked * 0.02).max(1.0),
+        note: "fastest sample within ±2 % or 1 ms (the median shows the host's load)".into(),
     });
 
     let rate = cond.rate_bps;
