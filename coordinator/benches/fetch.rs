@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use coordinator::server::{self, ServerConfig};
+use coordinator::server::ServerConfig;
 use coordinator::testing::{self, ScriptedAgent};
 use proto::pb;
 use sha2::{Digest, Sha256};
@@ -48,21 +48,11 @@ fn main() -> Result<()> {
 
 async fn bench(mib: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
     let mut config = ServerConfig::new(dir.path().to_owned());
     config.cluster.suspect_after = 60_000;
     config.cluster.dead_after = 120_000;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::run(server::Listeners::api(listener), config, async move {
-        let _ = stopped.await;
-    }));
-    while !dir.path().join("admin.token").exists() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let cfg = testing::connect_config(&url, dir.path())?;
-    let mut control = client::control(&cfg, &testing::admin_token(dir.path())?)?;
+    let server = testing::InProcess::start(config).await?;
+    let (cfg, mut control) = (server.cfg.clone(), server.control.clone());
     let run = control
         .submit_run(pb::SubmitRunRequest { run_toml: testing::synthetic_run_file(1, 1, 1_000) })
         .await?
@@ -164,7 +154,6 @@ async fn bench(mib: usize) -> Result<()> {
         (after.saturating_sub(before)) as f64 / 1024.0,
         fetched.worker,
     );
-    let _ = stop.send(());
-    let _ = server.await;
+    server.stop().await;
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use coordinator::server::{self, ServerConfig};
+use coordinator::server::ServerConfig;
 use coordinator::testing::{self, ScriptedAgent};
 use hdrhistogram::Histogram;
 use proto::pb;
@@ -70,22 +70,12 @@ async fn lease(a: &mut ScriptedAgent) -> Result<(Duration, Option<Duration>)> {
 
 async fn bench(n: usize, secs: u64) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
     let mut config = ServerConfig::new(dir.path().to_owned());
     config.cluster.suspect_after = 60_000;
     config.cluster.dead_after = 120_000;
     config.max_connections = n + 100;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::run(server::Listeners::api(listener), config, async move {
-        let _ = stopped.await;
-    }));
-    while !dir.path().join("admin.token").exists() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let cfg = testing::connect_config(&url, dir.path())?;
-    let mut control = client::control(&cfg, &testing::admin_token(dir.path())?)?;
+    let server = testing::InProcess::start(config).await?;
+    let (cfg, mut control) = (server.cfg.clone(), server.control.clone());
     let manifest = testing::write_dataset(&dir.path().join("data"), 20_000)?;
     control
         .submit_run(pb::SubmitRunRequest {
@@ -99,8 +89,9 @@ async fn bench(n: usize, secs: u64) -> Result<()> {
         .token;
     let cores = std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1);
     println!(
-        "coordinator on {url}; {n} workers (each: CSR, Join, own TLS connection, session); \
-         {cores} cores, client and server in one process"
+        "coordinator on {}; {n} workers (each: CSR, Join, own TLS connection, session); \
+         {cores} cores, client and server in one process",
+        cfg.url
     );
 
     // 1. Join.
@@ -229,7 +220,6 @@ async fn bench(n: usize, secs: u64) -> Result<()> {
     report("  heartbeat", &hb, hb_secs);
     report("  lease", &lease_all, lease_secs);
     report("  complete", &done, lease_secs);
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    server.stop().await;
     Ok(())
 }

@@ -28,6 +28,43 @@ pub fn admin_token(dir: &Path) -> anyhow::Result<String> {
     Ok(std::fs::read_to_string(dir.join("admin.token"))?.trim().to_owned())
 }
 
+/// A coordinator serving its API on 127.0.0.1 in this process (benchmarks), with an admin
+/// client; `config.state_dir` is its state directory.
+#[derive(Debug)]
+pub struct InProcess {
+    pub cfg: ConnectConfig,
+    pub control: client::Control,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), crate::server::ServeError>>,
+}
+
+impl InProcess {
+    /// Starts it and waits until it has written its credentials.
+    pub async fn start(config: crate::server::ServerConfig) -> anyhow::Result<Self> {
+        let dir = config.state_dir.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let listeners = crate::server::Listeners::api(listener);
+        let task = tokio::spawn(crate::server::run(listeners, config, async move {
+            let _ = stopped.await;
+        }));
+        while !dir.join("admin.token").exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let cfg = connect_config(&url, &dir)?;
+        let control = client::control(&cfg, &admin_token(&dir)?)?;
+        Ok(Self { cfg, control, stop, task })
+    }
+
+    /// Stops it, waiting up to 10 s for open calls.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
 /// Writes a dataset manifest of `n` shards (and the shards) under `dir`, returning its path.
 pub fn write_dataset(dir: &Path, n: usize) -> anyhow::Result<PathBuf> {
     use sha2::Digest;
