@@ -318,8 +318,7 @@ impl Store {
         // Checkpoints of every run, finished ones too: their models can still be fetched.
         let ids: Vec<RunId> = out.runs.iter().map(|r| r.id).collect();
         for run in ids {
-            let records =
-                self.newest_checkpoints(run, 2 * crate::cluster::checkpoints::KEPT_STEPS)?;
+            let records = self.checkpoints(run, 2 * crate::cluster::checkpoints::KEPT_STEPS)?;
             if !records.is_empty() {
                 out.checkpoints.insert(run, records);
             }
@@ -466,31 +465,10 @@ impl Store {
         self.range(AUDITS, run, "audits")
     }
 
-    pub fn checkpoints(&self, run: RunId) -> Result<Vec<CheckpointRecord>, StoreError> {
-        self.range(CHECKPOINTS, run, "checkpoints")
-    }
-
     /// The newest `n` checkpoint records of `run`, oldest first (a run's index can be long; a
     /// restart reads only its end).
-    fn newest_checkpoints(
-        &self,
-        run: RunId,
-        n: usize,
-    ) -> Result<Vec<CheckpointRecord>, StoreError> {
-        let tx = self.db.begin_read().map_err(dberr)?;
-        let t = tx.open_table(CHECKPOINTS).map_err(dberr)?;
-        let mut out = Vec::new();
-        for row in t.range((run.0, 0)..=(run.0, u64::MAX)).map_err(dberr)?.rev().take(n) {
-            let (k, v) = row.map_err(dberr)?;
-            match parse(&format!("checkpoints/{:?}", k.value()), v.value()) {
-                Ok(x) => out.push(x),
-                Err(q) => {
-                    tracing::warn!(key = %q.key, reason = %q.reason, "skipping an unreadable record")
-                }
-            }
-        }
-        out.reverse();
-        Ok(out)
+    pub fn checkpoints(&self, run: RunId, n: usize) -> Result<Vec<CheckpointRecord>, StoreError> {
+        self.records(CHECKPOINTS, run, "checkpoints", Some(n))
     }
 
     /// The run's log, oldest first.
@@ -509,10 +487,26 @@ impl Store {
         run: RunId,
         name: &str,
     ) -> Result<Vec<T>, StoreError> {
+        self.records(table, run, name, None)
+    }
+
+    /// [`Store::range`], or only its newest `newest` records (still in key order).
+    fn records<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<'_, (u64, u64), &[u8]>,
+        run: RunId,
+        name: &str,
+        newest: Option<usize>,
+    ) -> Result<Vec<T>, StoreError> {
         let tx = self.db.begin_read().map_err(dberr)?;
         let t = tx.open_table(table).map_err(dberr)?;
+        let rows = t.range((run.0, 0)..=(run.0, u64::MAX)).map_err(dberr)?;
+        let rows: Box<dyn Iterator<Item = _>> = match newest {
+            Some(n) => Box::new(rows.rev().take(n)),
+            None => Box::new(rows),
+        };
         let mut out = Vec::new();
-        for row in t.range((run.0, 0)..=(run.0, u64::MAX)).map_err(dberr)? {
+        for row in rows {
             let (k, v) = row.map_err(dberr)?;
             match parse(&format!("{name}/{:?}", k.value()), v.value()) {
                 Ok(x) => out.push(x),
@@ -520,6 +514,9 @@ impl Store {
                     tracing::warn!(key = %q.key, reason = %q.reason, "skipping an unreadable record")
                 }
             }
+        }
+        if newest.is_some() {
+            out.reverse();
         }
         Ok(out)
     }
@@ -585,5 +582,27 @@ mod tests {
         let (_, again) = store.load().unwrap();
         assert!(again.is_empty());
         assert_eq!(store.quarantined().unwrap(), vec!["runs/7".to_owned()]);
+    }
+
+    #[test]
+    fn the_newest_checkpoints_of_a_run_read_in_step_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.redb")).unwrap();
+        let outputs: Vec<Output> = [(1, 10), (1, 20), (1, 30), (2, 5)]
+            .into_iter()
+            .map(|(run, step)| Output::Checkpoint {
+                run: RunId(run),
+                record: CheckpointRecord { step, ..Default::default() },
+            })
+            .collect();
+        let mut batch = Batch::default();
+        batch.append_outputs(0, outputs.iter());
+        store.write(&[batch]).unwrap();
+        let steps = |n| -> Vec<u64> {
+            store.checkpoints(RunId(1), n).unwrap().into_iter().map(|r| r.step).collect()
+        };
+        assert_eq!(steps(2), [20, 30]);
+        assert_eq!(steps(10), [10, 20, 30]);
+        assert_eq!(store.range::<CheckpointRecord>(CHECKPOINTS, RunId(1), "c").unwrap().len(), 3);
     }
 }
