@@ -725,5 +725,21 @@ async fn a_checkpoint_fetch_takes_no_single_members_word() {
         .flatten()
         .collect();
     assert_eq!(after, model);
+
+    println!("scenario: a checkpoint report listing a file no checkpoint has");
+    let mut files = std::collections::HashMap::new();
+    files.insert("../../etc/passwd".to_owned(), model_sha.clone());
+    agents[0]
+        .send(Up::CheckpointDone(pb::CheckpointDone {
+            run_id: run,
+            step: 50,
+            model_sha256: model_sha.clone(),
+            files,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let st = ended(&mut agents[0]).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st}");
     s.stop().await;
 }

@@ -24,3 +24,8 @@ pub const MAX_COMMIT_SPANS: usize = 16_384;
 /// `UploadCheckpoint`): `meta.json` first, then the files it lists, which are among the rest.
 pub const CHECKPOINT_FILES: [&str; 4] =
     ["meta.json", "model.safetensors", "optimizer.safetensors", "outer.safetensors"];
+
+/// Whether `name` is one of the files `meta.json` may list (every checkpoint file but itself).
+pub fn is_checkpoint_data_file(name: &str) -> bool {
+    CHECKPOINT_FILES[1..].contains(&name)
+}

@@ -52,10 +52,7 @@ async fn open(root: &Path, run: u64, step: u64) -> Result<Vec<(String, tokio::fs
         .with_context(|| format!("{} does not parse", meta_path.display()))?;
     let mut files = vec![("meta.json".to_owned(), tokio::fs::File::open(&meta_path).await?)];
     for name in meta.files.keys() {
-        anyhow::ensure!(
-            proto::CHECKPOINT_FILES[1..].contains(&name.as_str()),
-            "meta.json lists {name:?}"
-        );
+        anyhow::ensure!(proto::is_checkpoint_data_file(name), "meta.json lists {name:?}");
         let f = tokio::fs::File::open(dir.join(name))
             .await
             .with_context(|| format!("opening {name} of run {run} step {step}"))?;

@@ -486,12 +486,10 @@ impl Session {
                 }
                 let run = convert::run_id(cp.run_id)?;
                 limits::printable("checkpoint_done.uri", &cp.uri, 1024)?;
-                if cp.files.len() > proto::CHECKPOINT_FILES.len() {
-                    return Err(WireError::new("checkpoint_done.files", "more than 4 files").into());
-                }
+                // Names are unique and must be among the three data files: that bounds the map.
                 let mut files = std::collections::BTreeMap::new();
                 for (name, digest) in &cp.files {
-                    if !proto::CHECKPOINT_FILES[1..].contains(&name.as_str()) {
+                    if !proto::is_checkpoint_data_file(name) {
                         return Err(WireError::new(
                             "checkpoint_done.files",
                             "not a checkpoint file",

@@ -340,7 +340,7 @@ impl Verifier {
             }
         }
         for (name, digest) in &m.files {
-            if !proto::CHECKPOINT_FILES[1..].contains(&name.as_str()) {
+            if !proto::is_checkpoint_data_file(name) {
                 return Err(format!(
                     "meta.json lists {:?}, not a checkpoint file",
                     limits::sanitize(name, 64)
