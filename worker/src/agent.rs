@@ -361,6 +361,8 @@ pub async fn run_session(
     let mut identity = identity;
     let mut last = Resend::default();
     let uploads = crate::upload::Uploads::default();
+    let checkpoints =
+        state_dir.as_deref().map(|d| crate::trainer::checkpoint::root(d, &identity.ca_pin));
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -372,9 +374,6 @@ pub async fn run_session(
             warn!("renewing the certificate: {e:#}");
         }
         let started = tokio::time::Instant::now();
-        let checkpoints = state_dir
-            .as_deref()
-            .map(|d| (crate::trainer::checkpoint::root(d, &identity.ca_pin), uploads.clone()));
         match session_once(
             &cfg,
             &identity,
@@ -382,7 +381,7 @@ pub async fn run_session(
             &mut side,
             (&mut pending, &mut last, &mut seq),
             &shutdown,
-            checkpoints,
+            (&checkpoints, &uploads),
         )
         .await
         {
@@ -462,7 +461,7 @@ async fn session_once(
     side: &mut AgentSide,
     (pending, last, seq): (&mut VecDeque<Up>, &mut Resend, &mut u64),
     shutdown: &CancellationToken,
-    checkpoints: Option<(PathBuf, crate::upload::Uploads)>,
+    (checkpoints, uploads): (&Option<PathBuf>, &crate::upload::Uploads),
 ) -> Result<(), SessionEnd> {
     let mut rpc = identity.client(cfg).map_err(|e| SessionEnd::Fatal(format!("{e:#}")))?;
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(256);
@@ -515,15 +514,11 @@ async fn session_once(
                     // Uploads are this side's business (a file read and an RPC), not the
                     // trainer's.
                     Some(DownMsg::Upload(req)) => {
-                        let (root, uploads) = match &checkpoints {
-                            Some((r, u)) => (Some(r.clone()), u.clone()),
-                            None => (None, crate::upload::Uploads::default()),
-                        };
                         tokio::spawn(crate::upload::serve(
                             cfg.clone(),
                             identity.clone(),
-                            root,
-                            uploads,
+                            checkpoints.clone(),
+                            uploads.clone(),
                             req,
                         ));
                     }
