@@ -58,9 +58,17 @@ pub struct RunSummary {
     /// take, or has ended, with no strike of the member in the window.
     #[serde(default)]
     pub escrow_steps: u64,
+    /// Steps per sync (1 in ddp, `inner_steps` in diloco): an audit's verdict takes up to 4
+    /// syncs.
+    #[serde(default = "one")]
+    pub steps_per_sync: u64,
     /// Whether the run has ended (no audit can come any more: what is in escrow is final).
     #[serde(default)]
     pub finished: bool,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// Per worker, from the run's commitments and audits.
@@ -209,7 +217,9 @@ pub fn build(
         let escrow_ends = step.saturating_add(run.escrow_steps);
         // A strike of a sync in the window is decided up to AUDIT_SYNCS later: only then is
         // the credit final (it never goes from final to forfeited).
-        let settled = escrow_ends.saturating_add(crate::cluster::audits::AUDIT_SYNCS);
+        let settled = escrow_ends.saturating_add(
+            crate::cluster::audits::AUDIT_SYNCS.saturating_mul(run.steps_per_sync.max(1)),
+        );
         let strikes = struck.get(&w).map_or(&[][..], Vec::as_slice);
         if strikes.iter().any(|t| (step..=escrow_ends).contains(t))
             || (evicted.contains(&w) && last_step.get(&w).is_some_and(|l| *l <= escrow_ends))
@@ -499,6 +509,7 @@ mod tests {
             committed_step: 2,
             total_steps: 2,
             escrow_steps: 0,
+            steps_per_sync: 1,
             finished: true,
         };
         build(run, 99, &commitments, &audits, &[WorkerId(9)])
@@ -529,6 +540,7 @@ mod tests {
             committed_step: 30,
             total_steps: 100,
             escrow_steps: 5,
+            steps_per_sync: 1,
             finished,
         };
         let l = build(run(false), 0, &commitments, std::slice::from_ref(&strike), &[]);

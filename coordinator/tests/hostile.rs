@@ -726,6 +726,17 @@ async fn a_checkpoint_fetch_takes_no_single_members_word() {
         .collect();
     assert_eq!(after, model);
 
+    println!("scenario: members ask for inner optimizer states of audits that are not theirs");
+    for (run_id, audit_id) in [(run, 0x1234_5678_9abc_def1), (run, 0), (run + 99, 1), (0, 1)] {
+        let mut rpc = agents[1].rpc.clone();
+        let req = pb::FetchAuditStateRequest { run_id, audit_id };
+        let st = rpc.fetch_audit_state(req).await.map(|_| ()).unwrap_err();
+        assert!(
+            matches!(st.code(), Code::FailedPrecondition | Code::InvalidArgument),
+            "run {run_id} audit {audit_id}: {st}"
+        );
+    }
+
     println!("scenario: a checkpoint report listing a file no checkpoint has");
     let mut files = std::collections::HashMap::new();
     files.insert("../../etc/passwd".to_owned(), model_sha.clone());

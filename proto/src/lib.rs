@@ -25,6 +25,10 @@ pub const MAX_COMMIT_SPANS: usize = 16_384;
 pub const CHECKPOINT_FILES: [&str; 4] =
     ["meta.json", "model.safetensors", "optimizer.safetensors", "outer.safetensors"];
 
+/// The one file of an upload answering a diloco audit (`UploadRequest.inner_sha256`,
+/// `Agent.FetchAuditState`): a member's inner optimizer state.
+pub const INNER_STATE_FILE: &str = "inner_state";
+
 /// Whether `name` is one of the files `meta.json` may list (every checkpoint file but itself).
 pub fn is_checkpoint_data_file(name: &str) -> bool {
     CHECKPOINT_FILES[1..].contains(&name)

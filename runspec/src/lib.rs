@@ -93,9 +93,12 @@ interval_steps = 100      # a checkpoint every this many committed steps
 # keep = 3                # checkpoints kept, 1..=1000
 
 # Audits: a member's contribution to a sync, recomputed by another member from what it
-# committed (ddp only for now). See docs/verification.md.
+# committed. On by default in ddp; in diloco (a whole round recomputed, with the member's inner
+# optimizer state fetched from it) set audit_probability to turn them on. See
+# docs/verification.md.
 [verification]
-# audit_probability = 0.05     # chance a sync of an established member is audited; 0 = no audits
+# audit_probability = 0.05     # ddp default; diloco 0. The chance a sync of an established
+#                              # member is audited; 0 = no audits
 # probation_probability = 0.5  # the chance during a member's first probation_syncs contributions
 # probation_syncs = 20
 # strikes_to_evict = 2         # confirmed wrong contributions that evict a member
@@ -873,9 +876,10 @@ impl RawRun {
     }
 }
 
-/// Audits recompute a member's contribution from its committed inputs: implemented for ddp
-/// (the contribution is a function of the shared state and the data); a diloco round also
-/// depends on the member's own inner optimizer state, which audits cannot fetch yet.
+/// Audits recompute a member's contribution from its committed inputs: on by default in ddp
+/// (a step is a function of the shared state and the data), opt-in in diloco (a round also
+/// depends on the member's own inner optimizer state, which the auditor fetches from it: an
+/// audit costs a round and a transfer of that state).
 fn validate_verification(
     v: Option<RawVerification>,
     sync: &SyncMode,
@@ -901,26 +905,13 @@ fn validate_verification(
     )?;
     let probation_probability = probability(
         v.probation_probability,
-        if ddp && audit_probability > 0.0 { 0.5 } else { 0.0 },
+        if audit_probability > 0.0 { 0.5 } else { 0.0 },
         "verification.probation_probability",
     )?;
     let probation_syncs =
         ranged(v.probation_syncs, 20, 0, 1_000_000, "verification.probation_syncs")?;
     let strikes_to_evict = ranged(v.strikes_to_evict, 2, 1, 100, "verification.strikes_to_evict")?;
     let escrow_syncs = ranged(v.escrow_syncs, 100, 0, 1_000_000, "verification.escrow_syncs")?;
-    if !ddp && (audit_probability > 0.0 || probation_probability > 0.0) {
-        let field = if audit_probability > 0.0 {
-            "verification.audit_probability"
-        } else {
-            "verification.probation_probability"
-        };
-        return Err(invalid(
-            field,
-            audit_probability.max(probation_probability),
-            "0 with sync.mode = \"diloco\": audits recompute ddp steps only (a diloco round \
-             also depends on the member's own inner optimizer state)",
-        ));
-    }
     let require_profile = v.require_profile.unwrap_or(false);
     if require_profile && audit_probability == 0.0 && probation_probability == 0.0 {
         return Err(invalid(
@@ -1354,12 +1345,15 @@ mod tests {
             .replacen("# probation_probability = 0.5", "probation_probability = 0.0", 1);
         let err = RunSpec::parse(&pointless).unwrap_err();
         assert_eq!(err.field(), Some("verification.require_profile"), "{err}");
-        check(
+        // diloco: off by default, on when asked (probation follows).
+        let on = RunSpec::parse(&EXAMPLE.replacen(
             "# audit_probability = 0.05",
             "audit_probability = 0.1",
-            "verification.audit_probability",
-            "ddp steps only",
-        );
+            1,
+        ))
+        .unwrap();
+        assert_eq!(on.verification.audit_probability, 0.1);
+        assert_eq!(on.verification.probation_probability, 0.5);
         let ddp = |from: &str, to: &str| as_ddp.replacen(from, to, 1);
         for (from, to, field) in [
             (

@@ -27,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::trainer::{Agreement, Plan};
+use crate::trainer::{Agreement, InnerStates, Plan};
 
 /// How often the agent heartbeats (the coordinator suspects a worker after 3 s of silence).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -273,6 +273,7 @@ pub struct AgentSide {
     pub up: mpsc::UnboundedReceiver<Up>,
     pub attempt: Arc<Mutex<Option<Attempt>>>,
     pub rtts: LinkRtts,
+    pub inner: InnerStates,
 }
 
 /// The trainer's ends.
@@ -282,6 +283,7 @@ pub struct TrainerSide {
     pub up: mpsc::UnboundedSender<Up>,
     pub attempt: Arc<Mutex<Option<Attempt>>>,
     pub rtts: LinkRtts,
+    pub inner: InnerStates,
 }
 
 /// The newest round-trip time measured to each ring peer (worker id → µs): the trainer writes
@@ -315,9 +317,16 @@ pub fn link() -> (AgentSide, TrainerSide) {
     let (up_tx, up_rx) = mpsc::unbounded_channel();
     let attempt = Arc::new(Mutex::new(None));
     let rtts = LinkRtts::default();
+    let inner = InnerStates::default();
     (
-        AgentSide { down: down_tx, up: up_rx, attempt: attempt.clone(), rtts: rtts.clone() },
-        TrainerSide { down: down_rx, up: up_tx, attempt, rtts },
+        AgentSide {
+            down: down_tx,
+            up: up_rx,
+            attempt: attempt.clone(),
+            rtts: rtts.clone(),
+            inner: inner.clone(),
+        },
+        TrainerSide { down: down_rx, up: up_tx, attempt, rtts, inner },
     )
 }
 
@@ -517,7 +526,7 @@ async fn session_once(
                         tokio::spawn(crate::upload::serve(
                             cfg.clone(),
                             identity.clone(),
-                            checkpoints.clone(),
+                            (checkpoints.clone(), side.inner.clone()),
                             uploads.clone(),
                             req,
                         ));

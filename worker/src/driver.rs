@@ -523,11 +523,17 @@ impl Driver {
         };
         let ts =
             plan::train_spec(&spec, e.total_steps, device, features).map_err(|m| anyhow!(m))?;
+        let audited = spec.verification.enabled();
+        let (poison, member, inner) =
+            (self.cfg.poison, self.identity.worker_id, self.link.inner.clone());
+        let configure = move |trainer: &mut Trainer| {
+            trainer.set_poison(poison);
+            trainer.set_audit_window(if audited { AUDIT_WINDOW } else { 0 });
+            trainer.set_member(member, inner.clone());
+        };
         let mut trainer = Trainer::new(ts).map_err(|err| anyhow!("{err}"))?;
-        trainer.set_poison(self.cfg.poison);
+        configure(&mut trainer);
         self.profile = profile(device);
-        let audited = spec.verification.enabled() && matches!(spec.sync, runspec::SyncMode::Ddp);
-        trainer.set_audit_window(if audited { AUDIT_WINDOW } else { 0 });
         // A certificate renewed by the agent since this worker started: leases use it.
         if let Ok(Some(id)) = Identity::load(&self.cfg.state_dir, &self.identity.ca_pin)
             && id.worker_id == self.identity.worker_id
@@ -548,8 +554,7 @@ impl Driver {
                     warn!(path = %path.display(), "checkpoint does not fit this run ({err}); starting fresh");
                     trainer =
                         Trainer::new(trainer.spec().clone()).map_err(|err| anyhow!("{err}"))?;
-                    trainer.set_poison(self.cfg.poison);
-                    trainer.set_audit_window(if audited { AUDIT_WINDOW } else { 0 });
+                    configure(&mut trainer);
                 }
             }
         }
@@ -812,6 +817,12 @@ impl Driver {
                 Ok(true)
             }
             SyncMode::Diloco { .. } => {
+                if ctx.trainer.round_unstarted() && !ctx.trainer.diloco_due() {
+                    self.audits.retain(|t| t.run_id == ctx.run);
+                    if let Some(task) = self.audits.pop_front() {
+                        self.audit(ctx, &task, attempt)?;
+                    }
+                }
                 if ctx.trainer.diloco_due() {
                     let mut planner = Planner { driver: self, attempt, run: e.run, epoch: e.epoch };
                     ctx.trainer.diloco_sync(comm, &mut planner).map_err(fail)?;
@@ -867,7 +878,10 @@ impl Driver {
             warn!(run = ctx.run, audit = task.audit_id, step = task.step, "cannot audit: {why}");
         }
         self.answer_audit(task, result);
-        ctx.trainer.spend_on_audit(task.audit_id);
+        match ctx.trainer.spec().sync {
+            SyncMode::Ddp => ctx.trainer.spend_on_audit(task.audit_id),
+            SyncMode::Diloco { .. } => ctx.trainer.spend_round_on_audit(task.audit_id),
+        }
         Ok(())
     }
 
@@ -877,8 +891,12 @@ impl Driver {
         ctx: &mut RunCtx,
         task: &pb::AuditTask,
         attempt: &Attempt,
-    ) -> Result<[u8; 32], String> {
+    ) -> Result<([u8; 32], Option<[u8; 32]>), String> {
         let start = ParamHash::from_str(&task.start_hash).map_err(|e| e.to_string())?;
+        let diloco = matches!(ctx.trainer.spec().sync, SyncMode::Diloco { .. });
+        if diloco && task.inner_start_sha256.is_empty() {
+            return Err("a diloco audit that names no inner optimizer state".into());
+        }
         let total: u64 = task.spans.iter().map(|s| s.to.saturating_sub(s.from)).sum();
         if task.spans.is_empty() || total > 1 << 24 {
             return Err(format!(
@@ -922,28 +940,94 @@ impl Driver {
         }
         let batch =
             if parts.len() == 1 { parts.pop().expect("one part") } else { Batch::cat(&parts) };
+        if diloco {
+            let inner = self.fetch_inner_state(ctx, task, attempt)?;
+            let (delta, end) = ctx
+                .trainer
+                .audit_round(start, &inner, &batch, task.step, task.worker_id)
+                .map_err(|e| e.to_string())?;
+            return Ok((crate::trainer::digest(&delta), Some(crate::trainer::sha256(&end))));
+        }
         let contribution = ctx
             .trainer
             .audit(start, &batch, task.step, task.rank as usize)
             .map_err(|e| e.to_string())?;
-        Ok(crate::trainer::digest(&contribution))
+        Ok((crate::trainer::digest(&contribution), None))
     }
 
-    fn answer_audit(&self, task: &pb::AuditTask, result: Result<[u8; 32], String>) {
-        let (contribution_sha256, error) = match result {
-            Ok(mut d) => {
+    /// diloco: the audited member's inner optimizer state at the start of the audited round,
+    /// relayed by the coordinator (`FetchAuditState`), checked against the digest the task names
+    /// and the size this model's state has.
+    fn fetch_inner_state(
+        &self,
+        ctx: &RunCtx,
+        task: &pb::AuditTask,
+        attempt: &Attempt,
+    ) -> Result<Vec<u8>, String> {
+        let want = ctx.trainer.inner_len();
+        let mut rpc = self.rpc.clone();
+        let req = pb::FetchAuditStateRequest { run_id: task.run_id, audit_id: task.audit_id };
+        let fetch = async move {
+            let mut stream = rpc
+                .fetch_audit_state(req)
+                .await
+                .map_err(|s| format!("fetching the inner state: {}", s.message()))?
+                .into_inner();
+            let mut blob = Vec::new();
+            loop {
+                let chunk = stream
+                    .message()
+                    .await
+                    .map_err(|s| format!("fetching the inner state: {}", s.message()))?
+                    .ok_or("the inner state ended before `done`")?;
+                match chunk.part {
+                    Some(pb::checkpoint_chunk::Part::Data(d)) => {
+                        if blob.len() + d.data.len() > want {
+                            return Err(format!("an inner state of more than {want} bytes"));
+                        }
+                        blob.extend_from_slice(&d.data);
+                    }
+                    Some(pb::checkpoint_chunk::Part::Done(_)) => return Ok(blob),
+                    _ => return Err("an unexpected part of an inner state".to_owned()),
+                }
+            }
+        };
+        let blob = self
+            .rt
+            .block_on(async {
+                tokio::select! {
+                    _ = attempt.token.cancelled() => None,
+                    r = fetch => Some(r),
+                }
+            })
+            .ok_or("cancelled")??;
+        if client::pki::hex(&crate::trainer::sha256(&blob)) != task.inner_start_sha256 {
+            return Err("the inner state relayed is not the one the audit names".into());
+        }
+        Ok(blob)
+    }
+
+    fn answer_audit(
+        &self,
+        task: &pb::AuditTask,
+        result: Result<([u8; 32], Option<[u8; 32]>), String>,
+    ) {
+        let (contribution_sha256, inner_end_sha256, error) = match result {
+            Ok((mut d, end)) => {
                 if self.cfg.attack == Some(Attack::AuditLie) {
                     d[0] ^= 1;
                 }
-                (client::pki::hex(&d), String::new())
+                let end = end.map(|e| client::pki::hex(&e)).unwrap_or_default();
+                (client::pki::hex(&d), end, String::new())
             }
-            Err(why) => (String::new(), why.chars().take(1000).collect()),
+            Err(why) => (String::new(), String::new(), why.chars().take(1000).collect()),
         };
         self.send(Up::AuditResult(pb::AuditResult {
             run_id: task.run_id,
             audit_id: task.audit_id,
             contribution_sha256,
             error,
+            inner_end_sha256,
         }));
     }
 
@@ -1272,6 +1356,8 @@ impl Coordinate for Planner<'_> {
             contribution_norm: c.norm,
             profile: self.driver.profile.clone(),
             audit_id: c.audit.unwrap_or(0),
+            inner_start_sha256: c.inner.map(|(s, _)| client::pki::hex(&s)).unwrap_or_default(),
+            inner_end_sha256: c.inner.map(|(_, e)| client::pki::hex(&e)).unwrap_or_default(),
         }));
         let p = self
             .driver

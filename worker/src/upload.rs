@@ -1,6 +1,8 @@
 //! Sends a checkpoint to the coordinator when it asks (`UploadRequest`), for a user's
 //! `longhaul checkpoint fetch`: `meta.json`, then each file it lists, in name order, in parts of
-//! at most [`PART`] bytes, on `Agent.UploadCheckpoint`. The coordinator checks every byte; this
+//! at most [`PART`] bytes, on `Agent.UploadCheckpoint`. A request naming an inner optimizer
+//! state (`inner_sha256`, a diloco audit of this member's round) is answered with that state,
+//! kept in memory ([`InnerStates`]), as the one file `inner_state`. The coordinator checks every byte; this
 //! side only reads its own files. The request's numbers name the directory (no path from the
 //! wire is ever used), every file is opened before the first byte goes (a checkpoint pruned
 //! meanwhile stays readable), and at most [`MAX_UPLOADS`] run at once.
@@ -17,7 +19,26 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::agent::Identity;
-use crate::trainer::checkpoint;
+use crate::trainer::{InnerStates, checkpoint};
+
+/// What an upload reads from.
+enum Source {
+    Files(Vec<(String, tokio::fs::File)>),
+    Inner(Arc<Vec<u8>>),
+}
+
+/// The inner optimizer state with SHA-256 `hex`, if this worker still keeps it.
+fn inner_state(states: &InnerStates, hex: &str) -> Result<Arc<Vec<u8>>> {
+    let mut digest = [0u8; 32];
+    anyhow::ensure!(
+        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        "an inner state digest that is not 64 hex digits"
+    );
+    for (i, d) in digest.iter_mut().enumerate() {
+        *d = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)?;
+    }
+    states.get(&digest).with_context(|| format!("no longer keeps the inner state {hex}"))
+}
 
 /// The largest part on the wire.
 pub const PART: usize = 1 << 20;
@@ -66,7 +87,7 @@ async fn open(root: &Path, run: u64, step: u64) -> Result<Vec<(String, tokio::fs
 pub async fn serve(
     cfg: ConnectConfig,
     identity: Identity,
-    root: Option<PathBuf>,
+    (root, inner): (Option<PathBuf>, InnerStates),
     uploads: Uploads,
     req: pb::UploadRequest,
 ) {
@@ -74,9 +95,13 @@ pub async fn serve(
     let (tx, rx) = mpsc::channel::<pb::CheckpointPart>(2);
     let permit = uploads.0.try_acquire_owned();
     let files = match (&root, &permit) {
+        // An audit's inner state is held in memory and owed: it waits for no checkpoint copy.
+        _ if !req.inner_sha256.is_empty() => {
+            inner_state(&inner, &req.inner_sha256).map(Source::Inner)
+        }
         (_, Err(_)) => Err(anyhow::anyhow!("{MAX_UPLOADS} uploads are under way")),
         (None, _) => Err(anyhow::anyhow!("this worker keeps no checkpoints")),
-        (Some(root), Ok(_)) => open(root, run, step).await,
+        (Some(root), Ok(_)) => open(root, run, step).await.map(Source::Files),
     };
     let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<()>();
     let producer = tokio::spawn(async move {
@@ -88,6 +113,23 @@ pub async fn serve(
                 let _ = tx
                     .send(pb::CheckpointPart { transfer_id: transfer, error, ..Default::default() })
                     .await;
+                return;
+            }
+        };
+        let files = match files {
+            Source::Files(f) => f,
+            Source::Inner(blob) => {
+                for piece in blob.chunks(PART) {
+                    let part = pb::CheckpointPart {
+                        transfer_id: transfer,
+                        file: proto::INNER_STATE_FILE.into(),
+                        data: piece.to_vec(),
+                        error: String::new(),
+                    };
+                    if tx.send(part).await.is_err() {
+                        return;
+                    }
+                }
                 return;
             }
         };
@@ -134,10 +176,15 @@ pub async fn serve(
             .context("the coordinator ended the upload without a verdict")?;
         anyhow::Ok(v.error)
     };
+    let what = if req.inner_sha256.is_empty() {
+        "the checkpoint"
+    } else {
+        "the inner optimizer state of its round (an audit)"
+    };
     match verdict.await {
-        Ok(e) if e.is_empty() => info!(run, step, "checkpoint sent to the coordinator"),
-        Ok(e) => warn!(run, step, "the coordinator refused the checkpoint copy: {e}"),
-        Err(e) => warn!(run, step, "sending the checkpoint: {e:#}"),
+        Ok(e) if e.is_empty() => info!(run, step, "{what} sent to the coordinator"),
+        Ok(e) => warn!(run, step, "the coordinator refused {what}: {e}"),
+        Err(e) => warn!(run, step, "sending {what}: {e:#}"),
     }
     producer.abort();
     drop(permit);

@@ -28,6 +28,9 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const DDP: &str = "mode = \"ddp\"\ncompression = \"none\"";
 const DILOCO: &str = "mode = \"diloco\"\ninner_steps = 10\nouter_lr = 0.7\nouter_momentum = 0.9\ncompression = \"int8\"";
+/// diloco with audits on (opt-in in diloco): a round is recomputed from the member's committed
+/// inner optimizer state, which the auditor fetches from it through the coordinator.
+const DILOCO_AUDITED: &str = "mode = \"diloco\"\ninner_steps = 10\nouter_lr = 0.7\nouter_momentum = 0.9\ncompression = \"int8\"\n[verification]\naudit_probability = 0.05";
 /// Steps for each mode: enough for the task's held-out accuracy to settle near 1 (diloco's
 /// outer steps need more), so that 2 points of accuracy mean something. At 4,000 diloco steps a
 /// run with five extra epochs early on once ended at 0.973 against the baseline's 1.000: not
@@ -487,16 +490,47 @@ async fn adversary_ddp() {
 async fn adversary_diloco() {
     let _serial = SERIAL.lock().await;
     let base = scenario("baseline: 3 honest workers, diloco", DILOCO, &[], false).await;
-    let cases: Vec<(&str, Hostile)> = vec![(
-        "a member sends a 1e30 diloco delta declared as a normal one",
-        vec![("x1", args(&["--fault-poison", "lie:1e30", "--fault-poison-after", "50"]))],
-    )];
+    let cases: Vec<(&str, &str, Hostile)> = vec![
+        (
+            "a member sends a 1e30 diloco delta declared as a normal one",
+            DILOCO,
+            vec![("x1", args(&["--fault-poison", "lie:1e30", "--fault-poison-after", "50"]))],
+        ),
+        (
+            "a member trains its inner steps on half of each batch and commits the rounds as \
+             whole (diloco, audits on)",
+            DILOCO_AUDITED,
+            vec![("x1", args(&["--fault-poison", "half", "--fault-poison-after", "0"]))],
+        ),
+    ];
     let only = std::env::var("LONGHAUL_ADVERSARY_ONLY").ok();
-    for (what, hostile) in cases {
+    for (what, sync, hostile) in cases {
         if only.as_ref().is_some_and(|o| !what.contains(o.as_str())) {
             continue;
         }
-        attacked(&base, what, DILOCO, &hostile, false).await;
+        let out = attacked(&base, what, sync, &hostile, false).await;
+        // A diloco round is recomputed whole: the auditor fetches the member's inner optimizer
+        // state at the round's start (checked against its commitment) and runs its inner
+        // steps on the committed data. On probation (0.5 per round) the first cheated round is
+        // audited within 7 rounds with probability 1 - 0.5^7 > 99 %; the strike makes every
+        // round audited, so the next is the second strike.
+        if what.contains("half of each batch") {
+            let x1 = out.workers.iter().find(|w| w.host == "x1").expect("x1 in the ledger");
+            let audited: u64 = out
+                .workers
+                .iter()
+                .filter(|w| w.host.starts_with('h'))
+                .map(|w| w.audits_passed)
+                .sum();
+            println!(
+                "  caught: {} strikes, banned from {:?}; its rounds passed {} audits; honest \
+                 rounds passed {audited}",
+                x1.strikes, x1.banned_from, x1.audits_passed
+            );
+            assert!(x1.strikes >= 2 && !x1.banned_from.is_empty(), "{what}: not evicted: {x1:?}");
+            assert_eq!(x1.audits_passed, 0, "{what}: an audit passed a cheated round");
+            assert!(audited > 0, "{what}: no honest round was audited and passed");
+        }
     }
     // Non-finite and huge metrics flood the coordinator, which is then SIGKILLed and restarted.
     let what = "a member floods non-finite metrics; the coordinator is SIGKILLed and restarted";

@@ -15,6 +15,8 @@
 //! | the second finds what the first found | a strike for the audited member: two recomputations agree against it |
 //! | the second finds a third digest | inconclusive: nobody is blamed, the audited member is audited at every sync for a while |
 //! | an auditor cannot recompute (state or data gone), or answers too late | dropped: nobody is credited or blamed (asking others until one can would let a colluder wait until only colluders can) |
+//! | diloco: the audited member does not send its committed inner optimizer state | withheld: nobody is struck (its link may have failed), and it is audited at every sync for a while |
+//! | diloco: the audited member sends an inner state whose digest is not the one it committed | a strike: the coordinator checked the bytes against the commitment itself |
 //!
 //! Who could lie, and what it would gain:
 //! - an audited member that did less work (half its batch, other data, a replayed or made-up
@@ -70,7 +72,7 @@ pub struct AuditRecord {
     pub auditors: Vec<WorkerId>,
     /// A first auditor whose answer the second auditor and the audited member contradicted.
     pub wrong: Option<WorkerId>,
-    /// "passed", "struck", "inconclusive" or "dropped".
+    /// "passed", "struck", "inconclusive", "withheld" or "dropped".
     pub verdict: String,
 }
 
@@ -96,6 +98,7 @@ impl Decision {
             Self::Passed { target, auditors, wrong } => (target, auditors, *wrong, "passed"),
             Self::Struck { target, auditors } => (target, auditors, None, "struck"),
             Self::Inconclusive { target, auditors } => (target, auditors, None, "inconclusive"),
+            Self::Withheld { target } => (target, &Vec::new(), None, "withheld"),
             Self::Dropped { target } => (target, &Vec::new(), None, "dropped"),
         };
         Some(AuditRecord {
@@ -121,6 +124,8 @@ pub struct AuditInfo {
     /// The audited member and its rank in the sync (its dropout seed).
     pub target: WorkerId,
     pub rank: usize,
+    /// diloco: the audited member's inner optimizer state at the round's start (its digest).
+    pub inner: Option<[u8; 32]>,
 }
 
 /// An auditor's answer.
@@ -150,6 +155,11 @@ pub enum Decision {
     Inconclusive {
         target: WorkerId,
         auditors: Vec<WorkerId>,
+    },
+    /// diloco: the audited member did not send the inner state it committed to: nobody is
+    /// struck, and it is audited at every sync for a while.
+    Withheld {
+        target: WorkerId,
     },
     /// An auditor could not recompute it, or answered too late: nobody is credited or blamed.
     Dropped {
@@ -185,6 +195,8 @@ struct Open {
     members: Vec<WorkerId>,
     /// The sync at which it was opened.
     opened: u64,
+    /// diloco: the auditors that were sent the audited member's inner state (once each).
+    fetched: Vec<WorkerId>,
 }
 
 /// The audits of every run.
@@ -319,6 +331,7 @@ impl Book {
                 asked: vec![(auditor, None)],
                 members,
                 opened: now_step,
+                fetched: Vec::new(),
             },
         );
         info
@@ -348,6 +361,42 @@ impl Book {
         let info = o.info.clone();
         self.standing_mut(info.run, auditor).assigned = Some((id, false, now));
         Some(info)
+    }
+
+    /// diloco: `auditor` asks for the audited member's inner state of audit `id`: the audit's
+    /// (member, sync, inner state digest) if it is open, names one, and `auditor` was asked,
+    /// has not answered and has not had it before (a member is asked for its state once per
+    /// auditor).
+    pub fn fetch_state(
+        &mut self,
+        id: AuditId,
+        auditor: WorkerId,
+    ) -> Result<(WorkerId, u64, [u8; 32]), String> {
+        let o = self.open.get_mut(&id).ok_or("no such audit is open")?;
+        let inner = o.info.inner.ok_or("the audit names no inner state (not a diloco round)")?;
+        if !o.asked.iter().any(|(a, d)| *a == auditor && d.is_none()) {
+            return Err("the audit is not this worker's to answer".into());
+        }
+        if o.fetched.contains(&auditor) {
+            return Err("this auditor was sent the inner state already".into());
+        }
+        o.fetched.push(auditor);
+        Ok((o.info.target, o.info.step, inner))
+    }
+
+    /// diloco: the audited member of `id` did not send the inner state it committed to
+    /// (`mismatch`: it sent other bytes, a strike; otherwise it sent nothing in time). Closes
+    /// the audit, at sync `now_step`.
+    pub fn withheld(&mut self, id: AuditId, mismatch: bool, now_step: u64) -> Option<Decision> {
+        let o = self.open.remove(&id)?;
+        let target = o.info.target;
+        let d = if mismatch {
+            Decision::Struck { target, auditors: Vec::new() }
+        } else {
+            Decision::Withheld { target }
+        };
+        self.settle(o.info.run, &d, now_step);
+        Some(d)
     }
 
     /// Drops audit `id` (no eligible auditor left): nobody is credited or blamed.
@@ -425,6 +474,7 @@ impl Book {
         run: RunId,
         contributions: impl IntoIterator<Item = WorkerId>,
         records: &[AuditRecord],
+        clock: impl Fn(u64) -> u64,
     ) {
         for w in contributions {
             self.standing_mut(run, w).contributions += 1;
@@ -436,9 +486,10 @@ impl Book {
                 "passed" => Decision::Passed { target, auditors, wrong: r.wrong },
                 "struck" => Decision::Struck { target, auditors },
                 "inconclusive" => Decision::Inconclusive { target, auditors },
+                "withheld" => Decision::Withheld { target },
                 _ => continue,
             };
-            self.settle(run, &d, r.step + AUDIT_SYNCS);
+            self.settle(run, &d, clock(r.step) + AUDIT_SYNCS);
         }
     }
 
@@ -462,7 +513,7 @@ impl Book {
                     self.standing_mut(run, *a).performed += 1;
                 }
             }
-            Decision::Inconclusive { target, .. } => {
+            Decision::Inconclusive { target, .. } | Decision::Withheld { target } => {
                 self.flag(run, *target, now_step + HOT_SYNCS);
             }
             Decision::Dropped { .. } => {}
@@ -528,6 +579,7 @@ mod tests {
             spans: Vec::new(),
             target: T,
             rank: 0,
+            inner: None,
         }
     }
 
@@ -547,6 +599,47 @@ mod tests {
         assert_eq!(book.standing(RUN, T).unwrap().passed, 1);
         assert_eq!(book.standing(RUN, A).unwrap().performed, 1);
         assert_eq!(book.answer(id, A, Answer::Digest([1; 32]), 8), None, "closed");
+    }
+
+    /// diloco: only the auditor asked gets the member's inner state, once; a member that sends
+    /// other bytes than it committed to is struck on the coordinator's own evidence, one that
+    /// sends nothing is audited at every sync for a while and struck by nobody.
+    #[test]
+    fn an_inner_state_goes_to_its_auditor_once_and_a_withheld_one_strikes_nobody() {
+        let mut book = Book::new([0; 32]);
+        let ddp = opened(&mut book, 1);
+        assert!(book.fetch_state(ddp, A).unwrap_err().contains("no inner state"));
+        let mut i = info();
+        i.step = 8;
+        i.inner = Some([5; 32]);
+        let id = book.open(i.clone(), [1; 32], A, vec![A, B], 8).id;
+        assert!(book.fetch_state(id, B).unwrap_err().contains("not this worker's"));
+        assert!(book.fetch_state(id, T).unwrap_err().contains("not this worker's"));
+        assert_eq!(book.fetch_state(id, A), Ok((T, 8, [5; 32])));
+        assert!(book.fetch_state(id, A).unwrap_err().contains("already"));
+        assert!(book.fetch_state(0, A).is_err());
+        // Withheld: nobody struck, the member audited at every sync for a while.
+        let d = book.withheld(id, false, 9).unwrap();
+        assert_eq!(d, Decision::Withheld { target: T });
+        assert_eq!(d.record(id, 8).unwrap().verdict, "withheld");
+        assert_eq!(book.standing(RUN, T).unwrap().strikes, 0);
+        assert_eq!(book.chance(&policy(), RUN, T, 9 + HOT_SYNCS), 1.0);
+        assert_eq!(book.withheld(id, false, 9), None, "closed");
+        // Other bytes than committed: a strike, with no auditor's word needed.
+        i.step = 10;
+        let id = book.open(i, [1; 32], B, vec![A, B], 10).id;
+        let d = book.withheld(id, true, 11).unwrap();
+        assert_eq!(d, Decision::Struck { target: T, auditors: vec![] });
+        assert_eq!(book.standing(RUN, T).unwrap().strikes, 1);
+        // A restart remembers both.
+        let mut again = Book::new([0; 32]);
+        let records = [
+            Decision::Withheld { target: T }.record(1, 8).unwrap(),
+            Decision::Struck { target: T, auditors: vec![] }.record(2, 10).unwrap(),
+        ];
+        again.replay(RUN, [], &records, |s| s);
+        assert_eq!(again.standing(RUN, T).unwrap().strikes, 1);
+        assert_eq!(again.chance(&policy(), RUN, T, 10 + AUDIT_SYNCS + HOT_SYNCS), 1.0);
     }
 
     #[test]
@@ -612,7 +705,7 @@ mod tests {
         decide(&mut live, 4, 2, 1);
         records.push(AuditRecord::dropped(&AuditInfo { step: 4, ..info() }));
         let mut replayed = Book::new([0; 32]);
-        replayed.replay(RUN, contributions, &records);
+        replayed.replay(RUN, contributions, &records, |s| s);
         for w in [T, A, B] {
             let (l, r) = (live.standing(RUN, w).unwrap(), replayed.standing(RUN, w).unwrap());
             assert_eq!(

@@ -53,6 +53,11 @@ pub struct Claim {
     /// It spent this sync on that audit and contributes nothing.
     #[serde(default)]
     pub audit: Option<u64>,
+    /// diloco: SHA-256 of its inner optimizer state at the round's start and at its end.
+    #[serde(default, with = "digest_hex")]
+    pub inner_start: Option<[u8; 32]>,
+    #[serde(default, with = "digest_hex")]
+    pub inner_end: Option<[u8; 32]>,
 }
 
 impl Claim {
@@ -73,8 +78,31 @@ impl Claim {
             norm: 0.0,
             profile: String::new(),
             audit: None,
+            inner_start: None,
+            inner_end: None,
         }
     }
+
+    /// What an auditor's answer must equal: the contribution's digest, and in diloco with it the
+    /// inner state the round ended with (`None` without a digest).
+    pub fn audited_digest(&self) -> Option<[u8; 32]> {
+        let d = self.digest?;
+        Some(match self.inner_end {
+            None => d,
+            Some(e) => round_digest(&d, &e),
+        })
+    }
+}
+
+/// One digest of a diloco round's two outputs: its contribution and the inner optimizer state
+/// it ended with (an audit's answer names both; the audit book compares one value).
+pub fn round_digest(contribution: &[u8; 32], inner_end: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"longhaul diloco round v1\0");
+    h.update(contribution);
+    h.update(inner_end);
+    h.finalize().into()
 }
 
 /// Samples `[from, to)` of a shard, in the reading order of a lease.
@@ -104,8 +132,9 @@ impl Span {
 /// What the coordinator knows when it checks a claim to the sync at some step.
 #[derive(Clone, Debug)]
 pub struct Known {
-    /// The recorded state the sync starts from (`None` before any was recorded).
+    /// The recorded state the sync starts from (`None` before any was recorded), and its step.
     pub recorded: Option<ParamHash>,
+    pub recorded_step: u64,
     /// The most samples a member can read for this sync (batch size times the round's steps).
     pub max_samples: u64,
 }
@@ -140,6 +169,8 @@ pub struct ClaimBook {
     /// The first reproducibility profile it committed under, empty for none yet (who can
     /// audit whom; a later change makes its claims unauditable).
     profile: Option<String>,
+    /// diloco: the inner optimizer state its last accepted claim ended with, and that sync.
+    inner_end: Option<(u64, [u8; 32])>,
 }
 
 impl ClaimBook {
@@ -170,6 +201,7 @@ impl ClaimBook {
         {
             self.last = Some((step, d));
         }
+        self.inner_end = claim.inner_end.map(|e| (step, e));
     }
 }
 
@@ -299,6 +331,19 @@ pub fn check(
             claim.samples, known.max_samples
         ));
     }
+    // diloco: a round that follows the member's own accepted round starts from the inner state
+    // that round ended with (otherwise a member could start each round from a state of its
+    // choosing, which no audit of the round would notice).
+    if let (Some((at, end)), Some(start)) = (book.inner_end, claim.inner_start)
+        && at == known.recorded_step
+        && at < step
+        && start != end
+    {
+        return Err(format!(
+            "its inner optimizer state at the round's start is not the one its round to step \
+             {at} ended with"
+        ));
+    }
     if let (Some((at, last)), Some(d)) = (book.last, claim.digest)
         && at < step
         && last == d
@@ -353,7 +398,7 @@ mod tests {
     }
 
     fn known() -> Known {
-        Known { recorded: Some(H), max_samples: 32 }
+        Known { recorded: Some(H), recorded_step: 1, max_samples: 32 }
     }
 
     fn check_at(step: u64, c: &Claim, book: &ClaimBook) -> Result<(), String> {
@@ -369,6 +414,30 @@ mod tests {
         check_at(2, &next, &book).unwrap();
         // The same claim again for the same sync (a retry in a later epoch) passes too.
         check_at(1, &honest(), &book).unwrap();
+    }
+
+    /// diloco: a round that follows the member's own accepted round starts from the inner
+    /// state that round ended with; after a gap (it sat a sync out, or was left out) the chain
+    /// starts anew.
+    #[test]
+    fn a_diloco_round_starts_where_the_members_last_one_ended() {
+        let mut book = ClaimBook::default();
+        let first = Claim { inner_start: Some([7; 32]), inner_end: Some([8; 32]), ..honest() };
+        book.accept(1, &first);
+        let next = |start: u8| Claim {
+            spans: vec![span(8, 16, 48)],
+            digest: Some([2; 32]),
+            inner_start: Some([start; 32]),
+            inner_end: Some([9; 32]),
+            ..honest()
+        };
+        check_at(2, &next(8), &book).unwrap();
+        let why = check_at(2, &next(3), &book).unwrap_err();
+        assert!(why.contains("inner optimizer state"), "{why}");
+        let later = Known { recorded_step: 5, ..known() };
+        check(6, &next(3), &later, &book, |_| Some(100)).unwrap();
+        // A retry of the same sync is not a successor of itself.
+        check_at(1, &first, &book).unwrap();
     }
 
     #[test]
@@ -409,7 +478,7 @@ mod tests {
 
     #[test]
     fn before_any_recorded_state_the_start_is_not_checked() {
-        let k = Known { recorded: None, max_samples: 32 };
+        let k = Known { recorded: None, recorded_step: 0, max_samples: 32 };
         check(1, &Claim { start_hash: None, ..honest() }, &k, &ClaimBook::default(), |_| None)
             .unwrap();
     }

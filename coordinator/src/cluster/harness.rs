@@ -1402,7 +1402,7 @@ fn a_restart_forgives_no_strike_no_claimed_data_and_no_profile() {
     }
     let book = &restored.claims[&(run, a)];
     assert_eq!(book.profile().map(String::as_str), Some("cpu|test|threads=1"));
-    let known = Known { recorded: None, max_samples: 64 };
+    let known = Known { recorded: None, recorded_step: 0, max_samples: 64 };
     let mut reread = claimed.clone();
     reread.digest = Some([6; 32]);
     let err = commitments::check(step + 1, &reread, &known, book, |_| None).unwrap_err();

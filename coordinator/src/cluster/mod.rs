@@ -190,7 +190,8 @@ pub enum Command {
     /// Recompute another member's contribution (an audit).
     Audit(audits::AuditInfo),
     /// Send the checkpoint of `step` to the coordinator as transfer `transfer`.
-    Upload { run: RunId, step: u64, transfer: u64 },
+    /// Send a checkpoint copy, or (`inner`) the inner optimizer state with that digest.
+    Upload { run: RunId, step: u64, transfer: u64, inner: Option<[u8; 32]> },
 }
 
 /// One epoch of a run, as announced to its members.
@@ -1025,8 +1026,16 @@ impl Cluster {
     }
 
     /// Asks `worker` to send its checkpoint of `step` of `run` as transfer `transfer`.
-    pub fn request_upload(&mut self, worker: WorkerId, run: RunId, step: u64, transfer: u64) {
-        self.outbox.push_back(Output::ToWorker(worker, Command::Upload { run, step, transfer }));
+    pub fn request_upload(
+        &mut self,
+        worker: WorkerId,
+        run: RunId,
+        step: u64,
+        transfer: u64,
+        inner: Option<[u8; 32]>,
+    ) {
+        let upload = Command::Upload { run, step, transfer, inner };
+        self.outbox.push_back(Output::ToWorker(worker, upload));
     }
 
     /// Leases the next shard of the worker's run (at most `max_leases_per_worker` tracked at

@@ -623,6 +623,8 @@ impl Cluster {
 
     fn issue_plan(&mut self, now: Millis, run: RunId) {
         let policy = self.audit_policy(run);
+        let diloco =
+            self.specs.get(&run).is_some_and(|s| matches!(s.sync, SyncMode::Diloco { .. }));
         let sync = self.syncs.get_mut(&run).expect("issue_plan for a run with a sync");
         let agreement = sync.agreement.clone().expect("commitments come after the agreement");
         let world = sync.members.len();
@@ -632,6 +634,7 @@ impl Cluster {
         let r = self.runs.get(&run).expect("run of a sync");
         let known = Known {
             recorded: r.committed_hash,
+            recorded_step: r.committed_step,
             max_samples: self.specs.get(&run).map_or(u64::MAX, |spec| {
                 u64::from(spec.batch_size).saturating_mul(step.saturating_sub(r.committed_step))
             }),
@@ -672,7 +675,7 @@ impl Cluster {
                 let book = self.claims.get(&(run, *w)).unwrap_or(&empty);
                 commitments::check(step, claim, &known, book, shard_samples)
                     .err()
-                    .or_else(|| auditable(policy.as_ref(), claim, book.profile()))
+                    .or_else(|| auditable(policy.as_ref(), claim, book.profile(), diloco))
             })
             .collect();
         // Contributions that are another's (same digest): left out too. Members that contribute
@@ -853,7 +856,7 @@ impl Cluster {
         if r.state != RunState::Running {
             return;
         }
-        let step = r.committed_step;
+        let step = self.audit_clock(run, r.committed_step);
         let unable = match &answer {
             Answer::Unable(why) => Some(why.clone()),
             Answer::Digest(_) => None,
@@ -962,6 +965,9 @@ impl Cluster {
                 self.log(run, line.clone());
                 self.strike(now, run, target, &line);
             }
+            Decision::Withheld { target } => {
+                self.log(run, format!("audit {short} of {target}: withheld"));
+            }
             Decision::Inconclusive { target, auditors } => {
                 let named: Vec<String> = auditors.iter().map(ToString::to_string).collect();
                 self.log(
@@ -997,7 +1003,83 @@ impl Cluster {
                 }
             }
         }
-        self.audits.replay(run, contributed, audits);
+        let per_sync = self.steps_per_sync(run);
+        self.audits.replay(run, contributed, audits, |step| step.div_ceil(per_sync));
+    }
+
+    /// Steps per sync in `run`: 1 in ddp, `inner_steps` in diloco.
+    fn steps_per_sync(&self, run: RunId) -> u64 {
+        match self.specs.get(&run).map(|s| &s.sync) {
+            Some(SyncMode::Diloco { inner_steps, .. }) => u64::from(*inner_steps).max(1),
+            _ => 1,
+        }
+    }
+
+    /// The audits' clock at the sync of `step`: it counts syncs (a diloco sync is
+    /// `inner_steps` steps), so that an audit's deadline, a member's window of certain audits
+    /// and an auditor's hand are measured in syncs in either mode.
+    fn audit_clock(&self, run: RunId, step: u64) -> u64 {
+        step.div_ceil(self.steps_per_sync(run))
+    }
+
+    /// diloco: `auditor` asks for the inner optimizer state of audit `id` of `run` (see
+    /// `audits::Book::fetch_state`): who holds it, the audited sync, and its digest.
+    pub fn audit_state(
+        &mut self,
+        run: RunId,
+        id: AuditId,
+        auditor: WorkerId,
+    ) -> Result<(WorkerId, u64, [u8; 32]), String> {
+        let running = self.runs.get(&run).is_some_and(|r| r.state == RunState::Running);
+        if !running || self.audits.get(id).is_none_or(|i| i.run != run) {
+            return Err(format!("no audit {id:016x} is open in run {run}"));
+        }
+        self.audits.fetch_state(id, auditor)
+    }
+
+    /// diloco: the audited member of audit `id` did not send the inner state it committed to:
+    /// it sent bytes of another digest (`mismatch`: the coordinator's own evidence, a strike),
+    /// or nothing usable in time (withheld: nobody is struck, it is audited at every sync for a
+    /// while). `why` says what happened.
+    pub fn audit_state_failed(
+        &mut self,
+        now: Millis,
+        run: RunId,
+        id: AuditId,
+        mismatch: bool,
+        why: &str,
+    ) {
+        let Some(r) = self.runs.get(&run).filter(|r| r.state == RunState::Running) else {
+            return;
+        };
+        let step = self.audit_clock(run, r.committed_step);
+        let Some(info) = self.audits.get(id).filter(|i| i.run == run).cloned() else { return };
+        let Some(decision) = self.audits.withheld(id, mismatch, step) else { return };
+        if let Some(record) = decision.record(id, info.step) {
+            self.outbox.push_back(super::Output::Audit { run, record });
+        }
+        let (target, audited) = (info.target, info.step);
+        if mismatch {
+            if let Some(rec) = self.workers.get_mut(&target) {
+                rec.ledger.strikes += 1;
+                self.dirty.insert(Dirty::Worker(target));
+            }
+            let line = format!(
+                "audit {id:016x}: the inner optimizer state {target} sent for its round to step \
+                 {audited} is not the one it committed to ({why}): a strike for {target}"
+            );
+            self.log(run, line.clone());
+            self.strike(now, run, target, &line);
+        } else {
+            self.log(
+                run,
+                format!(
+                    "audit {id:016x} of {target}'s round to step {audited}: it did not send the \
+                     inner optimizer state it committed to ({why}); nobody is struck, and \
+                     {target} is audited at every sync for a while"
+                ),
+            );
+        }
     }
 
     /// A confirmed strike: at the run's `strikes_to_evict`, the member is evicted.
@@ -1027,7 +1109,8 @@ impl Cluster {
         contributors: &[(usize, WorkerId)],
     ) -> Vec<(WorkerId, AuditInfo)> {
         let Some(policy) = self.audit_policy(run) else { return vec![] };
-        for dropped in self.audits.expire(run, step) {
+        let now = self.audit_clock(run, step);
+        for dropped in self.audits.expire(run, now) {
             self.outbox
                 .push_back(super::Output::Audit { run, record: AuditRecord::dropped(&dropped) });
             self.log_once(
@@ -1047,7 +1130,7 @@ impl Cluster {
             aggregate::anomalous(&norms).into_iter().zip(contributors).filter(|(a, _)| *a);
         let mut raised = Vec::new();
         for (_, (_, w)) in flagged {
-            if self.audits.flag(run, *w, step) {
+            if self.audits.flag(run, *w, now) {
                 raised.push((*w, norm_of(w)));
             }
         }
@@ -1056,14 +1139,15 @@ impl Cluster {
         let mut out = Vec::new();
         for (rank, w) in contributors {
             let Some(claim) = sync.commits.get(w).filter(|c| c.recomputable()) else { continue };
-            if !self.audits.draw(&policy, run, *w, step) {
+            if !self.audits.draw(&policy, run, *w, now) {
                 continue;
             }
-            let (Some(digest), Some(start_hash)) = (claim.digest, claim.start_hash) else {
+            let (Some(digest), Some(start_hash)) = (claim.audited_digest(), claim.start_hash)
+            else {
                 continue;
             };
             let members = &sync.members;
-            let in_hand = members.iter().filter(|m| self.audits.in_hand(run, **m, step)).count();
+            let in_hand = members.iter().filter(|m| self.audits.in_hand(run, **m, now)).count();
             if in_hand + 1 >= members.len() {
                 continue;
             }
@@ -1073,7 +1157,7 @@ impl Cluster {
                 .copied()
                 .collect();
             let candidates: Vec<WorkerId> =
-                same.iter().filter(|m| self.audits.available(run, **m, step)).copied().collect();
+                same.iter().filter(|m| self.audits.available(run, **m, now)).copied().collect();
             if same.is_empty() {
                 unauditable.push((*w, claim.profile.clone()));
             }
@@ -1086,8 +1170,9 @@ impl Cluster {
                 spans: claim.spans.clone(),
                 target: *w,
                 rank: *rank,
+                inner: claim.inner_start,
             };
-            let info = self.audits.open(info, digest, auditor, same, step);
+            let info = self.audits.open(info, digest, auditor, same, now);
             out.push((auditor, info));
         }
         if !raised.is_empty() {
@@ -1115,12 +1200,9 @@ impl Cluster {
         out
     }
 
-    /// The run's audit policy if its contributions are audited (ddp with `[verification]` on).
+    /// The run's audit policy if its contributions are audited (`[verification]` on).
     fn audit_policy(&self, run: RunId) -> Option<runspec::Verification> {
-        self.specs
-            .get(&run)
-            .filter(|s| s.verification.enabled() && matches!(s.sync, SyncMode::Ddp))
-            .map(|s| s.verification)
+        self.specs.get(&run).filter(|s| s.verification.enabled()).map(|s| s.verification)
     }
 
     /// A member says its ring of `epoch` failed, blaming `fault.peer` (if any). See the
@@ -1278,10 +1360,18 @@ fn auditable(
     policy: Option<&runspec::Verification>,
     claim: &Claim,
     first: Option<&String>,
+    diloco: bool,
 ) -> Option<String> {
     let policy = policy?;
     if claim.digest.is_none() || claim.spans.is_empty() {
         return Some("a run with audits needs its contribution's digest and its data spans".into());
+    }
+    if diloco && (claim.inner_start.is_none() || claim.inner_end.is_none()) {
+        return Some(
+            "a diloco run with audits needs the digests of its inner optimizer state at the \
+             round's start and end"
+                .into(),
+        );
     }
     if policy.require_profile && claim.profile.is_empty() {
         return Some(
@@ -1328,8 +1418,8 @@ mod tests {
         let first = "cpu|x|threads=1".to_owned();
         let on = runspec::Verification { audit_probability: 0.05, ..runspec::Verification::OFF };
         let audited = Some(&on);
-        assert_eq!(auditable(audited, &honest, Some(&first)), None);
-        assert_eq!(auditable(audited, &honest, None), None, "its first commitment");
+        assert_eq!(auditable(audited, &honest, Some(&first), false), None);
+        assert_eq!(auditable(audited, &honest, None, false), None, "its first commitment");
         let no_digest = Claim { digest: None, ..honest.clone() };
         let no_spans = Claim { spans: Vec::new(), ..honest.clone() };
         let switched = Claim { profile: "cpu|y|threads=1".into(), ..honest.clone() };
@@ -1340,18 +1430,24 @@ mod tests {
             (&switched, "profile changed"),
             (&silent, "profile changed"),
         ] {
-            let why = auditable(audited, claim, Some(&first)).expect("refused");
+            let why = auditable(audited, claim, Some(&first), false).expect("refused");
             assert!(why.contains(needle), "{why}");
-            assert_eq!(auditable(None, claim, Some(&first)), None, "no audits, no refusal");
+            assert_eq!(auditable(None, claim, Some(&first), false), None, "no audits, no refusal");
         }
         // A member whose first commitments named no profile (a CUDA worker) is not audited,
         // and a later profile is not a change.
-        assert_eq!(auditable(audited, &honest, Some(&String::new())), None);
-        assert_eq!(auditable(audited, &silent, None), None, "a CUDA worker trains");
+        assert_eq!(auditable(audited, &honest, Some(&String::new()), false), None);
+        assert_eq!(auditable(audited, &silent, None, false), None, "a CUDA worker trains");
         // Unless the run takes only auditable contributions.
         let strict = runspec::Verification { require_profile: true, ..on };
-        let why = auditable(Some(&strict), &silent, None).expect("refused");
+        let why = auditable(Some(&strict), &silent, None, false).expect("refused");
         assert!(why.contains("require_profile"), "{why}");
-        assert_eq!(auditable(Some(&strict), &honest, Some(&first)), None);
+        assert_eq!(auditable(Some(&strict), &honest, Some(&first), false), None);
+        // diloco: the inner optimizer state's digests too (an auditor needs the start, and its
+        // answer the end).
+        let why = auditable(audited, &honest, Some(&first), true).expect("refused");
+        assert!(why.contains("inner optimizer state"), "{why}");
+        let inner = Claim { inner_start: Some([3; 32]), inner_end: Some([4; 32]), ..honest };
+        assert_eq!(auditable(audited, &inner, Some(&first), true), None);
     }
 }

@@ -22,7 +22,7 @@ use super::writer::{SessionHandle, SessionTx};
 use super::{Admit, Shared, worker_identity};
 use crate::ca::{Grant, csr_key_id, secret_hash};
 use crate::cluster::audits::Answer;
-use crate::cluster::commitments::{Claim, Span};
+use crate::cluster::commitments::{self, Claim, Span};
 use crate::cluster::{self, FaultKind, JoinError, ReportError};
 use crate::shard_server::shard_url;
 use crate::shards::LeaseError;
@@ -135,6 +135,33 @@ impl Agent for AgentSvc {
         let upload = super::fetch::Upload { first, parts: Box::pin(parts), verdict };
         let transfer = upload.first.transfer_id;
         self.0.transfers.answer(transfer, id, upload)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type FetchAuditStateStream =
+        Pin<Box<dyn futures::Stream<Item = Result<pb::CheckpointChunk, Status>> + Send>>;
+
+    async fn fetch_audit_state(
+        &self,
+        req: Request<pb::FetchAuditStateRequest>,
+    ) -> Result<Response<Self::FetchAuditStateStream>, Status> {
+        let id = worker_identity(&req)?;
+        let r = req.into_inner();
+        let run = convert::run_id(r.run_id)?;
+        let (target, step, digest) = self.0.with(Admit::Always, |c, _| {
+            c.audit_state(run, r.audit_id, id).map_err(Status::failed_precondition)
+        })?;
+        let (tx, rx) = mpsc::channel(4);
+        let relay = super::fetch::relay_inner_state(
+            self.0.clone(),
+            run,
+            r.audit_id,
+            target,
+            step,
+            digest,
+            tx,
+        );
+        tokio::spawn(relay);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -425,12 +452,21 @@ impl Session {
                         .into());
                     }
                     ("", why) => Answer::Unable(why.to_owned()),
-                    (d, "") => Answer::Digest(client::pki::unhex32(d).ok_or_else(|| {
-                        WireError::new(
-                            "audit_result.contribution_sha256",
-                            "must be 64 lower-case hex digits",
-                        )
-                    })?),
+                    (d, "") => {
+                        let hex = |field, d: &str| {
+                            client::pki::unhex32(d).ok_or_else(|| {
+                                WireError::new(field, "must be 64 lower-case hex digits")
+                            })
+                        };
+                        let d = hex("audit_result.contribution_sha256", d)?;
+                        Answer::Digest(match a.inner_end_sha256.as_str() {
+                            "" => d,
+                            e => commitments::round_digest(
+                                &d,
+                                &hex("audit_result.inner_end_sha256", e)?,
+                            ),
+                        })
+                    }
                     _ => {
                         return Err(
                             WireError::new("audit_result", "both a digest and an error").into()
@@ -580,7 +616,17 @@ fn claim(shared: &Shared, worker: WorkerId, s: pb::SyncCommit) -> Result<Claim, 
             })
         })
         .collect::<Result<Vec<_>, WireError>>()?;
+    let inner = |field: &'static str, d: &str| match d {
+        "" => Ok(None),
+        d => client::pki::unhex32(d)
+            .map(Some)
+            .ok_or_else(|| WireError::new(field, "must be 64 lower-case hex digits")),
+    };
+    let inner_start = inner("sync_commit.inner_start_sha256", &s.inner_start_sha256)?;
+    let inner_end = inner("sync_commit.inner_end_sha256", &s.inner_end_sha256)?;
     Ok(Claim {
+        inner_start,
+        inner_end,
         segment_norms: s.segment_norms,
         start_hash,
         spans,

@@ -264,19 +264,19 @@ impl Control for ControlSvc {
             .0
             .settled(|c| {
                 let r = c.run(id).ok_or_else(|| Status::not_found(format!("no run {id}")))?;
+                let per_sync = c.spec(id).map_or(1, |s| match s.sync {
+                    runspec::SyncMode::Ddp => 1,
+                    runspec::SyncMode::Diloco { inner_steps, .. } => u64::from(inner_steps).max(1),
+                });
                 let run = ledger::RunSummary {
                     id: id.0,
                     name: r.name.clone(),
                     state: r.state.as_str().into(),
                     committed_step: r.committed_step,
                     total_steps: r.total_steps,
-                    escrow_steps: c.spec(id).map_or(0, |s| {
-                        let per_sync = match s.sync {
-                            runspec::SyncMode::Ddp => 1,
-                            runspec::SyncMode::Diloco { inner_steps, .. } => inner_steps.max(1),
-                        };
-                        u64::from(s.verification.escrow_syncs) * u64::from(per_sync)
-                    }),
+                    escrow_steps: u64::from(c.spec(id).map_or(0, |s| s.verification.escrow_syncs))
+                        * per_sync,
+                    steps_per_sync: per_sync,
                     finished: r.state.is_terminal(),
                 };
                 let evicted: Vec<WorkerId> =

@@ -10,6 +10,11 @@
 //! CLI and the next holder is asked. Nothing is stored on the coordinator: what it holds is a
 //! few parts in channels, and the worker's sending waits on the CLI's reading.
 //!
+//! The same relay carries a diloco audit's inner optimizer state ([`relay_inner_state`]): from
+//! the audited member to its auditor, checked ([`InnerCheck`]) against the digest the member
+//! committed to; a member whose bytes do not match is struck (the coordinator checked them
+//! itself), one that sends nothing usable is audited at every sync for a while.
+//!
 //! Who could lie: the holder, about any byte (caught: every byte is bound to the majority's
 //! model digest or to the holder's own `meta.json`; it costs the user a retry with the next
 //! holder); a non-holder answering a transfer (refused: a transfer is bound to the worker it
@@ -390,6 +395,126 @@ impl Verifier {
     }
 }
 
+/// What a relay checks of a copy as its parts come (sans-IO): what to send on, and at the end
+/// the `done` message.
+pub(crate) trait Check {
+    fn part(&mut self, file: &str, data: Vec<u8>) -> Result<Vec<pb::FileData>, String>;
+    fn finish(self) -> Result<(Vec<pb::FileData>, pb::FetchDone), String>;
+}
+
+impl Check for Verifier {
+    fn part(&mut self, file: &str, data: Vec<u8>) -> Result<Vec<pb::FileData>, String> {
+        Verifier::part(self, file, data)
+    }
+
+    fn finish(self) -> Result<(Vec<pb::FileData>, pb::FetchDone), String> {
+        Verifier::finish(self)
+    }
+}
+
+/// diloco audits: a member's inner optimizer state, the one file [`proto::INNER_STATE_FILE`],
+/// in non-empty parts of at most [`MAX_PART`] bytes, at most `max_bytes` in all, whose SHA-256
+/// must be the one the member committed to.
+#[derive(Debug)]
+pub(crate) struct InnerCheck {
+    want: [u8; 32],
+    hasher: Sha256,
+    bytes: u64,
+    max_bytes: u64,
+}
+
+impl InnerCheck {
+    pub(crate) fn new(want: [u8; 32], max_bytes: u64) -> Self {
+        Self { want, hasher: Sha256::new(), bytes: 0, max_bytes }
+    }
+}
+
+impl Check for InnerCheck {
+    fn part(&mut self, file: &str, data: Vec<u8>) -> Result<Vec<pb::FileData>, String> {
+        if file != proto::INNER_STATE_FILE {
+            return Err(format!(
+                "a part of {:?}, not of {}",
+                limits::sanitize(file, 64),
+                proto::INNER_STATE_FILE
+            ));
+        }
+        if data.is_empty() || data.len() > MAX_PART {
+            return Err(format!("a part of {} bytes (1 to {MAX_PART} allowed)", data.len()));
+        }
+        self.bytes += data.len() as u64;
+        if self.bytes > self.max_bytes {
+            return Err(format!("more than {} bytes", self.max_bytes));
+        }
+        self.hasher.update(&data);
+        Ok(vec![pb::FileData { file: file.to_owned(), data }])
+    }
+
+    fn finish(self) -> Result<(Vec<pb::FileData>, pb::FetchDone), String> {
+        let got: [u8; 32] = self.hasher.finalize().into();
+        if got != self.want {
+            return Err(format!(
+                "its {} bytes have SHA-256 {}, it committed to {}",
+                self.bytes,
+                client::pki::hex(&got),
+                client::pki::hex(&self.want)
+            ));
+        }
+        let sha256 = [(proto::INNER_STATE_FILE.to_owned(), client::pki::hex(&got))].into();
+        Ok((Vec::new(), pb::FetchDone { sha256, withheld: Vec::new() }))
+    }
+}
+
+/// Why a copy was refused: what came was wrong (the sender's own evidence against it), or
+/// nothing usable came (a link or a machine may have failed).
+#[derive(Debug)]
+enum Failure {
+    Content(String),
+    Transport(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Content(s) | Self::Transport(s) => f.write_str(s),
+        }
+    }
+}
+
+/// diloco audits: relays the inner optimizer state (SHA-256 `digest`) that `target` committed
+/// to for its round to sync `step` to the auditor of audit `audit` at `tx`. A copy that fails
+/// is reported to the cluster (`Cluster::audit_state_failed`) before the auditor hears of it.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn relay_inner_state(
+    shared: Arc<Shared>,
+    run: RunId,
+    audit: u64,
+    target: WorkerId,
+    step: u64,
+    digest: [u8; 32],
+    tx: ToClient,
+) {
+    let check = InnerCheck::new(digest, shared.config.max_checkpoint_bytes);
+    let result = copy_with(&shared, run, target, step, Some(digest), check, &tx).await;
+    let failure = match result {
+        Ok(_) => return,
+        Err(f) => f,
+    };
+    let (mismatch, why) = match &failure {
+        Failure::Content(why) => (true, limits::sanitize(why, 300)),
+        Failure::Transport(why) => (false, limits::sanitize(why, 300)),
+    };
+    warn!(%run, audit = format!("{audit:016x}"), %target, "inner state refused: {why}");
+    let _ = shared.with(Admit::Always, |c, now| {
+        c.audit_state_failed(now, run, audit, mismatch, &why);
+        Ok(())
+    });
+    let _ = tx
+        .send(Err(Status::unavailable(format!(
+            "{target} did not send the inner state it committed to: {why}"
+        ))))
+        .await;
+}
+
 fn chunk(part: Part) -> Result<pb::CheckpointChunk, Status> {
     Ok(pb::CheckpointChunk { part: Some(part) })
 }
@@ -466,25 +591,45 @@ async fn copy_from(
     expect: Expect,
     tx: &ToClient,
 ) -> Result<Copied, String> {
-    let (transfer, answer, _slot) = shared.transfers.open(worker);
     let step = expect.step;
+    copy_with(shared, run, worker, step, None, Verifier::new(expect), tx)
+        .await
+        .map_err(|f| f.to_string())
+}
+
+/// Asks `worker` for its copy of `step` (or its inner state `inner`) and relays it through
+/// `check`; the worker hears the verdict.
+async fn copy_with(
+    shared: &Shared,
+    run: RunId,
+    worker: WorkerId,
+    step: u64,
+    inner: Option<[u8; 32]>,
+    check: impl Check,
+    tx: &ToClient,
+) -> Result<Copied, Failure> {
+    let (transfer, answer, _slot) = shared.transfers.open(worker);
     shared
         .with(Admit::Always, |c, _| {
-            c.request_upload(worker, run, step, transfer);
+            c.request_upload(worker, run, step, transfer, inner);
             Ok(())
         })
-        .map_err(|s| s.message().to_owned())?;
+        .map_err(|s| Failure::Transport(s.message().to_owned()))?;
     let upload = match tokio::time::timeout(START_TIMEOUT, answer).await {
         Ok(Ok(u)) => u,
-        Ok(Err(_)) => return Err("the transfer was dropped".into()),
-        Err(_) => return Err(format!("it did not start sending within {START_TIMEOUT:?}")),
+        Ok(Err(_)) => return Err(Failure::Transport("the transfer was dropped".into())),
+        Err(_) => {
+            return Err(Failure::Transport(format!(
+                "it did not start sending within {START_TIMEOUT:?}"
+            )));
+        }
     };
     let Upload { first, mut parts, verdict } = upload;
-    let result = relay_parts(transfer, first, &mut parts, Verifier::new(expect), tx).await;
+    let result = relay_parts(transfer, first, &mut parts, check, tx).await;
     let error = match &result {
         Ok(Copied::Done) => String::new(),
-        Ok(Copied::ClientGone) => "the user's fetch ended first".into(),
-        Err(e) => limits::sanitize(e, 300),
+        Ok(Copied::ClientGone) => "the fetch ended first".into(),
+        Err(e) => limits::sanitize(&e.to_string(), 300),
     };
     let _ = verdict.send(Ok(pb::UploadVerdict { error })).await;
     result
@@ -494,9 +639,10 @@ async fn relay_parts(
     transfer: u64,
     first: pb::CheckpointPart,
     parts: &mut Parts,
-    mut verifier: Verifier,
+    mut verifier: impl Check,
     tx: &ToClient,
-) -> Result<Copied, String> {
+) -> Result<Copied, Failure> {
+    use Failure::{Content, Transport};
     let started = tokio::time::Instant::now();
     let mut bytes = 0u64;
     let mut next = Some(first);
@@ -504,39 +650,40 @@ async fn relay_parts(
         let part = match next.take() {
             Some(p) => p,
             None => match tokio::time::timeout(PART_TIMEOUT, parts.next()).await {
-                Err(_) => return Err(format!("it sent nothing for {PART_TIMEOUT:?}")),
+                Err(_) => return Err(Transport(format!("it sent nothing for {PART_TIMEOUT:?}"))),
                 Ok(None) => break,
                 Ok(Some(Err(s))) => {
-                    return Err(format!(
+                    return Err(Transport(format!(
                         "its stream failed: {}",
                         limits::sanitize(s.message(), 200)
-                    ));
+                    )));
                 }
                 Ok(Some(Ok(p))) => p,
             },
         };
         if !part.error.is_empty() {
-            return Err(format!("it cannot send it: {}", limits::sanitize(&part.error, 200)));
+            let why = limits::sanitize(&part.error, 200);
+            return Err(Transport(format!("it cannot send it: {why}")));
         }
         if part.transfer_id != transfer {
-            return Err("a part of another transfer".into());
+            return Err(Content("a part of another transfer".into()));
         }
         bytes += part.data.len() as u64;
         let elapsed = started.elapsed();
         if elapsed > RATE_GRACE && bytes < MIN_RATE * elapsed.as_secs() {
-            return Err(format!(
+            return Err(Transport(format!(
                 "it sent {bytes} bytes in {:.0?}, under {} KiB/s",
                 elapsed,
                 MIN_RATE >> 10
-            ));
+            )));
         }
-        for data in verifier.part(&part.file, part.data)? {
+        for data in verifier.part(&part.file, part.data).map_err(Content)? {
             if tx.send(chunk(Part::Data(data))).await.is_err() {
                 return Ok(Copied::ClientGone);
             }
         }
     }
-    let (last, done) = verifier.finish()?;
+    let (last, done) = verifier.finish().map_err(Content)?;
     for data in last {
         if tx.send(chunk(Part::Data(data))).await.is_err() {
             return Ok(Copied::ClientGone);

@@ -373,9 +373,12 @@ fn command_to_wire(c: &Cluster, cmd: Command, shards_url: Option<&str>) -> pb::C
         Command::Checkpoint { run, step } => {
             Msg::Checkpoint(pb::Checkpoint { run_id: run.0, step })
         }
-        Command::Upload { run, step, transfer } => {
-            Msg::Upload(pb::UploadRequest { transfer_id: transfer, run_id: run.0, step })
-        }
+        Command::Upload { run, step, transfer, inner } => Msg::Upload(pb::UploadRequest {
+            transfer_id: transfer,
+            run_id: run.0,
+            step,
+            inner_sha256: inner.map(|d| client::pki::hex(&d)).unwrap_or_default(),
+        }),
         Command::Stop { run, state, reason } => {
             Msg::Stop(pb::Stop { run_id: run.0, state: pb::RunState::from(state) as i32, reason })
         }
@@ -448,6 +451,7 @@ fn audit_to_wire(
         rank: a.rank as u32,
         worker_id: a.target.0,
         shards,
+        inner_start_sha256: a.inner.map(|d| client::pki::hex(&d)).unwrap_or_default(),
     }
 }
 

@@ -98,6 +98,21 @@ impl Batch {
     }
 
     /// Its first `n` samples (spans are not kept: it is not what was read).
+    /// Samples `[from, from + n)` (clamped to the batch), as tensors of their own (an audit's
+    /// inner step computes on the same bits, laid out as the member's own batch was).
+    pub fn rows(&self, from: i64, n: i64) -> Batch {
+        let from = from.clamp(0, self.samples);
+        let n = n.clamp(0, self.samples - from);
+        Batch {
+            inputs: self.inputs.narrow(0, from, n).copy(),
+            targets: self.targets.narrow(0, from, n).copy(),
+            scoring: self.scoring,
+            samples: n,
+            tokens: if self.samples > 0 { self.tokens * n / self.samples } else { 0 },
+            spans: Vec::new(),
+        }
+    }
+
     pub fn head(&self, n: i64) -> Batch {
         let n = n.clamp(0, self.samples);
         Batch {

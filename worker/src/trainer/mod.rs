@@ -125,6 +125,8 @@ pub struct Commitment {
     pub norm: f32,
     /// The member spent this sync on that audit (its contribution is zeros).
     pub audit: Option<u64>,
+    /// diloco with audits: SHA-256 of its inner optimizer state at the round's start and now.
+    pub inner: Option<([u8; 32], [u8; 32])>,
 }
 
 impl Commitment {
@@ -165,6 +167,7 @@ impl Commitment {
             digest: digest(contribution),
             norm,
             audit: None,
+            inner: None,
         }
     }
 }
@@ -182,6 +185,39 @@ pub fn digest(contribution: &[f32]) -> [u8; 32] {
         h.update(&bytes);
     }
     h.finalize().into()
+}
+
+/// SHA-256 of bytes (an inner optimizer state).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// diloco with audits: the inner optimizer states this member held at the start of its last
+/// rounds, by SHA-256 (newest last), shared with the side that uploads one when an audit of
+/// that round asks for it (`UploadRequest.inner_sha256`).
+#[derive(Clone, Debug, Default)]
+pub struct InnerStates(
+    std::sync::Arc<std::sync::Mutex<VecDeque<([u8; 32], std::sync::Arc<Vec<u8>>)>>>,
+);
+
+impl InnerStates {
+    /// Keeps `blob` under `digest`, and at most `window` states.
+    fn keep(&self, digest: [u8; 32], blob: std::sync::Arc<Vec<u8>>, window: usize) {
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !q.iter().any(|(d, _)| *d == digest) {
+            q.push_back((digest, blob));
+        }
+        while q.len() > window {
+            q.pop_front();
+        }
+    }
+
+    /// The state with SHA-256 `digest`, if still kept.
+    pub fn get(&self, digest: &[u8; 32]) -> Option<std::sync::Arc<Vec<u8>>> {
+        let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        q.iter().find(|(d, _)| d == digest).map(|(_, b)| b.clone())
+    }
 }
 
 /// Zeroes the gradients of `params` (those that have one).
@@ -296,12 +332,20 @@ pub struct Trainer {
     poison: Option<Poison>,
     /// `PoisonKind::Replay`: the contribution it replays, and the sync it was made for.
     replayed: Option<(u64, Vec<f32>)>,
-    /// ddp with audits: the states (parameters) of the last syncs, by hash, so that this
-    /// member can recompute another's contribution to one of them (newest last).
-    snapshots: VecDeque<(ParamHash, Vec<Tensor>)>,
+    /// With audits: the states (parameters; in diloco the global ones) of the last syncs, by
+    /// hash, with their sync step, so that this member can recompute another's contribution to
+    /// one of them (newest last).
+    snapshots: VecDeque<(ParamHash, u64, Vec<Tensor>)>,
     audit_window: usize,
     /// This member's rank in its ring (the dropout seed of its ddp steps).
     rank: usize,
+    /// This member's worker id (the dropout seed of its diloco inner steps, which must not
+    /// depend on a rank that can change within a round).
+    member: u64,
+    /// diloco with audits: the inner optimizer state at the start of the round that began at
+    /// this step, and the states kept for audits of this member's rounds.
+    inner_round: Option<(u64, std::sync::Arc<Vec<u8>>)>,
+    inner_states: InnerStates,
     /// The audit this member spends its pending sync on.
     auditing: Option<u64>,
 }
@@ -427,6 +471,9 @@ impl Trainer {
             snapshots: VecDeque::new(),
             audit_window: 0,
             rank: 0,
+            member: 0,
+            inner_round: None,
+            inner_states: InnerStates::default(),
             auditing: None,
         };
         if matches!(t.spec.sync, SyncMode::Diloco { .. }) {
@@ -516,9 +563,9 @@ impl Trainer {
         self.pending = None;
         self.auditing = None;
         zero_grads(&self.params);
-        if matches!(self.spec.sync, SyncMode::Ddp) {
+        {
             let _rng = RNG.lock().unwrap_or_else(|p| p.into_inner());
-            tch::manual_seed(step_seed(self.spec.seed, self.step + 1, self.rank));
+            tch::manual_seed(self.seed_of_next_step());
         }
         let half;
         let trained = match self.poison {
@@ -546,6 +593,24 @@ impl Trainer {
         Ok(StepStats { loss, correct, counted, samples: batch.samples, tokens: batch.tokens })
     }
 
+    /// The dropout seed of the next step: in ddp a function of the member's rank in the sync, in
+    /// diloco of its worker id (a round can span epochs, and ranks with them).
+    fn seed_of_next_step(&self) -> i64 {
+        match self.spec.sync {
+            SyncMode::Ddp => step_seed(self.spec.seed, self.step + 1, self.rank),
+            SyncMode::Diloco { .. } => {
+                step_seed(self.spec.seed, self.step + 1, self.member as usize)
+            }
+        }
+    }
+
+    /// This member's worker id (its diloco dropout seeds) and where the inner optimizer states
+    /// of its rounds are kept for audits (diloco).
+    pub fn set_member(&mut self, member: u64, inner_states: InnerStates) {
+        self.member = member;
+        self.inner_states = inner_states;
+    }
+
     /// Evaluates without gradients: loss and (correct, counted).
     pub fn evaluate(&self, batch: &Batch) -> Result<StepStats, TrainError> {
         let _guard = tch::no_grad_guard();
@@ -563,6 +628,13 @@ impl Trainer {
     /// Clips and applies the current gradients locally (diloco's inner step; a single process).
     pub fn apply_local(&mut self) -> Result<(), TrainError> {
         let t = Instant::now();
+        if self.audit_window > 0
+            && self.outer.is_some()
+            && self.step == self.inner_start
+            && self.inner_round.as_ref().is_none_or(|(s, _)| *s != self.inner_start)
+        {
+            self.inner_round = Some((self.inner_start, std::sync::Arc::new(self.inner_blob())));
+        }
         let norm = optim::clip_grad_norm(&self.params, self.spec.grad_clip);
         if !norm.is_finite() {
             return Err(TrainError::NonFinite { what: "gradient norm", step: self.step });
@@ -595,7 +667,7 @@ impl Trainer {
         }
         self.compute += t.elapsed();
         // On failure the local gradients are kept for the retry.
-        let buf = match self.planned_sum(comm, coord, &local, self.step + 1) {
+        let buf = match self.planned_sum(comm, coord, &local, self.step + 1, None) {
             Ok(b) => b,
             Err(e) => {
                 self.pending = Some(local);
@@ -606,11 +678,7 @@ impl Trainer {
         if self.audit_window > 0 {
             // The state this sync started from, for audits of the members' contributions.
             let copy: Vec<Tensor> = self.params.iter().map(|p| p.detach().copy()).collect();
-            self.snapshots.retain(|(h, _)| *h != self.hash);
-            self.snapshots.push_back((self.hash, copy));
-            while self.snapshots.len() > self.audit_window {
-                self.snapshots.pop_front();
-            }
+            self.keep_snapshot(copy);
         }
         state::unflatten_into_grads(&buf, &self.params);
         self.compute += t.elapsed();
@@ -621,7 +689,16 @@ impl Trainer {
         Ok(())
     }
 
-    /// ddp: keeps the states of the last `syncs` syncs, so that this member can audit the
+    /// Keeps `params` as the state of hash `self.hash` (at sync `self.sync_step`) for audits.
+    fn keep_snapshot(&mut self, params: Vec<Tensor>) {
+        self.snapshots.retain(|(h, _, _)| *h != self.hash);
+        self.snapshots.push_back((self.hash, self.sync_step, params));
+        while self.snapshots.len() > self.audit_window {
+            self.snapshots.pop_front();
+        }
+    }
+
+    /// Keeps the states of the last `syncs` syncs, so that this member can audit the
     /// contributions to them (0: none kept, no audits).
     pub fn set_audit_window(&mut self, syncs: usize) {
         self.audit_window = syncs;
@@ -642,7 +719,7 @@ impl Trainer {
         rank: usize,
     ) -> Result<Vec<f32>, TrainError> {
         let t = Instant::now();
-        let Some((_, snapshot)) = self.snapshots.iter().find(|(h, _)| *h == start) else {
+        let Some((_, _, snapshot)) = self.snapshots.iter().find(|(h, _, _)| *h == start) else {
             return Err(TrainError::State(format!("no longer holds state {start}")));
         };
         let own: Vec<Tensor> = self.params.iter().map(|p| p.detach().copy()).collect();
@@ -690,6 +767,7 @@ impl Trainer {
         coord: &mut dyn Coordinate,
         contribution: &[f32],
         step: u64,
+        inner: Option<([u8; 32], [u8; 32])>,
     ) -> Result<Vec<f32>, TrainError> {
         let (rank, world) = (comm.rank(), comm.world());
         let mut buf = contribution.to_vec();
@@ -703,6 +781,7 @@ impl Trainer {
             self.samples_since_sync,
         );
         commitment.audit = self.auditing;
+        commitment.inner = inner;
         let plan = coord.plan(&commitment)?;
         let bounds = plan.bounds(world).map_err(|e| TrainError::State(format!("plan: {e}")))?;
         let coefficient = plan.coefficients[rank];
@@ -810,8 +889,9 @@ impl Trainer {
         if delta.iter().any(|v| !v.is_finite()) {
             return Err(TrainError::NonFinite { what: "pseudo-gradient", step: self.step });
         }
+        let inner = self.keep_round_for_audits();
         self.compute += t.elapsed();
-        let buf = self.planned_sum(comm, coord, &delta, self.step)?;
+        let buf = self.planned_sum(comm, coord, &delta, self.step, inner)?;
         let t = Instant::now();
         let delta = Tensor::from_slice(&buf);
         let outer = Outer { lr: outer_lr, momentum: outer_momentum };
@@ -832,9 +912,129 @@ impl Trainer {
         self.inner_start = self.step;
         self.samples_since_sync = 0;
         self.round_spans.clear();
+        self.auditing = None;
         self.hash = self.compute_hash();
         self.compute += t.elapsed();
         Ok(())
+    }
+
+    /// diloco with audits, before a commitment: keeps the state this round started from (the
+    /// global parameters, for audits of the other members' rounds) and this member's inner
+    /// optimizer state at the round's start (for audits of its own), and returns the digests
+    /// of its inner state at the start and now.
+    fn keep_round_for_audits(&mut self) -> Option<([u8; 32], [u8; 32])> {
+        if self.audit_window == 0 {
+            return None;
+        }
+        let o = self.outer.as_ref()?;
+        let global: Vec<Tensor> = self.params.iter().map(|p| p.detach().zeros_like()).collect();
+        state::unflatten_into(&o.global, &global);
+        self.keep_snapshot(global);
+        let end = std::sync::Arc::new(self.inner_blob());
+        let start = match &self.inner_round {
+            Some((s, b)) if *s == self.inner_start => b.clone(),
+            _ => end.clone(), // no inner step this round
+        };
+        let (ds, de) = (sha256(&start), sha256(&end));
+        self.inner_states.keep(ds, start, self.audit_window);
+        Some((ds, de))
+    }
+
+    /// The length of [`optimizer_blob`]'s bytes for this model.
+    pub fn inner_len(&self) -> usize {
+        8 + 4 * self.opt.tensors().iter().map(|t| t.numel()).sum::<usize>()
+    }
+
+    /// The inner optimizer state as bytes: its step count (little-endian u64), then its
+    /// moments (little-endian f32), what `SyncCommit.inner_start_sha256` hashes.
+    fn inner_blob(&self) -> Vec<u8> {
+        optimizer_blob(&self.opt)
+    }
+
+    /// diloco: recomputes the round a member (worker `member`) contributed to sync `step`:
+    /// from the global state `start` (one this member held), with that member's inner optimizer
+    /// state at the round's start (`inner`, as it committed it) and its data (`batch`, the
+    /// round's samples in order, one batch of the run's batch size per inner step). Returns
+    /// the pseudo-gradient and the inner state the round ended with. This member's own state is
+    /// as before afterwards.
+    pub fn audit_round(
+        &mut self,
+        start: ParamHash,
+        inner: &[u8],
+        batch: &Batch,
+        step: u64,
+        member: u64,
+    ) -> Result<(Vec<f32>, Vec<u8>), TrainError> {
+        let t = Instant::now();
+        let Some((_, from, snapshot)) = self.snapshots.iter().find(|(h, _, _)| *h == start) else {
+            return Err(TrainError::State(format!("no longer holds state {start}")));
+        };
+        let from = *from;
+        let steps = step
+            .checked_sub(from)
+            .filter(|n| *n > 0)
+            .ok_or_else(|| TrainError::State(format!("a round from step {from} to step {step}")))?;
+        let per = self.spec.batch_size as i64;
+        if batch.samples != per * steps as i64 {
+            return Err(TrainError::State(format!(
+                "{} samples for {steps} inner steps of {per}",
+                batch.samples
+            )));
+        }
+        let mut opt = Optimizer::new(self.spec.optim, &self.params);
+        load_optimizer(&mut opt, inner, self.spec.schedule.total)?;
+        let own: Vec<Tensor> = self.params.iter().map(|p| p.detach().copy()).collect();
+        let load = |params: &[Tensor], from: &[Tensor]| {
+            let _guard = tch::no_grad_guard();
+            for (p, s) in params.iter().zip(from) {
+                p.shallow_clone().copy_(s);
+            }
+        };
+        let global: Vec<Tensor> = snapshot.iter().map(|t| t.shallow_clone()).collect();
+        load(&self.params, &global);
+        let result = (|| {
+            for (i, at) in (from..step).enumerate() {
+                zero_grads(&self.params);
+                {
+                    let _rng = RNG.lock().unwrap_or_else(|p| p.into_inner());
+                    tch::manual_seed(step_seed(self.spec.seed, at + 1, member as usize));
+                }
+                let b = batch.rows(i as i64 * per, per);
+                let logits = self.net.forward_t(&b.inputs.to_device(self.spec.device), true)?;
+                let (loss, _) = data::loss_and_accuracy(&logits, &b);
+                loss.f_backward()?;
+                let norm = optim::clip_grad_norm(&self.params, self.spec.grad_clip);
+                if !norm.is_finite() {
+                    return Err(TrainError::NonFinite { what: "gradient norm", step: at });
+                }
+                opt.step(&self.params, self.spec.schedule.at(at));
+            }
+            let delta = state::to_vec(&(state::flatten(&global) - state::flatten(&self.params)));
+            Ok((delta, optimizer_blob(&opt)))
+        })();
+        load(&self.params, &own);
+        zero_grads(&self.params);
+        self.compute += t.elapsed();
+        result
+    }
+
+    /// diloco: this member spends the round under way on audit `id`: it trains nothing, goes
+    /// to the round's sync point, and contributes zeros (naming the audit in its commitment).
+    pub fn spend_round_on_audit(&mut self, id: u64) {
+        if let SyncMode::Diloco { inner_steps, .. } = self.spec.sync
+            && let Some(o) = &self.outer
+        {
+            state::unflatten_into(&o.global, &self.params);
+            self.step = self.next_sync_point(inner_steps);
+            self.auditing = Some(id);
+            self.round_spans.clear();
+            self.samples_since_sync = 0;
+        }
+    }
+
+    /// diloco: whether the round under way has not started (no inner step taken).
+    pub fn round_unstarted(&self) -> bool {
+        self.step == self.inner_start && self.auditing.is_none()
     }
 
     /// Starts an epoch as the coordinator decided: the source sends the recorded state to the
@@ -891,9 +1091,13 @@ impl Trainer {
 
     /// Rebuilds the seeded initial state (a fresh run's receiver).
     fn reinit(&mut self) -> Result<(), TrainError> {
-        let poison = self.poison;
-        *self = Trainer::new(self.spec.clone())?;
-        self.poison = poison;
+        let fresh = Trainer::new(self.spec.clone())?;
+        let old = std::mem::replace(self, fresh);
+        self.poison = old.poison;
+        self.member = old.member;
+        self.inner_states = old.inner_states;
+        self.audit_window = old.audit_window;
+        self.snapshots = old.snapshots;
         Ok(())
     }
 
@@ -1140,6 +1344,49 @@ impl Trainer {
 pub const MAX_STATE_VALUE: f32 = 1e15;
 
 /// How much one encoding in `c` may grow a norm (see `collectives::codec::norm_growth`).
+/// An optimizer's state as bytes: its step count (little-endian u64), then its state tensors as
+/// little-endian f32 values.
+fn optimizer_blob(opt: &Optimizer) -> Vec<u8> {
+    let tensors = opt.tensors();
+    let mut out = Vec::with_capacity(8 + 4 * tensors.iter().map(|t| t.numel()).sum::<usize>());
+    out.extend_from_slice(&(opt.steps as u64).to_le_bytes());
+    if !tensors.is_empty() {
+        for v in state::to_vec(&state::flatten(&tensors)) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Loads an optimizer state from [`optimizer_blob`]'s bytes (of a run of `total` steps): the
+/// same length, finite values, a plausible step count.
+fn load_optimizer(opt: &mut Optimizer, blob: &[u8], total: u64) -> Result<(), TrainError> {
+    let tensors = opt.tensors();
+    let want = 8 + 4 * tensors.iter().map(|t| t.numel()).sum::<usize>();
+    if blob.len() != want {
+        return Err(TrainError::State(format!(
+            "an optimizer state of {} bytes, expected {want}",
+            blob.len()
+        )));
+    }
+    let steps = u64::from_le_bytes(blob[..8].try_into().unwrap_or_default());
+    if steps > total.saturating_add(1) {
+        return Err(TrainError::State(format!(
+            "an optimizer state of {steps} steps in a run of {total}"
+        )));
+    }
+    let values: Vec<f32> =
+        blob[8..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(TrainError::State("an optimizer state that is not finite".into()));
+    }
+    if !tensors.is_empty() {
+        state::unflatten_into(&Tensor::from_slice(&values), &tensors);
+    }
+    opt.steps = steps as i64;
+    Ok(())
+}
+
 fn codec_growth(c: Compression) -> f64 {
     use collectives::codec::{DType, norm_growth, wire_codec};
     norm_growth(wire_codec(DType::F32, c))
@@ -1189,6 +1436,85 @@ mod tests {
         };
         assert_eq!(differ(&ga, &ga2), 0, "the same trainer twice");
         assert_eq!(differ(&ga, &gb), 0, "another trainer");
+    }
+
+    /// diloco audits depend on it: another trainer, given the round's global state, the
+    /// member's inner optimizer state at the round's start and its data, recomputes the
+    /// member's pseudo-gradient and its inner state at the round's end bit for bit; a member
+    /// that trained on half of a batch is found out.
+    #[test]
+    fn a_diloco_round_is_recomputed_bit_for_bit() {
+        let h = 3u64;
+        let sync = SyncMode::Diloco { inner_steps: h, outer_lr: 0.7, outer_momentum: 0.9 };
+        let spec = crate::testing::gpt_spec(sync, Compression::None, 2, 20);
+        let (seq_len, per) = (spec.seq_len, spec.batch_size);
+        let data = |from: u64, n: usize| {
+            let data = data::ShardData::Addition {
+                task: data::Addition { digits: 2 },
+                seed: 7,
+                samples: 512,
+            };
+            let mut r = data::ShardReader::new(data, seq_len, 7);
+            r.next = from;
+            r.next_batch(n).unwrap()
+        };
+        let member = 42u64;
+        let new = |poison: Option<Poison>| {
+            let mut t = Trainer::new(spec.clone()).unwrap();
+            t.set_audit_window(6);
+            t.set_member(member, InnerStates::default());
+            t.set_poison(poison);
+            t
+        };
+        // A round of `member`: h inner steps, then what it commits (without a ring: the
+        // global state stays, as if the outer step were zero, so a second round starts from
+        // a non-trivial inner state).
+        let round = |t: &mut Trainer, from: u64| {
+            for i in 0..h {
+                t.forward_backward(&data(from + i * per as u64, per)).unwrap();
+                t.apply_local().unwrap();
+            }
+            let inner = t.keep_round_for_audits().unwrap();
+            let o = t.outer.as_ref().unwrap();
+            let delta = state::to_vec(&(&o.global - state::flatten(&t.params)));
+            let start = t.inner_states.get(&inner.0).unwrap();
+            state::unflatten_into(&o.global.copy(), &t.params);
+            t.sync_step = t.step;
+            t.inner_start = t.step;
+            (digest(&delta), inner, start)
+        };
+        let mut honest = new(None);
+        let mut auditor = new(None);
+        auditor.keep_round_for_audits();
+        let start = honest.hash;
+        assert_eq!(auditor.hash, start);
+        let _ = round(&mut honest, 0);
+        let second = h * per as u64;
+        let (d, (s, e), blob) = round(&mut honest, second);
+        assert_ne!(s, e, "the inner state moved");
+        let batch = data(second, h as usize * per);
+        let again = |t: &mut Trainer, blob: &[u8]| {
+            let (delta, end) = t.audit_round(start, blob, &batch, 2 * h, member).unwrap();
+            (digest(&delta), sha256(&end))
+        };
+        // The round ran from step h to 2h: the auditor's snapshot is of step 0, so tell it.
+        auditor.snapshots.back_mut().unwrap().1 = h;
+        assert_eq!(again(&mut auditor, &blob), (d, e), "another trainer recomputes it");
+        let own = auditor.hash;
+        assert_eq!(again(&mut auditor, &blob), (d, e), "and again");
+        assert_eq!(auditor.hash, own, "the auditor's own state is untouched");
+        // A member that trains on half of every batch commits another round.
+        let mut cheat = new(Some(Poison { after_step: 0, kind: PoisonKind::Half { every: 1 } }));
+        let _ = round(&mut cheat, 0);
+        let (dc, (sc, ec), blob) = round(&mut cheat, second);
+        assert_ne!(again(&mut auditor, &blob), (dc, ec), "the recomputation differs");
+        assert_ne!(sc, s, "its inner state differs too");
+        // A state of another length or with non-finite values is refused.
+        assert!(auditor.audit_round(start, &blob[1..], &batch, 2 * h, member).is_err());
+        let mut nan = blob.to_vec();
+        nan[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(auditor.audit_round(start, &nan, &batch, 2 * h, member).is_err());
+        assert!(auditor.audit_round(start, &blob, &batch.head(per as i64), 2 * h, member).is_err());
     }
 
     #[test]
