@@ -58,6 +58,7 @@ fn first_strike(seed: u64, case: &Case, policy: &Verification, limit: u64) -> Op
             spans: Vec::new(),
             target: CHEATER,
             rank: 0,
+            inner: None,
         };
         let answer = |w: WorkerId| if colludes(w) { committed } else { honest };
         let available: Vec<WorkerId> =

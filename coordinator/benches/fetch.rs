@@ -107,7 +107,7 @@ async fn bench(mib: usize) -> Result<()> {
     };
     let req = a
         .expect(Duration::from_secs(10), |m| match m {
-            pb::coordinator_message::Msg::Upload(u) => Some(*u),
+            pb::coordinator_message::Msg::Upload(u) => Some(u.clone()),
             _ => None,
         })
         .await?;

@@ -612,7 +612,7 @@ async fn upload(
 
 async fn upload_request(a: &mut ScriptedAgent) -> pb::UploadRequest {
     a.expect(T, |m| match m {
-        Down::Upload(u) => Some(*u),
+        Down::Upload(u) => Some(u.clone()),
         _ => None,
     })
     .await

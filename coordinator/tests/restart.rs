@@ -197,7 +197,7 @@ async fn sigkill_and_restart_mid_run_keeps_every_run_epoch_step_and_lease() {
         })
     };
     let wanted = |m: &pb::coordinator_message::Msg| match m {
-        pb::coordinator_message::Msg::Upload(u) => Some(*u),
+        pb::coordinator_message::Msg::Upload(u) => Some(u.clone()),
         _ => None,
     };
     let (asked, req) = tokio::select! {

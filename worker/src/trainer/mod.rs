@@ -193,13 +193,14 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(bytes).into()
 }
 
+/// Inner optimizer states by SHA-256, oldest first.
+type KeptStates = VecDeque<([u8; 32], std::sync::Arc<Vec<u8>>)>;
+
 /// diloco with audits: the inner optimizer states this member held at the start of its last
 /// rounds, by SHA-256 (newest last), shared with the side that uploads one when an audit of
 /// that round asks for it (`UploadRequest.inner_sha256`).
 #[derive(Clone, Debug, Default)]
-pub struct InnerStates(
-    std::sync::Arc<std::sync::Mutex<VecDeque<([u8; 32], std::sync::Arc<Vec<u8>>)>>>,
-);
+pub struct InnerStates(std::sync::Arc<std::sync::Mutex<KeptStates>>);
 
 impl InnerStates {
     /// Keeps `blob` under `digest`, and at most `window` states.
