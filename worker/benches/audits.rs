@@ -1,10 +1,13 @@
-//! What audits cost: the same ddp run of 4 `longhaul-worker` processes (the adversary suite's
-//! gpt on synthetic addition, loopback) with audits at the run file's defaults and with audits
-//! off, alternated; wall time, the share of member-syncs spent auditing, the audits performed,
-//! and the contributions that passed. Audits add no ring bytes (an auditor sends zeros of the
-//! same size) and two small coordinator messages per audit (`AuditTask`, `AuditResult`).
+//! What audits cost: the same run of 4 `longhaul-worker` processes (the adversary suite's gpt on
+//! synthetic addition, loopback) with audits at 5 % (50 % on probation for 20 syncs: ddp's
+//! defaults, diloco's when turned on) and with audits off, alternated; in ddp (800 steps) and
+//! in diloco (H = 10, 2,000 steps: 200 rounds); wall time, the share of member-syncs spent
+//! auditing, the audits performed, and the contributions that passed. Audits add no ring bytes
+//! (an auditor sends zeros of the same size) and two small coordinator messages per audit
+//! (`AuditTask`, `AuditResult`); a diloco audit also moves the audited member's inner optimizer
+//! state through the coordinator (8 bytes per parameter with AdamW, printed).
 //!
-//! `cargo bench -p worker --bench audits` (about 2 minutes on 2 cores).
+//! `cargo bench -p worker --bench audits` (about 6 minutes on 2 cores).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,8 +16,8 @@ use proto::pb::{self, RunState};
 use worker::testing::cluster::{Coordinator, Worker, run_file};
 
 const WORKERS: u32 = 4;
-const STEPS: u64 = 800;
 const DDP: &str = "mode = \"ddp\"\ncompression = \"none\"";
+const DILOCO: &str = "mode = \"diloco\"\ninner_steps = 10\nouter_lr = 0.7\nouter_momentum = 0.9\ncompression = \"int8\"";
 
 struct Measured {
     wall: Duration,
@@ -22,16 +25,17 @@ struct Measured {
     passed: u64,
     strikes: u64,
     syncs: u64,
+    /// Parameters of the model (from a worker's log).
+    params: u64,
 }
 
-async fn measure(audits_on: bool) -> anyhow::Result<Measured> {
+async fn measure(sync: &str, steps: u64, audits_on: bool) -> anyhow::Result<Measured> {
     let dir = tempfile::tempdir()?;
     let mut c = Coordinator::start(&dir.path().join("coordinator")).await;
     let token = c.token().await;
-    let mut toml = run_file(WORKERS, WORKERS, STEPS, DDP);
-    if !audits_on {
-        toml.push_str("\n[verification]\naudit_probability = 0.0\nprobation_probability = 0.0\n");
-    }
+    let mut toml = run_file(WORKERS, WORKERS, steps, sync);
+    let p = if audits_on { "0.05" } else { "0.0" };
+    toml.push_str(&format!("\n[verification]\naudit_probability = {p}\n"));
     let bin = Path::new(env!("CARGO_BIN_EXE_longhaul-worker"));
     let mut workers: Vec<Worker> = (1..=WORKERS)
         .map(|i| Worker::spawn(bin, dir.path(), &format!("w{i}"), &c, &token, &[]))
@@ -50,12 +54,20 @@ async fn measure(audits_on: bool) -> anyhow::Result<Measured> {
     let wall = started.elapsed();
     let ws = c.control.list_workers(pb::ListWorkersRequest::default()).await?.into_inner().workers;
     let sum = |f: fn(&pb::WorkerInfo) -> u64| ws.iter().map(f).sum::<u64>();
+    let params = workers[0]
+        .log_text()
+        .split("params=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let m = Measured {
         wall,
         audits: sum(|w| w.audits_performed),
         passed: sum(|w| w.audits_passed),
         strikes: sum(|w| w.strikes),
         syncs: sum(|w| w.syncs),
+        params,
     };
     for w in &mut workers {
         w.kill();
@@ -66,22 +78,35 @@ async fn measure(audits_on: bool) -> anyhow::Result<Measured> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    compare("ddp", DDP, 800, 800).await?;
+    compare("diloco", DILOCO, 2000, 200).await
+}
+
+/// Runs `sync` for `steps` steps (`syncs` syncs) with audits off and on, alternated twice.
+async fn compare(mode: &str, sync: &str, steps: u64, syncs: u64) -> anyhow::Result<()> {
     println!(
-        "audits: {WORKERS} workers, ddp gpt 2x64 on synthetic addition, {STEPS} steps, loopback; \
-         defaults (5 %, 50 % on probation for 20 syncs) against off"
+        "audits: {WORKERS} workers, {mode} gpt 2x64 on synthetic addition, {steps} steps \
+         ({syncs} syncs), loopback; 5 % (50 % on probation for 20 syncs) against off"
     );
+    let member_syncs = syncs * u64::from(WORKERS);
     let (mut on, mut off) = (Vec::new(), Vec::new());
     for round in 0..2 {
-        off.push(measure(false).await?);
-        on.push(measure(true).await?);
+        off.push(measure(sync, steps, false).await?);
+        on.push(measure(sync, steps, true).await?);
         let (a, b) = (&off[round], &on[round]);
+        let moved = if mode == "diloco" {
+            let bytes = b.audits * (8 + 8 * b.params);
+            format!(", {:.1} MiB of inner state relayed", bytes as f64 / (1u64 << 20) as f64)
+        } else {
+            String::new()
+        };
         println!(
             "  round {round}: off {:.1} s; on {:.1} s, {} audits performed ({:.1} % of member-syncs), \
-             {} passed, {} strikes",
+             {} passed, {} strikes{moved}",
             a.wall.as_secs_f64(),
             b.wall.as_secs_f64(),
             b.audits,
-            100.0 * b.audits as f64 / (STEPS * u64::from(WORKERS)) as f64,
+            100.0 * b.audits as f64 / member_syncs as f64,
             b.passed,
             b.strikes
         );
@@ -91,12 +116,11 @@ async fn main() -> anyhow::Result<()> {
     let contributed: u64 = on.iter().map(|m| m.syncs).sum::<u64>() / on.len() as u64;
     println!(
         "  mean wall: off {:.1} s, on {:.1} s ({:+.1} %); contributed member-syncs with audits {} \
-         of {}",
+         of {member_syncs}",
         mean(&off),
         mean(&on),
         100.0 * (mean(&on) / mean(&off) - 1.0),
         contributed,
-        STEPS * u64::from(WORKERS)
     );
     Ok(())
 }

@@ -1312,17 +1312,41 @@ impl Cluster {
             self.runs.values().filter(|r| !r.state.is_terminal()).map(|r| r.id).collect();
         for run in runs {
             let r = &self.runs[&run];
-            let have = self.workers.values().filter(|w| w.run == Some(run)).count() as u32;
+            let assigned: Vec<WorkerId> =
+                self.workers.values().filter(|w| w.run == Some(run)).map(|w| w.id).collect();
+            let have = assigned.len() as u32;
+            let probation = self.specs.get(&run).map(|s| s.verification).filter(|v| v.enabled());
+            let on_probation: BTreeSet<WorkerId> = assigned
+                .iter()
+                .chain(free.iter())
+                .filter(|w| {
+                    probation.is_some_and(|v| {
+                        let done = self.audits.standing(run, **w).map_or(0, |s| s.contributions);
+                        done < u64::from(v.probation_syncs)
+                    })
+                })
+                .copied()
+                .collect();
+            let on_probation = |w: WorkerId| on_probation.contains(&w);
+            let new = assigned.iter().filter(|w| on_probation(**w)).count();
+            let mut room = probation_room(new, assigned.len() - new, r.min_workers as usize);
             for _ in have..r.max_workers {
-                // The smallest free id not banned from this run nor kept out by its disputes.
+                // The smallest free id not banned from this run nor kept out by its disputes
+                // (nor on probation once the run has as many on probation as it takes).
                 let Some(pos) = free.iter().rposition(|id| {
                     !self.banned_from(*id, r)
                         && !self.sits_out_of(run, *id)
                         && !self.declined.contains_key(&(run, *id))
+                        && (room != Some(0) || !on_probation(*id))
                 }) else {
                     break;
                 };
                 let id = free.remove(pos);
+                if let Some(n) = room.as_mut()
+                    && on_probation(id)
+                {
+                    *n = n.saturating_sub(1);
+                }
                 if let Some(w) = self.workers.get_mut(&id) {
                     w.run = Some(run);
                 }
@@ -1764,6 +1788,20 @@ pub struct Restored {
     pub checkpoints: BTreeMap<RunId, Vec<CheckpointRecord>>,
 }
 
+/// How many more members on probation (fewer contributions in the run than its
+/// `verification.probation_syncs`) a run with audits admits, given `new` such members and
+/// `established` others assigned to it: newcomers never outnumber established members (a
+/// flood of fresh identities cannot become the majority of a ring, whose members are each
+/// other's auditors and the quorum of its records), except as many as the run needs to reach
+/// `min_workers`. `None`: no bound (a run whose members are all new, as every run starts).
+fn probation_room(new: usize, established: usize, min_workers: usize) -> Option<usize> {
+    if established == 0 {
+        return None;
+    }
+    let cap = established.max(min_workers.saturating_sub(established));
+    Some(cap.saturating_sub(new))
+}
+
 /// The step of the next synchronisation after `committed`: every step in ddp; the next multiple
 /// of `inner_steps` in diloco, or the run's last step if that is sooner.
 pub fn next_sync_point(sync: &SyncMode, committed: u64, total: u64) -> u64 {
@@ -1821,5 +1859,25 @@ impl MaxAlive for Liveness {
     /// alive in [`Cluster::heartbeat`]); anyone else is alive.
     fn max_alive(self) -> Liveness {
         if self == Liveness::Dead { Liveness::Dead } else { Liveness::Alive }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probation_room;
+
+    /// Newcomers never outnumber the established members of a run with audits, except as many
+    /// as it needs to reach its minimum; a run whose members are all new is not bounded.
+    #[test]
+    fn members_on_probation_never_outnumber_established_ones() {
+        assert_eq!(probation_room(0, 0, 3), None, "a fresh run");
+        assert_eq!(probation_room(5, 0, 3), None);
+        assert_eq!(probation_room(0, 3, 2), Some(3));
+        assert_eq!(probation_room(2, 3, 2), Some(1));
+        assert_eq!(probation_room(3, 3, 2), Some(0));
+        assert_eq!(probation_room(9, 3, 2), Some(0), "more than the bound already");
+        // One established member left of a run of at least 5: enough newcomers to train.
+        assert_eq!(probation_room(0, 1, 5), Some(4));
+        assert_eq!(probation_room(4, 1, 5), Some(0));
     }
 }
