@@ -59,6 +59,7 @@ fn first_strike(seed: u64, case: &Case, policy: &Verification, limit: u64) -> Op
             target: CHEATER,
             rank: 0,
             inner: None,
+            inner_bytes: 0,
         };
         let answer = |w: WorkerId| if colludes(w) { committed } else { honest };
         let available: Vec<WorkerId> =

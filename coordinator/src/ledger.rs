@@ -221,7 +221,9 @@ pub fn build(
             crate::cluster::audits::AUDIT_SYNCS.saturating_mul(run.steps_per_sync.max(1)),
         );
         let strikes = struck.get(&w).map_or(&[][..], Vec::as_slice);
-        if strikes.iter().any(|t| (step..=escrow_ends).contains(t))
+        // A round whose audit evidence (diloco's inner state) was withheld earns nothing.
+        if audit_of.get(&(step, w)) == Some(&"withheld")
+            || strikes.iter().any(|t| (step..=escrow_ends).contains(t))
             || (evicted.contains(&w) && last_step.get(&w).is_some_and(|l| *l <= escrow_ends))
         {
             "forfeited"

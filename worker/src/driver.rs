@@ -965,6 +965,12 @@ impl Driver {
         attempt: &Attempt,
     ) -> Result<Vec<u8>, String> {
         let want = ctx.trainer.inner_len();
+        if task.inner_state_bytes != want as u64 {
+            return Err(format!(
+                "the audited member committed to an inner state of {} bytes; this model's is {want}",
+                task.inner_state_bytes
+            ));
+        }
         let mut rpc = self.rpc.clone();
         let req = pb::FetchAuditStateRequest { run_id: task.run_id, audit_id: task.audit_id };
         let fetch = async move {
@@ -1358,6 +1364,7 @@ impl Coordinate for Planner<'_> {
             audit_id: c.audit.unwrap_or(0),
             inner_start_sha256: c.inner.map(|(s, _)| client::pki::hex(&s)).unwrap_or_default(),
             inner_end_sha256: c.inner.map(|(_, e)| client::pki::hex(&e)).unwrap_or_default(),
+            inner_state_bytes: c.inner_bytes,
         }));
         let p = self
             .driver

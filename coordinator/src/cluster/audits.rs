@@ -15,7 +15,7 @@
 //! | the second finds what the first found | a strike for the audited member: two recomputations agree against it |
 //! | the second finds a third digest | inconclusive: nobody is blamed, the audited member is audited at every sync for a while |
 //! | an auditor cannot recompute (state or data gone), or answers too late | dropped: nobody is credited or blamed (asking others until one can would let a colluder wait until only colluders can) |
-//! | diloco: the audited member does not send its committed inner optimizer state | withheld: nobody is struck (its link may have failed), and it is audited at every sync for a while |
+//! | diloco: the audited member does not send its committed inner optimizer state | withheld: nobody is struck (a restarted worker lost it honestly), but the round's credit is forfeited and its contributions are left out for the next 1, 2, 4, ... syncs (doubling with each withheld audit, at most [`HOT_SYNCS`]), then audited at every sync for a while |
 //! | diloco: the audited member sends an inner state whose digest is not the one it committed | a strike: the coordinator checked the bytes against the commitment itself |
 //!
 //! Who could lie, and what it would gain:
@@ -124,8 +124,10 @@ pub struct AuditInfo {
     /// The audited member and its rank in the sync (its dropout seed).
     pub target: WorkerId,
     pub rank: usize,
-    /// diloco: the audited member's inner optimizer state at the round's start (its digest).
+    /// diloco: the audited member's inner optimizer state at the round's start (its digest)
+    /// and its length in bytes.
     pub inner: Option<[u8; 32]>,
+    pub inner_bytes: u64,
 }
 
 /// An auditor's answer.
@@ -167,6 +169,18 @@ pub enum Decision {
     },
 }
 
+/// What an auditor fetches for a diloco audit: the audited member's inner state (SHA-256
+/// `digest`, `bytes` long) at the start of its round to sync `step`, and which opening of the
+/// audit asked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateFetch {
+    pub target: WorkerId,
+    pub step: u64,
+    pub digest: [u8; 32],
+    pub bytes: u64,
+    pub nonce: u64,
+}
+
 /// A member's audit record in one run.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Standing {
@@ -182,6 +196,10 @@ pub struct Standing {
     /// The audit it was last given, whether it already spent a sync on it, and the sync at
     /// which it was given.
     pub assigned: Option<(AuditId, bool, u64)>,
+    /// diloco: audits of its rounds whose inner state it did not send, and the sync up to which
+    /// its contributions are left out for it.
+    pub withheld: u64,
+    pub left_out_until: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -197,6 +215,9 @@ struct Open {
     opened: u64,
     /// diloco: the auditors that were sent the audited member's inner state (once each).
     fetched: Vec<WorkerId>,
+    /// Which opening of the audit this is (a retried sync reopens an audit under the same id:
+    /// what a relay of the earlier opening reports must not close the new one).
+    nonce: u64,
 }
 
 /// The audits of every run.
@@ -205,6 +226,7 @@ pub struct Book {
     key: [u8; 32],
     open: BTreeMap<AuditId, Open>,
     standing: BTreeMap<(RunId, WorkerId), Standing>,
+    openings: u64,
 }
 
 impl Book {
@@ -323,6 +345,7 @@ impl Book {
     ) -> AuditInfo {
         info.id = self.id_of(info.run, info.step, info.target);
         self.standing_mut(info.run, auditor).assigned = Some((info.id, false, now_step));
+        self.openings += 1;
         self.open.insert(
             info.id,
             Open {
@@ -332,6 +355,7 @@ impl Book {
                 members,
                 opened: now_step,
                 fetched: Vec::new(),
+                nonce: self.openings,
             },
         );
         info
@@ -363,15 +387,10 @@ impl Book {
         Some(info)
     }
 
-    /// diloco: `auditor` asks for the audited member's inner state of audit `id`: the audit's
-    /// (member, sync, inner state digest) if it is open, names one, and `auditor` was asked,
-    /// has not answered and has not had it before (a member is asked for its state once per
-    /// auditor).
-    pub fn fetch_state(
-        &mut self,
-        id: AuditId,
-        auditor: WorkerId,
-    ) -> Result<(WorkerId, u64, [u8; 32]), String> {
+    /// diloco: `auditor` asks for the audited member's inner state of audit `id`: what to
+    /// fetch if the audit is open, names one, and `auditor` was asked, has not answered and has
+    /// not had it before (a member is asked for its state once per auditor).
+    pub fn fetch_state(&mut self, id: AuditId, auditor: WorkerId) -> Result<StateFetch, String> {
         let o = self.open.get_mut(&id).ok_or("no such audit is open")?;
         let inner = o.info.inner.ok_or("the audit names no inner state (not a diloco round)")?;
         if !o.asked.iter().any(|(a, d)| *a == auditor && d.is_none()) {
@@ -381,13 +400,28 @@ impl Book {
             return Err("this auditor was sent the inner state already".into());
         }
         o.fetched.push(auditor);
-        Ok((o.info.target, o.info.step, inner))
+        Ok(StateFetch {
+            target: o.info.target,
+            step: o.info.step,
+            digest: inner,
+            bytes: o.info.inner_bytes,
+            nonce: o.nonce,
+        })
     }
 
-    /// diloco: the audited member of `id` did not send the inner state it committed to
-    /// (`mismatch`: it sent other bytes, a strike; otherwise it sent nothing in time). Closes
-    /// the audit, at sync `now_step`.
-    pub fn withheld(&mut self, id: AuditId, mismatch: bool, now_step: u64) -> Option<Decision> {
+    /// diloco: the audited member of `id` (opening `nonce`) did not send the inner state it
+    /// committed to (`mismatch`: it sent other bytes, a strike; otherwise it sent nothing in
+    /// time). Closes the audit, at sync `now_step`.
+    pub fn withheld(
+        &mut self,
+        id: AuditId,
+        nonce: u64,
+        mismatch: bool,
+        now_step: u64,
+    ) -> Option<Decision> {
+        if self.open.get(&id)?.nonce != nonce {
+            return None;
+        }
         let o = self.open.remove(&id)?;
         let target = o.info.target;
         let d = if mismatch {
@@ -397,6 +431,12 @@ impl Book {
         };
         self.settle(o.info.run, &d, now_step);
         Some(d)
+    }
+
+    /// Whether `w`'s contributions to `run` are left out at sync `now` (it withheld the inner
+    /// state an audit asked for).
+    pub fn left_out(&self, run: RunId, w: WorkerId, now: u64) -> Option<u64> {
+        self.standing.get(&(run, w)).map(|s| s.left_out_until).filter(|u| now <= *u)
     }
 
     /// Drops audit `id` (no eligible auditor left): nobody is credited or blamed.
@@ -513,8 +553,16 @@ impl Book {
                     self.standing_mut(run, *a).performed += 1;
                 }
             }
-            Decision::Inconclusive { target, .. } | Decision::Withheld { target } => {
+            Decision::Inconclusive { target, .. } => {
                 self.flag(run, *target, now_step + HOT_SYNCS);
+            }
+            Decision::Withheld { target } => {
+                let s = self.standing_mut(run, *target);
+                s.withheld += 1;
+                let out = (1u64 << s.withheld.saturating_sub(1).min(16)).min(HOT_SYNCS);
+                s.left_out_until = s.left_out_until.max(now_step + out);
+                let until = s.left_out_until;
+                self.flag(run, *target, until + HOT_SYNCS);
             }
             Decision::Dropped { .. } => {}
         }
@@ -580,6 +628,7 @@ mod tests {
             target: T,
             rank: 0,
             inner: None,
+            inner_bytes: 0,
         }
     }
 
@@ -615,22 +664,36 @@ mod tests {
         let id = book.open(i.clone(), [1; 32], A, vec![A, B], 8).id;
         assert!(book.fetch_state(id, B).unwrap_err().contains("not this worker's"));
         assert!(book.fetch_state(id, T).unwrap_err().contains("not this worker's"));
-        assert_eq!(book.fetch_state(id, A), Ok((T, 8, [5; 32])));
+        let f = book.fetch_state(id, A).unwrap();
+        assert_eq!((f.target, f.step, f.digest), (T, 8, [5; 32]));
         assert!(book.fetch_state(id, A).unwrap_err().contains("already"));
         assert!(book.fetch_state(0, A).is_err());
-        // Withheld: nobody struck, the member audited at every sync for a while.
-        let d = book.withheld(id, false, 9).unwrap();
+        // A relay of an earlier opening of the same audit closes nothing.
+        assert_eq!(book.withheld(id, f.nonce + 1, false, 9), None);
+        // Withheld: nobody struck; left out for a sync (then 2, 4, ...), then audited at every
+        // sync for a while.
+        let d = book.withheld(id, f.nonce, false, 9).unwrap();
         assert_eq!(d, Decision::Withheld { target: T });
         assert_eq!(d.record(id, 8).unwrap().verdict, "withheld");
         assert_eq!(book.standing(RUN, T).unwrap().strikes, 0);
-        assert_eq!(book.chance(&policy(), RUN, T, 9 + HOT_SYNCS), 1.0);
-        assert_eq!(book.withheld(id, false, 9), None, "closed");
+        assert_eq!(book.left_out(RUN, T, 10), Some(10));
+        assert_eq!(book.left_out(RUN, T, 11), None);
+        assert_eq!(book.chance(&policy(), RUN, T, 10 + HOT_SYNCS), 1.0);
+        assert_eq!(book.withheld(id, f.nonce, false, 9), None, "closed");
         // Other bytes than committed: a strike, with no auditor's word needed.
         i.step = 10;
-        let id = book.open(i, [1; 32], B, vec![A, B], 10).id;
-        let d = book.withheld(id, true, 11).unwrap();
+        let id = book.open(i.clone(), [1; 32], B, vec![A, B], 10).id;
+        let nonce = book.fetch_state(id, B).unwrap().nonce;
+        let d = book.withheld(id, nonce, true, 11).unwrap();
         assert_eq!(d, Decision::Struck { target: T, auditors: vec![] });
         assert_eq!(book.standing(RUN, T).unwrap().strikes, 1);
+        // A second withheld audit: left out for two syncs.
+        i.step = 12;
+        let id = book.open(i, [1; 32], A, vec![A, B], 12).id;
+        let nonce = book.fetch_state(id, A).unwrap().nonce;
+        book.withheld(id, nonce, false, 13).unwrap();
+        assert_eq!(book.left_out(RUN, T, 15), Some(15));
+        assert_eq!(book.left_out(RUN, T, 16), None);
         // A restart remembers both.
         let mut again = Book::new([0; 32]);
         let records = [

@@ -58,6 +58,9 @@ pub struct Claim {
     pub inner_start: Option<[u8; 32]>,
     #[serde(default, with = "digest_hex")]
     pub inner_end: Option<[u8; 32]>,
+    /// diloco: the length of that inner state in bytes (0: none named).
+    #[serde(default)]
+    pub inner_bytes: u64,
 }
 
 impl Claim {
@@ -80,6 +83,7 @@ impl Claim {
             audit: None,
             inner_start: None,
             inner_end: None,
+            inner_bytes: 0,
         }
     }
 
@@ -171,9 +175,16 @@ pub struct ClaimBook {
     profile: Option<String>,
     /// diloco: the inner optimizer state its last accepted claim ended with, and that sync.
     inner_end: Option<(u64, [u8; 32])>,
+    /// Its accepted claims in the run, of any kind (admission counts them).
+    accepted: u64,
 }
 
 impl ClaimBook {
+    /// Its accepted claims in the run.
+    pub fn accepted(&self) -> u64 {
+        self.accepted
+    }
+
     /// The first profile its accepted claims named (`None` before any was accepted).
     pub fn profile(&self) -> Option<&String> {
         self.profile.as_ref()
@@ -181,6 +192,7 @@ impl ClaimBook {
 
     /// Records an accepted claim to the sync at `step`.
     pub fn accept(&mut self, step: u64, claim: &Claim) {
+        self.accepted += 1;
         if self.profile.as_deref().is_none_or(str::is_empty) {
             self.profile = Some(claim.profile.clone());
         }

@@ -1321,7 +1321,7 @@ impl Cluster {
                 .chain(free.iter())
                 .filter(|w| {
                     probation.is_some_and(|v| {
-                        let done = self.audits.standing(run, **w).map_or(0, |s| s.contributions);
+                        let done = self.claims.get(&(run, **w)).map_or(0, |b| b.accepted());
                         done < u64::from(v.probation_syncs)
                     })
                 })

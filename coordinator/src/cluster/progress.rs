@@ -623,6 +623,7 @@ impl Cluster {
 
     fn issue_plan(&mut self, now: Millis, run: RunId) {
         let policy = self.audit_policy(run);
+        let per_sync = self.steps_per_sync(run);
         let diloco =
             self.specs.get(&run).is_some_and(|s| matches!(s.sync, SyncMode::Diloco { .. }));
         let sync = self.syncs.get_mut(&run).expect("issue_plan for a run with a sync");
@@ -666,6 +667,16 @@ impl Cluster {
             })
             .collect();
         let empty = ClaimBook::default();
+        // diloco: every member's inner state has the same length (one model); a claim naming
+        // another length than the majority's could not be relayed to an auditor.
+        let inner_bytes = majority(
+            sync.members
+                .iter()
+                .zip(&contributes)
+                .filter(|(_, c)| **c)
+                .filter_map(|(w, _)| sync.commits.get(w).map(|c| c.inner_bytes)),
+        );
+        let clock = step.div_ceil(per_sync);
         let refused: Vec<Option<String>> = sync
             .members
             .iter()
@@ -673,6 +684,23 @@ impl Cluster {
             .map(|(w, contributes)| {
                 let claim = sync.commits.get(w).filter(|_| *contributes)?;
                 let book = self.claims.get(&(run, *w)).unwrap_or(&empty);
+                if let Some(until) = self.audits.left_out(run, *w, clock) {
+                    return Some(format!(
+                        "it withheld the inner optimizer state an audit of its rounds asked \
+                         for; its contributions are left out up to step {}",
+                        until.saturating_mul(per_sync)
+                    ));
+                }
+                if diloco
+                    && policy.is_some()
+                    && let Some(want) = inner_bytes
+                    && claim.inner_bytes != want
+                {
+                    return Some(format!(
+                        "its inner optimizer state is {} bytes long; the majority's is {want}",
+                        claim.inner_bytes
+                    ));
+                }
                 commitments::check(step, claim, &known, book, shard_samples)
                     .err()
                     .or_else(|| auditable(policy.as_ref(), claim, book.profile(), diloco))
@@ -1023,13 +1051,13 @@ impl Cluster {
     }
 
     /// diloco: `auditor` asks for the inner optimizer state of audit `id` of `run` (see
-    /// `audits::Book::fetch_state`): who holds it, the audited sync, and its digest.
+    /// `audits::Book::fetch_state`): who holds it, the audited sync, its digest and length.
     pub fn audit_state(
         &mut self,
         run: RunId,
         id: AuditId,
         auditor: WorkerId,
-    ) -> Result<(WorkerId, u64, [u8; 32]), String> {
+    ) -> Result<super::audits::StateFetch, String> {
         let running = self.runs.get(&run).is_some_and(|r| r.state == RunState::Running);
         if !running || self.audits.get(id).is_none_or(|i| i.run != run) {
             return Err(format!("no audit {id:016x} is open in run {run}"));
@@ -1037,15 +1065,16 @@ impl Cluster {
         self.audits.fetch_state(id, auditor)
     }
 
-    /// diloco: the audited member of audit `id` did not send the inner state it committed to:
-    /// it sent bytes of another digest (`mismatch`: the coordinator's own evidence, a strike),
-    /// or nothing usable in time (withheld: nobody is struck, it is audited at every sync for a
-    /// while). `why` says what happened.
+    /// diloco: the audited member of audit `id` (opening `nonce`) did not send the inner state
+    /// it committed to: it sent other bytes (`mismatch`: the coordinator's own evidence, a
+    /// strike), or nothing usable in time (withheld: nobody is struck; the round's credit is
+    /// forfeited and its contributions are left out for a while, see `audits`). `why` says what
+    /// happened.
     pub fn audit_state_failed(
         &mut self,
         now: Millis,
         run: RunId,
-        id: AuditId,
+        (id, nonce): (AuditId, u64),
         mismatch: bool,
         why: &str,
     ) {
@@ -1054,7 +1083,7 @@ impl Cluster {
         };
         let step = self.audit_clock(run, r.committed_step);
         let Some(info) = self.audits.get(id).filter(|i| i.run == run).cloned() else { return };
-        let Some(decision) = self.audits.withheld(id, mismatch, step) else { return };
+        let Some(decision) = self.audits.withheld(id, nonce, mismatch, step) else { return };
         if let Some(record) = decision.record(id, info.step) {
             self.outbox.push_back(super::Output::Audit { run, record });
         }
@@ -1071,12 +1100,16 @@ impl Cluster {
             self.log(run, line.clone());
             self.strike(now, run, target, &line);
         } else {
+            let until = self.audits.left_out(run, target, step).unwrap_or(step);
+            let per_sync = self.steps_per_sync(run);
             self.log(
                 run,
                 format!(
                     "audit {id:016x} of {target}'s round to step {audited}: it did not send the \
-                     inner optimizer state it committed to ({why}); nobody is struck, and \
-                     {target} is audited at every sync for a while"
+                     inner optimizer state it committed to ({why}); nobody is struck, the \
+                     round earns it nothing, and its contributions are left out up to step {} \
+                     (then audited at every sync for a while)",
+                    until.saturating_mul(per_sync)
                 ),
             );
         }
@@ -1171,6 +1204,7 @@ impl Cluster {
                 target: *w,
                 rank: *rank,
                 inner: claim.inner_start,
+                inner_bytes: claim.inner_bytes,
             };
             let info = self.audits.open(info, digest, auditor, same, now);
             out.push((auditor, info));
@@ -1366,10 +1400,12 @@ fn auditable(
     if claim.digest.is_none() || claim.spans.is_empty() {
         return Some("a run with audits needs its contribution's digest and its data spans".into());
     }
-    if diloco && (claim.inner_start.is_none() || claim.inner_end.is_none()) {
+    if diloco
+        && (claim.inner_start.is_none() || claim.inner_end.is_none() || claim.inner_bytes == 0)
+    {
         return Some(
             "a diloco run with audits needs the digests of its inner optimizer state at the \
-             round's start and end"
+             round's start and end, and its length"
                 .into(),
         );
     }
@@ -1388,6 +1424,17 @@ fn auditable(
     }
 }
 
+/// The value more than half of `values` have, if one does.
+fn majority(values: impl Iterator<Item = u64>) -> Option<u64> {
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut n = 0;
+    for v in values {
+        *counts.entry(v).or_default() += 1;
+        n += 1;
+    }
+    counts.into_iter().find(|(_, c)| 2 * c > n).map(|(v, _)| v)
+}
+
 fn describe(reports: &BTreeMap<WorkerId, impl std::fmt::Display>) -> String {
     let mut parts: Vec<String> = reports.iter().map(|(w, h)| format!("{w} {h}")).collect();
     if parts.len() > 16 {
@@ -1402,6 +1449,14 @@ fn describe(reports: &BTreeMap<WorkerId, impl std::fmt::Display>) -> String {
 mod tests {
     use super::*;
     use crate::cluster::commitments::Span;
+
+    #[test]
+    fn a_majority_is_more_than_half() {
+        assert_eq!(majority([3, 3, 4].into_iter()), Some(3));
+        assert_eq!(majority([3, 4].into_iter()), None);
+        assert_eq!(majority(std::iter::empty()), None);
+        assert_eq!(majority([5].into_iter()), Some(5));
+    }
 
     /// In a run with audits, what would make a claim unauditable is refused: no digest, no data,
     /// or a profile other than the one the member first committed under (a cheater switching
@@ -1447,7 +1502,12 @@ mod tests {
         // answer the end).
         let why = auditable(audited, &honest, Some(&first), true).expect("refused");
         assert!(why.contains("inner optimizer state"), "{why}");
-        let inner = Claim { inner_start: Some([3; 32]), inner_end: Some([4; 32]), ..honest };
+        let inner = Claim {
+            inner_start: Some([3; 32]),
+            inner_end: Some([4; 32]),
+            inner_bytes: 16,
+            ..honest
+        };
         assert_eq!(auditable(audited, &inner, Some(&first), true), None);
     }
 }

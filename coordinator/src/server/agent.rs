@@ -148,19 +148,11 @@ impl Agent for AgentSvc {
         let id = worker_identity(&req)?;
         let r = req.into_inner();
         let run = convert::run_id(r.run_id)?;
-        let (target, step, digest) = self.0.with(Admit::Always, |c, _| {
+        let fetch = self.0.with(Admit::Always, |c, _| {
             c.audit_state(run, r.audit_id, id).map_err(Status::failed_precondition)
         })?;
         let (tx, rx) = mpsc::channel(4);
-        let relay = super::fetch::relay_inner_state(
-            self.0.clone(),
-            run,
-            r.audit_id,
-            target,
-            step,
-            digest,
-            tx,
-        );
+        let relay = super::fetch::relay_inner_state(self.0.clone(), run, r.audit_id, fetch, tx);
         tokio::spawn(relay);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -627,6 +619,7 @@ fn claim(shared: &Shared, worker: WorkerId, s: pb::SyncCommit) -> Result<Claim, 
     Ok(Claim {
         inner_start,
         inner_end,
+        inner_bytes: s.inner_state_bytes,
         segment_norms: s.segment_norms,
         start_hash,
         spans,

@@ -37,6 +37,7 @@ use tonic::Status;
 use tracing::{info, warn};
 
 use super::{Admit, Shared, limits};
+use crate::cluster::audits::StateFetch;
 use crate::cluster::checkpoints::Source;
 
 /// How long a holder has to start sending once asked, and between two parts.
@@ -413,19 +414,19 @@ impl Check for Verifier {
 }
 
 /// diloco audits: a member's inner optimizer state, the one file [`proto::INNER_STATE_FILE`],
-/// in non-empty parts of at most [`MAX_PART`] bytes, at most `max_bytes` in all, whose SHA-256
-/// must be the one the member committed to.
+/// in non-empty parts of at most [`MAX_PART`] bytes, exactly the `len` bytes it committed to,
+/// whose SHA-256 must be the one it committed to.
 #[derive(Debug)]
 pub(crate) struct InnerCheck {
     want: [u8; 32],
     hasher: Sha256,
     bytes: u64,
-    max_bytes: u64,
+    len: u64,
 }
 
 impl InnerCheck {
-    pub(crate) fn new(want: [u8; 32], max_bytes: u64) -> Self {
-        Self { want, hasher: Sha256::new(), bytes: 0, max_bytes }
+    pub(crate) fn new(want: [u8; 32], len: u64) -> Self {
+        Self { want, hasher: Sha256::new(), bytes: 0, len }
     }
 }
 
@@ -442,14 +443,17 @@ impl Check for InnerCheck {
             return Err(format!("a part of {} bytes (1 to {MAX_PART} allowed)", data.len()));
         }
         self.bytes += data.len() as u64;
-        if self.bytes > self.max_bytes {
-            return Err(format!("more than {} bytes", self.max_bytes));
+        if self.bytes > self.len {
+            return Err(format!("more than the {} bytes it committed to", self.len));
         }
         self.hasher.update(&data);
         Ok(vec![pb::FileData { file: file.to_owned(), data }])
     }
 
     fn finish(self) -> Result<(Vec<pb::FileData>, pb::FetchDone), String> {
+        if self.bytes != self.len {
+            return Err(format!("{} bytes, it committed to {}", self.bytes, self.len));
+        }
         let got: [u8; 32] = self.hasher.finalize().into();
         if got != self.want {
             return Err(format!(
@@ -480,20 +484,18 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// diloco audits: relays the inner optimizer state (SHA-256 `digest`) that `target` committed
-/// to for its round to sync `step` to the auditor of audit `audit` at `tx`. A copy that fails
-/// is reported to the cluster (`Cluster::audit_state_failed`) before the auditor hears of it.
-#[allow(clippy::too_many_arguments)]
+/// diloco audits: relays the inner optimizer state `fetch` names (the one its audited member
+/// committed to for its round) to the auditor of audit `audit` at `tx`. A copy that fails is
+/// reported to the cluster (`Cluster::audit_state_failed`) before the auditor hears of it.
 pub(super) async fn relay_inner_state(
     shared: Arc<Shared>,
     run: RunId,
     audit: u64,
-    target: WorkerId,
-    step: u64,
-    digest: [u8; 32],
+    fetch: StateFetch,
     tx: ToClient,
 ) {
-    let check = InnerCheck::new(digest, shared.config.max_checkpoint_bytes);
+    let StateFetch { target, step, digest, bytes, nonce } = fetch;
+    let check = InnerCheck::new(digest, bytes.min(shared.config.max_checkpoint_bytes));
     let result = copy_with(&shared, run, target, step, Some(digest), check, &tx).await;
     let failure = match result {
         Ok(_) => return,
@@ -505,7 +507,7 @@ pub(super) async fn relay_inner_state(
     };
     warn!(%run, audit = format!("{audit:016x}"), %target, "inner state refused: {why}");
     let _ = shared.with(Admit::Always, |c, now| {
-        c.audit_state_failed(now, run, audit, mismatch, &why);
+        c.audit_state_failed(now, run, (audit, nonce), mismatch, &why);
         Ok(())
     });
     let _ = tx
@@ -643,23 +645,29 @@ async fn relay_parts(
     tx: &ToClient,
 ) -> Result<Copied, Failure> {
     use Failure::{Content, Transport};
-    let started = tokio::time::Instant::now();
+    // The sender's rate counts only the time spent waiting on it (a slow reader at the other
+    // end is not the sender's fault), and a reader that takes no part for PART_TIMEOUT is gone.
+    let mut waited = Duration::ZERO;
     let mut bytes = 0u64;
     let mut next = Some(first);
     loop {
         let part = match next.take() {
             Some(p) => p,
-            None => match tokio::time::timeout(PART_TIMEOUT, parts.next()).await {
-                Err(_) => return Err(Transport(format!("it sent nothing for {PART_TIMEOUT:?}"))),
-                Ok(None) => break,
-                Ok(Some(Err(s))) => {
-                    return Err(Transport(format!(
-                        "its stream failed: {}",
-                        limits::sanitize(s.message(), 200)
-                    )));
+            None => {
+                match timed(&mut waited, tokio::time::timeout(PART_TIMEOUT, parts.next())).await {
+                    Err(_) => {
+                        return Err(Transport(format!("it sent nothing for {PART_TIMEOUT:?}")));
+                    }
+                    Ok(None) => break,
+                    Ok(Some(Err(s))) => {
+                        return Err(Transport(format!(
+                            "its stream failed: {}",
+                            limits::sanitize(s.message(), 200)
+                        )));
+                    }
+                    Ok(Some(Ok(p))) => p,
                 }
-                Ok(Some(Ok(p))) => p,
-            },
+            }
         };
         if !part.error.is_empty() {
             let why = limits::sanitize(&part.error, 200);
@@ -669,30 +677,42 @@ async fn relay_parts(
             return Err(Content("a part of another transfer".into()));
         }
         bytes += part.data.len() as u64;
-        let elapsed = started.elapsed();
-        if elapsed > RATE_GRACE && bytes < MIN_RATE * elapsed.as_secs() {
+        if waited > RATE_GRACE && bytes < MIN_RATE * waited.as_secs() {
             return Err(Transport(format!(
-                "it sent {bytes} bytes in {:.0?}, under {} KiB/s",
-                elapsed,
+                "it sent {bytes} bytes in {:.0?} of waiting on it, under {} KiB/s",
+                waited,
                 MIN_RATE >> 10
             )));
         }
         for data in verifier.part(&part.file, part.data).map_err(Content)? {
-            if tx.send(chunk(Part::Data(data))).await.is_err() {
+            if !pass_on(tx, chunk(Part::Data(data))).await {
                 return Ok(Copied::ClientGone);
             }
         }
     }
     let (last, done) = verifier.finish().map_err(Content)?;
     for data in last {
-        if tx.send(chunk(Part::Data(data))).await.is_err() {
+        if !pass_on(tx, chunk(Part::Data(data))).await {
             return Ok(Copied::ClientGone);
         }
     }
-    if tx.send(chunk(Part::Done(done))).await.is_err() {
+    if !pass_on(tx, chunk(Part::Done(done))).await {
         return Ok(Copied::ClientGone);
     }
     Ok(Copied::Done)
+}
+
+/// Awaits `f`, adding the time it took to `waited`.
+async fn timed<T>(waited: &mut Duration, f: impl std::future::Future<Output = T>) -> T {
+    let t = tokio::time::Instant::now();
+    let out = f.await;
+    *waited += t.elapsed();
+    out
+}
+
+/// Sends `item` to the reader; false if it is gone or took no part for [`PART_TIMEOUT`].
+async fn pass_on(tx: &ToClient, item: Result<pb::CheckpointChunk, Status>) -> bool {
+    matches!(tokio::time::timeout(PART_TIMEOUT, tx.send(item)).await, Ok(Ok(())))
 }
 
 #[cfg(test)]
@@ -849,6 +869,32 @@ mod tests {
         let e = Expect { meta_sha256: String::new(), ..expect(&ours) };
         let parts: Vec<(&str, &[u8])> = big.chunks(MAX_PART).map(|p| ("meta.json", p)).collect();
         assert!(feed(e, &parts).unwrap_err().contains("longer than"));
+    }
+
+    /// diloco audits: exactly the committed bytes, in parts of the allowed size, of the one
+    /// file, with the committed digest; anything else is the sender's own evidence against it.
+    #[test]
+    fn an_inner_state_is_exactly_what_its_member_committed_to() {
+        let state = vec![7u8; 3000];
+        let digest: [u8; 32] = Sha256::digest(&state).into();
+        let mut ok = InnerCheck::new(digest, 3000);
+        assert_eq!(ok.part(proto::INNER_STATE_FILE, state[..1000].to_vec()).unwrap().len(), 1);
+        ok.part(proto::INNER_STATE_FILE, state[1000..].to_vec()).unwrap();
+        let (_, done) = ok.finish().unwrap();
+        assert_eq!(done.sha256[proto::INNER_STATE_FILE], client::pki::hex(&digest));
+        let mut long = InnerCheck::new(digest, 3000);
+        long.part(proto::INNER_STATE_FILE, state.clone()).unwrap();
+        assert!(long.part(proto::INNER_STATE_FILE, vec![1]).unwrap_err().contains("more than"));
+        let mut short = InnerCheck::new(digest, 3000);
+        short.part(proto::INNER_STATE_FILE, state[..2999].to_vec()).unwrap();
+        assert!(short.finish().unwrap_err().contains("committed to 3000"));
+        let mut other = InnerCheck::new(digest, 3000);
+        other.part(proto::INNER_STATE_FILE, vec![8u8; 3000]).unwrap();
+        assert!(other.finish().unwrap_err().contains("SHA-256"));
+        let mut named = InnerCheck::new(digest, 3000);
+        assert!(named.part("model.safetensors", state.clone()).is_err());
+        assert!(named.part(proto::INNER_STATE_FILE, Vec::new()).is_err());
+        assert!(named.part(proto::INNER_STATE_FILE, vec![0; MAX_PART + 1]).is_err());
     }
 
     #[test]

@@ -452,6 +452,7 @@ fn audit_to_wire(
         worker_id: a.target.0,
         shards,
         inner_start_sha256: a.inner.map(|d| client::pki::hex(&d)).unwrap_or_default(),
+        inner_state_bytes: a.inner_bytes,
     }
 }
 

@@ -125,8 +125,10 @@ pub struct Commitment {
     pub norm: f32,
     /// The member spent this sync on that audit (its contribution is zeros).
     pub audit: Option<u64>,
-    /// diloco with audits: SHA-256 of its inner optimizer state at the round's start and now.
+    /// diloco with audits: SHA-256 of its inner optimizer state at the round's start and now,
+    /// and its length in bytes.
     pub inner: Option<([u8; 32], [u8; 32])>,
+    pub inner_bytes: u64,
 }
 
 impl Commitment {
@@ -168,6 +170,7 @@ impl Commitment {
             norm,
             audit: None,
             inner: None,
+            inner_bytes: 0,
         }
     }
 }
@@ -783,6 +786,7 @@ impl Trainer {
         );
         commitment.audit = self.auditing;
         commitment.inner = inner;
+        commitment.inner_bytes = if inner.is_some() { self.inner_len() as u64 } else { 0 };
         let plan = coord.plan(&commitment)?;
         let bounds = plan.bounds(world).map_err(|e| TrainError::State(format!("plan: {e}")))?;
         let coefficient = plan.coefficients[rank];
