@@ -324,6 +324,16 @@ pub enum SyncMode {
     Diloco { inner_steps: u32, outer_lr: f64, outer_momentum: f64 },
 }
 
+impl SyncMode {
+    /// Steps between two synchronisations: 1 in ddp, `inner_steps` (at least 1) in diloco.
+    pub fn steps_per_sync(&self) -> u64 {
+        match self {
+            Self::Ddp => 1,
+            Self::Diloco { inner_steps, .. } => u64::from(*inner_steps).max(1),
+        }
+    }
+}
+
 /// What crosses the ring; the names match `collectives::Compression`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {

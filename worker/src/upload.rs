@@ -29,14 +29,8 @@ enum Source {
 
 /// The inner optimizer state with SHA-256 `hex`, if this worker still keeps it.
 fn inner_state(states: &InnerStates, hex: &str) -> Result<Arc<Vec<u8>>> {
-    let mut digest = [0u8; 32];
-    anyhow::ensure!(
-        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
-        "an inner state digest that is not 64 hex digits"
-    );
-    for (i, d) in digest.iter_mut().enumerate() {
-        *d = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)?;
-    }
+    let digest = client::pki::unhex32(hex)
+        .context("an inner state digest that is not 64 lower-case hex digits")?;
     states.get(&digest).with_context(|| format!("no longer keeps the inner state {hex}"))
 }
 

@@ -1037,10 +1037,7 @@ impl Cluster {
 
     /// Steps per sync in `run`: 1 in ddp, `inner_steps` in diloco.
     fn steps_per_sync(&self, run: RunId) -> u64 {
-        match self.specs.get(&run).map(|s| &s.sync) {
-            Some(SyncMode::Diloco { inner_steps, .. }) => u64::from(*inner_steps).max(1),
-            _ => 1,
-        }
+        self.specs.get(&run).map_or(1, |s| s.sync.steps_per_sync())
     }
 
     /// The audits' clock at the sync of `step`: it counts syncs (a diloco sync is

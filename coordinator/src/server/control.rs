@@ -264,10 +264,7 @@ impl Control for ControlSvc {
             .0
             .settled(|c| {
                 let r = c.run(id).ok_or_else(|| Status::not_found(format!("no run {id}")))?;
-                let per_sync = c.spec(id).map_or(1, |s| match s.sync {
-                    runspec::SyncMode::Ddp => 1,
-                    runspec::SyncMode::Diloco { inner_steps, .. } => u64::from(inner_steps).max(1),
-                });
+                let per_sync = c.spec(id).map_or(1, |s| s.sync.steps_per_sync());
                 let run = ledger::RunSummary {
                     id: id.0,
                     name: r.name.clone(),

@@ -947,7 +947,7 @@ impl Trainer {
 
     /// The length of [`optimizer_blob`]'s bytes for this model.
     pub fn inner_len(&self) -> usize {
-        8 + 4 * self.opt.tensors().iter().map(|t| t.numel()).sum::<usize>()
+        optimizer_blob_len(&self.opt.tensors())
     }
 
     /// The inner optimizer state as bytes: its step count (little-endian u64), then its
@@ -1349,11 +1349,16 @@ impl Trainer {
 pub const MAX_STATE_VALUE: f32 = 1e15;
 
 /// How much one encoding in `c` may grow a norm (see `collectives::codec::norm_growth`).
+/// The length of [`optimizer_blob`]'s bytes for an optimizer of these state tensors.
+fn optimizer_blob_len(tensors: &[Tensor]) -> usize {
+    8 + 4 * tensors.iter().map(|t| t.numel()).sum::<usize>()
+}
+
 /// An optimizer's state as bytes: its step count (little-endian u64), then its state tensors as
 /// little-endian f32 values.
 fn optimizer_blob(opt: &Optimizer) -> Vec<u8> {
     let tensors = opt.tensors();
-    let mut out = Vec::with_capacity(8 + 4 * tensors.iter().map(|t| t.numel()).sum::<usize>());
+    let mut out = Vec::with_capacity(optimizer_blob_len(&tensors));
     out.extend_from_slice(&(opt.steps as u64).to_le_bytes());
     if !tensors.is_empty() {
         for v in state::to_vec(&state::flatten(&tensors)) {
@@ -1367,7 +1372,7 @@ fn optimizer_blob(opt: &Optimizer) -> Vec<u8> {
 /// same length, finite values, a plausible step count.
 fn load_optimizer(opt: &mut Optimizer, blob: &[u8], total: u64) -> Result<(), TrainError> {
     let tensors = opt.tensors();
-    let want = 8 + 4 * tensors.iter().map(|t| t.numel()).sum::<usize>();
+    let want = optimizer_blob_len(&tensors);
     if blob.len() != want {
         return Err(TrainError::State(format!(
             "an optimizer state of {} bytes, expected {want}",
